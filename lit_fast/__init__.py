@@ -12,9 +12,19 @@ from lit_fast.errors import (
     UnsupportedModelError,
 )
 
+from lit_fast.data import TextDataModule
+from lit_fast.module import LitTransformer
+from lit_fast.tasks import Classifier, Embedder
+from lit_fast.writers import PredictionWriter
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "Classifier",
+    "Embedder",
+    "LitTransformer",
+    "PredictionWriter",
+    "TextDataModule",
     "ConfigError",
     "InputDataError",
     "LitFastError",

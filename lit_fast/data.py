@@ -1,0 +1,276 @@
+"""DataModule: local files -> records -> the task's tokenization -> length-bucketed batches, sharded per rank.
+
+What a row *means* (tokenization, labels, collation) belongs to the task module (`model.encode`,
+`model.collate`); this file owns reading, validating, splitting, ordering and batching.
+
+Batches are made here, not by Lightning's samplers: each rank takes every world_size-th batch of one shared,
+seeded list of batches, so no row is duplicated or dropped in predict (an unpadded split, like Lightning's
+`UnrepeatedDistributedSampler`), and in training every rank sees the same number of batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from lit_fast.errors import ConfigError, InputDataError
+from lit_fast.readers import read_columns, require_column
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    records: list[dict[str, Any]]
+    source: str
+
+
+def make_batches(
+    lengths: list[int],
+    batch_size: int,
+    max_tokens: int | None = None,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    bucket_batches: int = 50,
+) -> list[list[int]]:
+    """Group positions into batches of similar length.
+
+    Predict (shuffle=False): longest first, so the largest batch runs first (an out-of-memory error shows at once)
+    and padding is minimal. Training (shuffle=True): shuffle, then sort inside buckets of `bucket_batches` batches
+    and shuffle the batch order: little padding, still random. `max_tokens` caps padded tokens per batch
+    (rows x longest row); a single row longer than the budget gets a batch of its own.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+    order = list(range(len(lengths)))
+    rng = random.Random(seed)
+    if shuffle:
+        rng.shuffle(order)
+        bucket = batch_size * bucket_batches
+        chunks = [sorted(order[i:i + bucket], key=lambda j: -lengths[j]) for i in range(0, len(order), bucket)]
+    else:
+        chunks = [sorted(order, key=lambda j: (-lengths[j], j))]
+    batches: list[list[int]] = []
+    for chunk in chunks:
+        current: list[int] = []
+        longest = 0
+        for j in chunk:
+            grown = max(longest, lengths[j])
+            full = len(current) >= batch_size or (max_tokens is not None and current and grown * (len(current) + 1) > max_tokens)
+            if full:
+                batches.append(current)
+                current, grown = [], lengths[j]
+            current.append(j)
+            longest = grown
+        if current:
+            batches.append(current)
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+class _Batches(IterableDataset):
+    """Yields collated batches of this rank's share (and this worker's share of it)."""
+
+    def __init__(self, examples: list[dict], batches: Callable[[], list[list[int]]], collate: Callable, rank: int, world: int):
+        self.examples, self.batches, self.collate, self.rank, self.world = examples, batches, collate, rank, world
+
+    def _mine(self) -> list[list[int]]:
+        return self.batches()[self.rank::self.world]
+
+    def __len__(self) -> int:
+        return len(self._mine())
+
+    def __iter__(self) -> Iterator[dict]:
+        mine = self._mine()
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            mine = mine[info.id::info.num_workers]
+        for batch in mine:
+            yield self.collate([self.examples[j] for j in batch])
+
+
+class TextDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        text_column: str = "text",
+        label_column: Optional[str] = None,
+        target_column: Optional[str] = None,
+        id_column: Optional[str] = None,
+        val_path: Optional[str] = None,
+        test_path: Optional[str] = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
+        keep_labels: Optional[list[str]] = None,
+        max_rows: Optional[int] = None,
+        allow_empty_text: bool = False,
+        batch_size: int = 32,
+        max_tokens: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        """Local text data for every task.
+
+        Args:
+            path: input file (.jsonl, .csv, .parquet, .txt: one text per line). For training, the training rows;
+                `package:NAME/rel/path` names a file shipped inside an installed Python package.
+            text_column: the column with the text (prompts, for generation).
+            label_column: the column with class labels (classification training/evaluation).
+            target_column: the column with target text (completions for causal LM, outputs for seq2seq).
+            id_column: an optional column copied to every output row as "id".
+            val_path: validation file; without it, `val_fraction` of `path` is held out (seeded).
+            test_path: test file; without it, `test_fraction` of `path` is held out (seeded).
+            val_fraction: share of `path` held out for validation when `val_path` is not given.
+            test_fraction: share of `path` held out for testing when `test_path` is not given.
+            keep_labels: keep only rows whose label is one of these (the others are skipped and counted in the log);
+                also fixes the label order.
+            max_rows: use at most this many rows of `path` (after label filtering; a seeded random subset).
+            allow_empty_text: accept empty or missing texts (they are encoded as empty strings) instead of
+                stopping with an error that names the row.
+            batch_size: rows per batch (at most).
+            max_tokens: cap on padded tokens per batch (rows x longest row); long rows get smaller batches.
+            num_workers: DataLoader worker processes.
+            seed: seed for splits, subsets and shuffling.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.splits: dict[str, Split] = {}
+        self.examples: dict[str, list[dict]] = {}
+        self.ids: Optional[list[Any]] = None
+        self.num_rows: dict[str, int] = {}
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    def _records(self, path: str, *, need_label: bool, need_target: bool) -> Split:
+        hp = self.hparams
+        columns, file = read_columns(path, hp.text_column)
+        texts = require_column(columns, hp.text_column, file, "text")
+        n = len(texts)
+        labels = require_column(columns, hp.label_column, file, "label") if need_label else None
+        targets = require_column(columns, hp.target_column, file, "target") if need_target else None
+        ids = require_column(columns, hp.id_column, file, "id") if hp.id_column else None
+        keep = set(hp.keep_labels) if (hp.keep_labels and labels is not None) else None
+        records, skipped = [], 0
+        for i in range(n):
+            if keep is not None and str(labels[i]) not in keep:
+                skipped += 1  # rows of other labels are not used at all (counted in the log below)
+                continue
+            text = texts[i]
+            if text is None or (isinstance(text, str) and not text.strip()):
+                if not hp.allow_empty_text:
+                    raise InputDataError(
+                        f"{file}: row {i} (0-based) has an empty '{hp.text_column}'; fix the row or pass "
+                        "--data.allow_empty_text true"
+                    )
+                text = "" if text is None else text
+            if not isinstance(text, str):
+                raise InputDataError(
+                    f"{file}: row {i} (0-based): '{hp.text_column}' is a {type(text).__name__}, expected text"
+                )
+            record: dict[str, Any] = {"index": i, "text": text}
+            if labels is not None:
+                if labels[i] is None or str(labels[i]) == "":
+                    raise InputDataError(f"{file}: row {i} (0-based) has no label in '{hp.label_column}'")
+                record["label"] = str(labels[i])
+            if targets is not None:
+                if not isinstance(targets[i], str):
+                    raise InputDataError(
+                        f"{file}: row {i} (0-based): '{hp.target_column}' must be text, got {type(targets[i]).__name__}"
+                    )
+                record["target"] = targets[i]
+            if ids is not None:
+                record["id"] = ids[i]
+            records.append(record)
+        if keep is not None:
+            log.info("%s: kept %d of %d rows whose label is one of %s", file, len(records), n, hp.keep_labels)
+            if not records:
+                raise InputDataError(f"{file}: no row has a label in {hp.keep_labels} (column '{hp.label_column}')")
+        return Split(records, str(file))
+
+    def _fit_splits(self, need_label: bool, need_target: bool) -> None:
+        hp = self.hparams
+        if not hp.path:
+            raise ConfigError("no training data: set --data.path")
+        train = self._records(hp.path, need_label=need_label, need_target=need_target)
+        records = list(train.records)
+        rng = random.Random(hp.seed)
+        rng.shuffle(records)
+        if hp.max_rows:
+            records = records[: hp.max_rows]
+        held: dict[str, list] = {}
+        for name, other, fraction in (("test", hp.test_path, hp.test_fraction), ("val", hp.val_path, hp.val_fraction)):
+            if other:
+                held[name] = self._records(other, need_label=need_label, need_target=need_target).records
+            elif fraction > 0:
+                if not 0 < fraction < 1:
+                    raise ConfigError(f"data.{name}_fraction must be between 0 and 1, got {fraction}")
+                k = max(1, int(round(len(records) * fraction)))
+                held[name], records = records[:k], records[k:]
+        if not records:
+            raise InputDataError(f"{train.source}: no training rows left after holding out validation/test rows")
+        self.splits["fit"] = Split(records, train.source)
+        for name, other in (("val", hp.val_path), ("test", hp.test_path)):
+            if name in held:
+                self.splits[name] = Split(held[name], other or train.source)
+        log.info("rows: train %d, val %d, test %d", len(records), len(held.get("val", [])), len(held.get("test", [])))
+
+    # ---- Lightning hooks -----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        model = self.trainer.lightning_module
+        hp = self.hparams
+        need_label = getattr(model, "needs_label", False)
+        need_target = getattr(model, "needs_target", False) and hp.target_column is not None
+        if stage == "predict":
+            if not hp.path:
+                raise ConfigError("no input: set --data.path")
+            split = self._records(hp.path, need_label=False, need_target=False)
+            self.splits["predict"] = split
+            self.ids = [r.get("id") for r in split.records] if hp.id_column else None
+            self.num_rows["predict"] = len(split.records)
+        elif stage in ("fit", "validate", "test"):
+            if "fit" not in self.splits:
+                self._fit_splits(need_label, need_target)
+        model.prepare_data_splits({k: v.records for k, v in self.splits.items()})
+        for name, split in self.splits.items():
+            if name not in self.examples:
+                self.examples[name] = model.encode(split.records, name)
+
+    def _loader(self, name: str, *, shuffle: bool) -> DataLoader:
+        examples = self.examples[name]
+        lengths = [e["length"] for e in examples]
+        hp = self.hparams
+        trainer = self.trainer
+        rank, world = trainer.global_rank, trainer.world_size
+
+        def batches() -> list[list[int]]:
+            epoch = trainer.current_epoch if shuffle else 0
+            made = make_batches(lengths, hp.batch_size, hp.max_tokens, shuffle=shuffle, seed=hp.seed + epoch)
+            if shuffle and world > 1:
+                # every rank must run the same number of steps under DDP
+                made = made[: len(made) - len(made) % world] or made[:world]
+            return made
+
+        dataset = _Batches(examples, batches, self.trainer.lightning_module.collate, rank, world)
+        return DataLoader(dataset, batch_size=None, num_workers=hp.num_workers,
+                          persistent_workers=False, pin_memory=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("fit", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False) if "val" in self.splits else []
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.splits:
+            raise ConfigError("no test rows: set --data.test_path or --data.test_fraction")
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)

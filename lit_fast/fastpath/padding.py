@@ -1,0 +1,121 @@
+"""Removing padding once and putting it back once: the frame every fast-path layer runs inside.
+
+A padded batch `(batch, seq_len, hidden)` carries a mask of which positions are real tokens. The fast path
+gathers the real tokens into one packed `(tokens, hidden)` matrix (row-major order, so each sequence's tokens
+stay together and in order), runs every layer on that matrix, and scatters the result back into a zero-filled
+padded tensor at the end. Left padding, right padding and even holes in the mask all work, because the gather
+and the scatter use the same flat indices.
+
+`Packing` keeps what both directions need: the flat indices, `cu_seqlens` (the start offset of every sequence in
+the packed matrix, the format of flash-attention's varlen kernels) and the lengths on the host (for the CPU
+attention loop and for building nested tensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where the real tokens of a padded `(batch, seq_len)` grid went in the packed token matrix."""
+
+    batch: int
+    seq_len: int
+    indices: torch.Tensor | None  # flat positions of real tokens in batch*seq_len; None when nothing is padded
+    cu_seqlens: torch.Tensor  # (batch + 1,) int32 offsets of each sequence in the packed matrix
+    lengths: tuple[int, ...]  # tokens per sequence, on the host
+    right_aligned: bool  # every sequence starts at position 0 (right padding or none)
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens in the batch."""
+        return sum(self.lengths)
+
+    @property
+    def max_len(self) -> int:
+        """Longest sequence in the batch."""
+        return max(self.lengths, default=0)
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the padded grid that is padding (0.0 when nothing is padded)."""
+        return 1.0 - self.num_tokens / max(1, self.batch * self.seq_len)
+
+
+def valid_tokens(attention_mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor | None:
+    """The `(batch, seq_len)` bool mask of real tokens, from whatever mask the HF stack received.
+
+    HF hands an encoder stack either the user's 2-D mask (1 = token), a 4-D boolean SDPA mask (True = attend) or a
+    4-D additive eager mask (0 = attend, a large negative number = masked), or None when nothing is padded. In the
+    4-D forms of a bidirectional encoder only keys are masked, so any query row holds the key mask; row 0 is read.
+    Returns None only when there is no mask at all (deciding "nothing is padded" needs the host, see `pack`).
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        valid = attention_mask.bool()
+    elif attention_mask.dim() == 4:
+        keys = attention_mask[:, 0, 0, :]
+        valid = keys if keys.dtype == torch.bool else keys == 0
+    else:
+        raise ValueError(f"expected a 2-D or 4-D attention mask, got shape {tuple(attention_mask.shape)}")
+    return valid.expand(batch, seq_len)
+
+
+def pack(hidden: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, Packing]:
+    """Gather the real tokens of `hidden` (batch, seq_len, hidden) into a `(tokens, hidden)` matrix."""
+    batch, seq_len, width = hidden.shape
+    flat = hidden.reshape(batch * seq_len, width)
+    if valid is None:
+        lengths = torch.full((batch,), seq_len, dtype=torch.int32, device=hidden.device)
+        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        return flat, Packing(batch, seq_len, None, cu_seqlens, (seq_len,) * batch, True)
+
+    lengths = valid.sum(dim=1, dtype=torch.int32)
+    starts_at_zero = torch.arange(seq_len, device=valid.device) < lengths.unsqueeze(1)
+    right_aligned = (starts_at_zero == valid).all().to(torch.int32).reshape(1)
+    # The one wait for the device per batch: the lengths (for the kernels' max_len and the CPU loop) and the layout.
+    host = torch.cat([lengths, right_aligned]).tolist()
+    host_lengths = tuple(host[:-1])
+    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    if all(length == seq_len for length in host_lengths):
+        return flat, Packing(batch, seq_len, None, cu_seqlens, host_lengths, True)
+    indices = valid.reshape(-1).nonzero().squeeze(1)
+    return flat.index_select(0, indices), Packing(batch, seq_len, indices, cu_seqlens, host_lengths, bool(host[-1]))
+
+
+def unpack(tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """Scatter a packed `(tokens, hidden)` matrix back to `(batch, seq_len, hidden)`; padding positions are 0."""
+    width = tokens.shape[-1]
+    if packing.indices is None:
+        return tokens.reshape(packing.batch, packing.seq_len, width)
+    out = tokens.new_zeros(packing.batch * packing.seq_len, width)
+    out.index_copy_(0, packing.indices, tokens)
+    return out.reshape(packing.batch, packing.seq_len, width)
+
+
+def to_nested(tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """A nested tensor of the packed tokens, one component per sequence, sharing the packed matrix's memory."""
+    width = tokens.shape[-1]
+    lengths = torch.tensor(packing.lengths, dtype=torch.int64)
+    sizes = torch.stack([lengths, torch.full_like(lengths, width)], dim=1)
+    strides = torch.tensor([[width, 1]], dtype=torch.int64).expand(packing.batch, 2).contiguous()
+    offsets = F.pad(lengths.cumsum(0), (1, 0))[:-1] * width
+    return torch._nested_view_from_buffer(tokens.contiguous().reshape(-1), sizes, strides, offsets)
+
+
+def from_nested(nested: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """The padded `(batch, seq_len, hidden)` tensor of a nested tensor built by `to_nested`; padding is 0."""
+    size = (packing.batch, packing.seq_len, nested.size(-1))
+    padded = torch.nested.to_padded_tensor(nested, 0.0, output_size=size)
+    if packing.right_aligned:
+        return padded
+    # The nested components come back right-aligned; move each sequence's tokens to where its mask had them.
+    starts_at_zero = torch.arange(packing.seq_len, device=padded.device) < torch.tensor(
+        packing.lengths, device=padded.device
+    ).unsqueeze(1)
+    return unpack(padded[starts_at_zero], packing)

@@ -1,0 +1,227 @@
+"""The LightningModule base: loading, optimisation, and the switch between training and prediction paths.
+
+Task modules (tasks.py: `Embedder`, `Classifier`; generation.py: `CausalLM`, `Seq2SeqLM`) say what a row
+means (`encode`, `collate`), what the loss is (`compute_loss`) and what a prediction row holds (`predict_rows`).
+This base owns the rest: where weights come from (`build_model`, called from `configure_model` so that strategies
+such as FSDP can build on the meta device), the optimiser, and the fast path seam for predict.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+
+from lit_fast.errors import ConfigError, LitFastError, UnsupportedModelError
+from lit_fast.loading import load_pretrained, load_tokenizer, parse_dtype, resolve_pretrained
+
+log = logging.getLogger(__name__)
+
+FastPath = Literal["auto", "fused", "packed", "off"]
+Attention = Literal["sdpa", "eager", "flash_attention_2"]
+
+
+class LitTransformer(L.LightningModule):
+    """Base class; not used directly in configs."""
+
+    auto_model_class: Any = None  # transformers Auto* class, set by subclasses
+    needs_label = False  # training rows need data.label_column
+    needs_target = False  # training rows need data.target_column
+    monitor = ("val_loss", "min")  # what "best" means for checkpoints and export
+
+    def __init__(
+        self,
+        pretrained: str,
+        *,
+        revision: Optional[str] = None,
+        trust_remote_code: bool = False,
+        dtype: Optional[str] = None,
+        attention: Attention = "sdpa",
+        fast_path: FastPath = "auto",
+        quantization: Optional[str] = None,
+        max_length: Optional[int] = None,
+        lr: float = 5e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.06,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        parse_dtype(dtype)  # validate early: a wrong name should fail before any weights load
+        self.source = resolve_pretrained(pretrained)
+        self.tokenizer = load_tokenizer(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+        self.model: Optional[torch.nn.Module] = None
+        self.fast_path_used: Optional[str] = None
+        self.default_max_length: Optional[int] = None  # a task may know better than the tokenizer (e.g. ST config)
+
+    # ---- building ------------------------------------------------------------------------------------------
+    @property
+    def max_length(self) -> int:
+        limit = self.hparams.max_length or self.default_max_length or getattr(self.tokenizer, "model_max_length", None)
+        if not limit or limit > 1_000_000:  # tokenizers without a limit report a huge sentinel
+            limit = 512
+        return int(limit)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Extra `from_pretrained` arguments of a task (e.g. num_labels)."""
+        return {}
+
+    def quantization_config(self) -> Any:
+        mode = self.hparams.quantization
+        if not mode:
+            return None
+        from lit_fast.quantization import bnb_config
+
+        return bnb_config(mode, compute_dtype=parse_dtype(self.hparams.dtype) if self.hparams.dtype else None)
+
+    def build_model(self) -> torch.nn.Module:
+        hp = self.hparams
+        return load_pretrained(
+            hp.pretrained,
+            self.auto_model_class,
+            dtype=hp.dtype,
+            attention=hp.attention,
+            revision=hp.revision,
+            trust_remote_code=hp.trust_remote_code,
+            quantization_config=self.quantization_config(),
+            **self.model_kwargs(),
+        )
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self.build_model()
+
+    # ---- task hooks (subclasses) ---------------------------------------------------------------------------
+    def prepare_data_splits(self, splits: dict[str, list[dict]]) -> None:
+        """Called by the DataModule with the records of every split before encoding (e.g. to learn labels)."""
+
+    def encode(self, records: list[dict], stage: str) -> list[dict]:
+        raise NotImplementedError
+
+    def collate(self, examples: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        raise ConfigError(f"{type(self).__name__} cannot be trained (no loss is defined for this task)")
+
+    def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Validation/test metrics of one batch: "loss" and whatever else the task measures (one forward)."""
+        return {"loss": self.compute_loss(batch)}
+
+    def predict_rows(self, batch: dict) -> list[dict]:
+        raise NotImplementedError
+
+    def export(self, directory: str) -> None:
+        """Write the model in Hugging Face format (plus tokenizer) so that plain transformers loads it."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self._revert_fast_path()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["index"]))
+        return loss
+
+    def _eval_step(self, batch: dict, prefix: str) -> None:
+        n = len(batch["index"])
+        for name, value in self.evaluate_batch(batch).items():
+            self.log(f"{prefix}_{name}", value, prog_bar=True, batch_size=n, sync_dist=True)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = all(p.is_cuda for p in decay + no_decay) and bool(decay + no_decay)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=fused or None)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(total * hp.warmup_ratio)
+
+        def schedule(step: int) -> float:  # linear warm-up, then linear decay to 0
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- prediction ----------------------------------------------------------------------------------------
+    def on_predict_start(self) -> None:
+        self.model.eval()
+        self._enable_fast_path()
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        return self.predict_rows(batch)
+
+    def _enable_fast_path(self) -> None:
+        """The seam where the encoder fast path switches on (after the model is on its device and dtype)."""
+        requested = self.hparams.fast_path
+        if requested == "off":
+            self.fast_path_used = None
+            log.info("fast path: off (model.fast_path=off); using %s attention", self.hparams.attention)
+            return
+        try:
+            from lit_fast import fastpath
+        except ImportError:
+            fastpath = None
+        if fastpath is None or not hasattr(fastpath, "to_fast_path"):
+            if requested != "auto":
+                raise ConfigError(f"model.fast_path={requested} is not available in this build; use auto or off")
+            log.info("fast path: not available; using %s attention", self.hparams.attention)
+            return
+        device = next(self.model.parameters()).device
+        dtype = self._compute_dtype()
+        try:
+            backend, reason = fastpath.choose_backend(self.model, requested, device, dtype)
+        except UnsupportedModelError as err:
+            if requested != "auto":
+                raise
+            log.info("fast path: not used (%s); using %s attention", err, self.hparams.attention)
+            return
+        if backend is None:
+            log.info("fast path: not used (%s); using %s attention", reason, self.hparams.attention)
+            return
+        fastpath.to_fast_path(self.model, backend=backend)
+        self.fast_path_used = backend
+        log.info("fast path: %s (%s)", backend, reason)
+
+    def _revert_fast_path(self) -> None:
+        if self.fast_path_used is None or self.model is None:
+            return
+        from lit_fast import fastpath
+
+        fastpath.revert_fast_path(self.model)
+        self.fast_path_used = None
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype matmuls run in under the trainer's precision (autocast included)."""
+        precision = str(getattr(self.trainer, "precision", "32-true")) if self._trainer is not None else "32-true"
+        if precision.startswith("bf16"):
+            return torch.bfloat16
+        if precision.startswith("16"):
+            return torch.float16
+        return next(self.model.parameters()).dtype
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def load_weights(self, checkpoint_path: str) -> None:
+        """Load a Lightning checkpoint's weights safely (`weights_only=True`)."""
+        try:
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure becomes one clear message
+            raise LitFastError(f"could not read checkpoint {checkpoint_path}: {err}".splitlines()[0]) from err
+        self.load_state_dict(state["state_dict"])
