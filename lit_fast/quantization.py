@@ -93,7 +93,7 @@ def resolve_compute_dtype(compute_dtype: str | torch.dtype | None = None,
     Raises ConfigError for an unknown dtype, float64, or bf16 on a GPU without bf16.
     """
     device_type = resolve_device_type(device)
-    if compute_dtype is None:
+    if compute_dtype is None or compute_dtype == "auto":
         if device_type == "cuda":
             return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if device_type == "cpu" and _cpu_has_native_bf16() else torch.float32
@@ -187,9 +187,11 @@ class WeightFootprint:
                 f"{self.quantized_modules} quantized layers, {self.full_precision_bytes / 1e6:.1f} MB full precision)")
 
 
-def _quant_state_tensors(param: torch.Tensor) -> list[torch.Tensor]:
-    state = getattr(param, "quant_state", None)
-    tensors = [getattr(param, "SCB", None)]  # int8 row scales (CB is the data itself)
+def _quant_state_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    # int8 row scales live on the weight until the first forward, then on the layer's state (CB is the data)
+    tensors = [getattr(weight, "SCB", None), getattr(getattr(module, "state", None), "SCB", None)]
     if state is not None:
         tensors += [state.absmax, state.code]
         if getattr(state, "state2", None) is not None:
@@ -198,7 +200,11 @@ def _quant_state_tensors(param: torch.Tensor) -> list[torch.Tensor]:
 
 
 def weight_footprint(model: torch.nn.Module) -> WeightFootprint:
-    """Measure the weight bytes of ``model`` (parameters, buffers and bitsandbytes scales, shared storage once)."""
+    """Measure the weight bytes of ``model`` (parameters, buffers and bitsandbytes scales, shared storage once).
+
+    Note: on CPUs with AVX512-BF16 bitsandbytes repacks 4-bit weights at the first inference call (bf16 scales,
+    no double quantization), so measure right after loading to see what the mode itself costs.
+    """
     seen: set[tuple[str, int]] = set()
 
     def size(tensor: torch.Tensor) -> int:
@@ -208,22 +214,28 @@ def weight_footprint(model: torch.nn.Module) -> WeightFootprint:
         seen.add(key)
         return tensor.numel() * tensor.element_size()
 
-    quantized = full = 0
     names = quantized_module_names(model)
-    quantized_params = {id(p) for n in names for p in model.get_submodule(n).parameters(recurse=False)
-                        if type(p).__name__ in ("Params4bit", "Int8Params")}
-    for param in model.parameters():
-        if id(param) in quantized_params:
-            quantized += size(param) + sum(size(t) for t in _quant_state_tensors(param))
-        else:
-            full += size(param)
-    full += sum(size(buffer) for buffer in model.buffers())
+    quantized = 0
+    for name in names:
+        module = model.get_submodule(name)
+        quantized += size(module.weight) + sum(size(t) for t in _quant_state_tensors(module))
+    full = sum(size(p) for p in model.parameters()) + sum(size(b) for b in model.buffers())
     return WeightFootprint(quantized + full, quantized, full, len(names))
 
 
+def _class_name(obj: Any) -> str:
+    """The class an object, a class path string, or a jsonargparse {class_path: ...} dict stands for."""
+    if obj is None:
+        return ""
+    if isinstance(obj, Mapping):
+        obj = obj.get("class_path", "")
+    if isinstance(obj, str):
+        return obj.rsplit(".", 1)[-1]
+    return obj.__name__ if isinstance(obj, type) else type(obj).__name__
+
+
 def _is_bnb_precision(plugin: Any) -> bool:
-    return type(plugin).__name__ == "BitsandbytesPrecision" or (
-        isinstance(plugin, str) and "bitsandbytes" in plugin.lower())
+    return "bitsandbytes" in _class_name(plugin).lower()
 
 
 def check_strategy_precision(strategy: Any = None, plugins: Any = None, quantization: str | None = None,
@@ -244,15 +256,15 @@ def check_strategy_precision(strategy: Any = None, plugins: Any = None, quantiza
     if plugin is None and mode is None:
         return
     what = f"--model.quantization {mode}" if mode else "the BitsandbytesPrecision plugin"
-    strategy_name = (strategy if isinstance(strategy, str) else type(strategy).__name__ if strategy else "").lower()
+    strategy_name = _class_name(strategy).lower()
     if any(key in strategy_name for key in ("fsdp", "deepspeed", "modelparallel", "model_parallel")):
         raise ConfigError(
             f"{what} does not combine with the {strategy_name!r} strategy (Lightning's FSDP accepts only "
             "FSDPPrecision, and sharded 4/8-bit weights are not supported here). What works: "
             f"--trainer.strategy ddp (or a single device) with {what} - each GPU holds the small quantized copy; "
             "or FSDP without quantization (--trainer.precision bf16-true).")
-    accel = (accelerator if isinstance(accelerator, str) else type(accelerator).__name__ if accelerator else "")
-    if plugin is not None and accel.lower().replace("accelerator", "") in ("cpu", "mps", "xla", "tpu"):
+    accel = _class_name(accelerator).lower().replace("accelerator", "")
+    if plugin is not None and accel in ("cpu", "mps", "xla", "tpu"):
         raise ConfigError("the BitsandbytesPrecision plugin runs on CUDA GPUs only: on CPU use "
                           "--model.quantization (bitsandbytes >= 0.46 runs 4-bit and int8 on CPU).")
 
@@ -358,3 +370,16 @@ def quantize_embeddings(model: torch.nn.Module, mode: str = "nf4") -> torch.nn.M
     if hasattr(model.config, "tie_word_embeddings") and tied:
         model.config.tie_word_embeddings = False  # transformers must not re-tie the replaced modules
     return model
+
+
+def check_fast_path(quantization: str | None, fast_path: str | None) -> None:
+    """ConfigError when a quantized model is asked to take the encoder fast path by force.
+
+    The fused/packed encoder kernels read plain ``nn.Linear`` weights; bitsandbytes layers keep SDPA. With
+    ``fast_path=auto`` the module logs that it keeps SDPA instead of raising.
+    """
+    mode = normalize_mode(quantization)
+    if mode is not None and fast_path not in (None, "auto", "off"):
+        raise ConfigError(f"--model.fast_path {fast_path} cannot run --model.quantization {mode} (the fused/packed "
+                          "encoder kernels need full-precision nn.Linear weights): use --model.fast_path auto "
+                          "(quantized models keep SDPA attention) or drop --model.quantization.")
