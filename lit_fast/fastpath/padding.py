@@ -28,7 +28,6 @@ class Packing:
     indices: torch.Tensor | None  # flat positions of real tokens in batch*seq_len; None when nothing is padded
     cu_seqlens: torch.Tensor  # (batch + 1,) int32 offsets of each sequence in the packed matrix
     lengths: tuple[int, ...]  # tokens per sequence, on the host
-    right_aligned: bool  # every sequence starts at position 0 (right padding or none)
 
     @property
     def num_tokens(self) -> int:
@@ -66,26 +65,29 @@ def valid_tokens(attention_mask: torch.Tensor | None, batch: int, seq_len: int) 
     return valid.expand(batch, seq_len)
 
 
-def pack(hidden: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, Packing]:
-    """Gather the real tokens of `hidden` (batch, seq_len, hidden) into a `(tokens, hidden)` matrix."""
-    batch, seq_len, width = hidden.shape
-    flat = hidden.reshape(batch * seq_len, width)
+def plan(valid: torch.Tensor | None, batch: int, seq_len: int, device: torch.device) -> Packing:
+    """Where the real tokens are, from the `(batch, seq_len)` mask of `valid_tokens` (None: nothing is padded)."""
     if valid is None:
-        lengths = torch.full((batch,), seq_len, dtype=torch.int32, device=hidden.device)
+        lengths = torch.full((batch,), seq_len, dtype=torch.int32, device=device)
         cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        return flat, Packing(batch, seq_len, None, cu_seqlens, (seq_len,) * batch, True)
+        return Packing(batch, seq_len, None, cu_seqlens, (seq_len,) * batch)
 
     lengths = valid.sum(dim=1, dtype=torch.int32)
-    starts_at_zero = torch.arange(seq_len, device=valid.device) < lengths.unsqueeze(1)
-    right_aligned = (starts_at_zero == valid).all().to(torch.int32).reshape(1)
-    # The one wait for the device per batch: the lengths (for the kernels' max_len and the CPU loop) and the layout.
-    host = torch.cat([lengths, right_aligned]).tolist()
-    host_lengths = tuple(host[:-1])
+    # The lengths on the host (the kernels' max_len, the CPU attention loop): one wait for the device per batch.
+    host_lengths = tuple(lengths.tolist())
     cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     if all(length == seq_len for length in host_lengths):
-        return flat, Packing(batch, seq_len, None, cu_seqlens, host_lengths, True)
+        return Packing(batch, seq_len, None, cu_seqlens, host_lengths)
     indices = valid.reshape(-1).nonzero().squeeze(1)
-    return flat.index_select(0, indices), Packing(batch, seq_len, indices, cu_seqlens, host_lengths, bool(host[-1]))
+    return Packing(batch, seq_len, indices, cu_seqlens, host_lengths)
+
+
+def pack(hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """Gather the real tokens of `hidden` (batch, seq_len, hidden) into a `(tokens, hidden)` matrix."""
+    flat = hidden.reshape(packing.batch * packing.seq_len, hidden.shape[-1])
+    if packing.indices is None:
+        return flat
+    return flat.index_select(0, packing.indices)
 
 
 def unpack(tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
@@ -108,14 +110,6 @@ def to_nested(tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
     return torch._nested_view_from_buffer(tokens.contiguous().reshape(-1), sizes, strides, offsets)
 
 
-def from_nested(nested: torch.Tensor, packing: Packing) -> torch.Tensor:
-    """The padded `(batch, seq_len, hidden)` tensor of a nested tensor built by `to_nested`; padding is 0."""
-    size = (packing.batch, packing.seq_len, nested.size(-1))
-    padded = torch.nested.to_padded_tensor(nested, 0.0, output_size=size)
-    if packing.right_aligned:
-        return padded
-    # The nested components come back right-aligned; move each sequence's tokens to where its mask had them.
-    starts_at_zero = torch.arange(packing.seq_len, device=padded.device) < torch.tensor(
-        packing.lengths, device=padded.device
-    ).unsqueeze(1)
-    return unpack(padded[starts_at_zero], packing)
+def from_nested(nested: torch.Tensor) -> torch.Tensor:
+    """The packed `(tokens, hidden)` matrix of a nested tensor, components back to back (inverse of `to_nested`)."""
+    return torch.cat(nested.unbind())

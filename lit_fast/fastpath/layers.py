@@ -1,0 +1,134 @@
+"""One encoder layer on tokens without padding, in two flavours.
+
+`packed_layer` is the layer written out in plain PyTorch over a packed `(tokens, hidden)` matrix: the GEMMs only
+ever see real tokens, and attention runs per sequence (flash-attention's varlen kernel on CUDA in fp16/bf16, one
+SDPA call per sequence elsewhere). It computes exactly what the HF layer computes in eval mode: post-LN BERT style
+`x = LN(x + attn(x)); x = LN(x + ffn(x))` or pre-LN `x = x + attn(LN(x)); x = x + ffn(LN(x))`, with the HF
+activation module itself.
+
+`fused_layer` hands the same weights to `torch._transformer_encoder_layer_fwd`, PyTorch's fused encoder-layer
+kernel (the one `nn.TransformerEncoderLayer` and BetterTransformer used), which takes nested tensors. It knows only
+exact GELU and ReLU, and one LayerNorm epsilon for both norms.
+
+Both read the weights from the HF modules on every call (`LayerParts`); nothing is copied at conversion, so
+training, `load_state_dict` or `.to()` between calls can never leave a stale fused copy behind. The fused kernel's
+packed QKV matrix is concatenated per call: a few MB per layer, small next to the layer's GEMMs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_fast.fastpath.padding import Packing
+
+try:  # flash-attention over packed sequences; torch >= 2.10 with CUDA
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    varlen_attn = None
+
+VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+
+# The fused kernel only takes the strided nested layout, which PyTorch flags as "prototype" on first use; the
+# layout is internal to one forward here and never reaches the user, so the warning would only be noise.
+warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """The HF modules one encoder layer is made of, resolved by an adapter's `LayerMap` at call time."""
+
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    out: nn.Linear
+    attn_norm: nn.LayerNorm
+    ffn_in: nn.Linear
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    ffn_out: nn.Linear
+    ffn_norm: nn.LayerNorm
+    num_heads: int
+    norm_first: bool  # pre-LN (ViT, mBART, wav2vec2 "stable") instead of post-LN (BERT)
+
+
+def packed_layer(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:
+    """One encoder layer over packed tokens `x` (tokens, hidden) -> (tokens, hidden)."""
+    if parts.norm_first:
+        x = x + self_attention(parts.attn_norm(x), parts, packing)
+        return x + feed_forward(parts.ffn_norm(x), parts)
+    x = parts.attn_norm(x + self_attention(x, parts, packing))
+    return parts.ffn_norm(x + feed_forward(x, parts))
+
+
+def self_attention(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:
+    """Multi-head self-attention of every sequence with itself; (tokens, hidden) -> (tokens, hidden)."""
+    heads = parts.num_heads
+    q = F.linear(x, parts.query.weight, parts.query.bias).unflatten(-1, (heads, -1))
+    k = F.linear(x, parts.key.weight, parts.key.bias).unflatten(-1, (heads, -1))
+    v = F.linear(x, parts.value.weight, parts.value.bias).unflatten(-1, (heads, -1))
+    attended = attend(q, k, v, packing).flatten(-2)
+    return F.linear(attended, parts.out.weight, parts.out.bias)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """Softmax attention within each packed sequence; q, k, v and the result are (tokens, heads, head_dim)."""
+    if varlen_attn is not None and q.is_cuda and q.dtype in VARLEN_DTYPES:
+        cu, longest = packing.cu_seqlens, packing.max_len
+        return varlen_attn(q, k, v, cu, cu, longest, longest)
+    # Elsewhere (CPU, fp32): one SDPA call per sequence. Each call sees only its own tokens, so no mask is needed
+    # and no FLOP is spent on padding; SDPA picks its fused CPU kernel.
+    out = torch.empty_like(q)
+    start = 0
+    for length in packing.lengths:
+        span = slice(start, start + length)
+        q_s, k_s, v_s = (t[span].transpose(0, 1) for t in (q, k, v))  # (heads, length, head_dim)
+        out[span] = F.scaled_dot_product_attention(q_s, k_s, v_s).transpose(0, 1)
+        start += length
+    return out
+
+
+def feed_forward(x: torch.Tensor, parts: LayerParts) -> torch.Tensor:
+    """The position-wise MLP; (tokens, hidden) -> (tokens, hidden)."""
+    hidden = parts.activation(F.linear(x, parts.ffn_in.weight, parts.ffn_in.bias))
+    return F.linear(hidden, parts.ffn_out.weight, parts.ffn_out.bias)
+
+
+def fused_layer(x: torch.Tensor, parts: LayerParts, use_gelu: bool) -> torch.Tensor:
+    """One encoder layer through PyTorch's fused kernel; `x` is nested (padding removed) or dense (no padding)."""
+    q, k, v = parts.query, parts.key, parts.value
+    qkv_weight = torch.cat([q.weight, k.weight, v.weight])
+    qkv_bias = torch.cat([_bias(q), _bias(k), _bias(v)])
+    return torch._transformer_encoder_layer_fwd(
+        x,
+        q.in_features,
+        parts.num_heads,
+        qkv_weight,
+        qkv_bias,
+        parts.out.weight,
+        _bias(parts.out),
+        use_gelu,
+        parts.norm_first,
+        parts.attn_norm.eps,
+        parts.attn_norm.weight,
+        parts.attn_norm.bias,
+        parts.ffn_norm.weight,
+        parts.ffn_norm.bias,
+        parts.ffn_in.weight,
+        _bias(parts.ffn_in),
+        parts.ffn_out.weight,
+        _bias(parts.ffn_out),
+        None,  # no mask: padding is already gone (nested) or there is none (dense)
+        None,
+    )
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor:
+    """The linear's bias, or zeros where it has none (the fused kernel always adds one)."""
+    if linear.bias is not None:
+        return linear.bias
+    return linear.weight.new_zeros(linear.out_features)

@@ -1,0 +1,97 @@
+"""Which fast-path backend runs where, from measurements, and which models the fused kernel can take.
+
+`auto` is a table, not a guess: each entry comes from the benchmarks in bench/ (W1 on the H100 for CUDA, W6 on
+the 2-core CPU), re-measured whenever the layers change. The rule the table keeps is "never slower than HF
+SDPA on the batch at hand": where a backend did not beat HF on batches without padding, such batches are left
+to HF.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lit_fast.errors import UnsupportedModelError
+from lit_fast.fastpath.adapters import Adapter
+from lit_fast.fastpath.layers import VARLEN_DTYPES, LayerParts, varlen_attn
+
+BACKENDS = ("auto", "fused", "packed")
+
+# The fused kernel implements these activations exactly (`use_gelu` switches between them).
+FUSED_ACTIVATIONS = ("gelu", "relu")
+
+# Measured winners per device (bench/results/w1_*.json, bench/results/w6_*.json).
+#  - CUDA fp16/bf16: packed tokens + varlen flash attention (nested fp16/bf16 through the fused kernel was slower
+#    than HF SDPA in bf16 on the H100).
+#  - CUDA fp32: the fused kernel over nested tensors (varlen flash attention has no fp32 kernel).
+#  - CPU: packed tokens with one SDPA call per sequence.
+CPU_BACKEND = "packed"
+
+# Whether the backend beat HF SDPA on batches with no padding at all, per device type. Where it did not, `auto`
+# hands unpadded batches to HF.
+FASTER_WITHOUT_PADDING = {
+    ("cuda", "packed"): True,
+    ("cuda", "fused"): False,
+    ("cpu", "packed"): True,
+    ("cpu", "fused"): True,
+}
+
+
+def resolve(requested: str, device: torch.device, dtype: torch.dtype, fused_ok: bool) -> str | None:
+    """The backend to run for this device and compute dtype; None means HF's own forward is the better choice."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        if dtype in VARLEN_DTYPES and varlen_attn is not None:
+            return "packed"
+        return "fused" if fused_ok else None
+    if device.type == "cpu":
+        return CPU_BACKEND if (CPU_BACKEND != "fused" or fused_ok) else "packed"
+    return None  # other accelerators: not measured, HF keeps running
+
+
+def pays_off(backend: str, device: torch.device, padding_fraction: float) -> bool:
+    """Whether `auto` should run `backend` on a batch with this much padding rather than HF."""
+    if padding_fraction > 0.0:
+        return True
+    return FASTER_WITHOUT_PADDING.get((device.type, backend), False)
+
+
+def describe(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """One line on why `backend` runs for this device and dtype (for the LightningModule's log)."""
+    where = f"{device.type}/{str(dtype).removeprefix('torch.')}"
+    if backend == "packed":
+        attention = (
+            "varlen flash attention"
+            if device.type == "cuda" and dtype in VARLEN_DTYPES and varlen_attn is not None
+            else "one SDPA call per sequence"
+        )
+        return f"packed tokens with {attention} on {where}: padding removed once, GEMMs on real tokens only"
+    if backend == "fused":
+        return f"PyTorch's fused encoder-layer kernel over nested tensors on {where}: padding removed once"
+    return f"HF forward on {where}: no fast-path backend was measured faster here"
+
+
+def fused_unsupported(config, adapter: Adapter, parts: LayerParts) -> str | None:
+    """Why the fused kernel cannot reproduce this model's layers exactly, or None when it can."""
+    activation = getattr(config, adapter.activation, None)
+    if activation not in FUSED_ACTIVATIONS:
+        return f"its activation {activation!r} is not one of the fused kernel's {FUSED_ACTIVATIONS}"
+    if parts.attn_norm.eps != parts.ffn_norm.eps:
+        return "its two LayerNorms use different eps and the fused kernel takes one"
+    return None
+
+
+def unsupported_module(layer: nn.Module, path: str, module: nn.Module, expected: type) -> UnsupportedModelError:
+    """The error for a layer part that is not the plain torch module the fast path reads weights from."""
+    kind = type(module).__name__
+    if "4bit" in kind or "8bit" in kind or "Quant" in kind:
+        what = "quantized weights"
+        fix = "Quantized models keep running HF SDPA: load them with fast_path: off (or without quantization)."
+    else:
+        what = "a wrapped or replaced module (a LoRA adapter, say)"
+        fix = "Merge adapters first (peft: model.merge_and_unload()), or keep HF SDPA with fast_path: off."
+    return UnsupportedModelError(
+        f"The fast path reads plain {expected.__name__} weights, but {type(layer).__name__}.{path} is {kind} "
+        f"({what}). {fix}"
+    )

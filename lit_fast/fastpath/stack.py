@@ -1,0 +1,145 @@
+"""The converted encoder stack: remove padding once, run every layer on real tokens, pad once.
+
+`FastStack` is installed as the `forward` of the HF module that loops over the encoder layers (for example
+`BertEncoder`), as an instance attribute. The module tree, the parameter names and the weights stay exactly
+HF's, so `state_dict`, `save_pretrained`, `.to()`, optimizers and checkpoints see the original model; reverting
+deletes the attribute. On every call the stack decides which path runs:
+
+- the HF forward (SDPA with the padding mask, or whatever attention the model was loaded with) when the module is
+  training, when autograd is needed, when `output_hidden_states` is asked for, or when `auto` finds no padding to
+  remove in a setting where that does not pay;
+- otherwise the fast path with the backend `policy.resolve` picks: "packed" (`layers.packed_layer`) or "fused"
+  (`layers.fused_layer` over nested tensors).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+
+from lit_fast.errors import ConfigError
+from lit_fast.fastpath import padding, policy
+from lit_fast.fastpath.adapters import Adapter
+from lit_fast.fastpath.layers import LayerParts, fused_layer, packed_layer
+
+log = logging.getLogger(__name__)
+
+
+class FastStack:
+    """Replaces `owner.forward`; runs the owner's encoder layers on tokens without padding in inference."""
+
+    def __init__(self, owner: nn.Module, adapter: Adapter, config, backend: str) -> None:
+        self.owner = owner
+        self.adapter = adapter
+        self.config = config
+        self.backend = backend  # "auto" | "fused" | "packed"
+        self.fused_ok = policy.fused_unsupported(config, adapter, self.layer_parts()[0]) is None
+        self.last_path: str | None = None  # what the latest call ran: a backend, or "hf: <why>"
+
+    def hf_forward(self, *args, **kwargs):
+        """The owner's own HF forward (its class's method; the instance attribute is this object)."""
+        return type(self.owner).forward(self.owner, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        if self._wants(kwargs, "output_attentions"):
+            raise ConfigError(
+                "output_attentions=True cannot be served by the lit_fast fast path: its fused kernels never "
+                "materialise attention weights. Call lit_fast.revert_fast_path(model) first (or set fast_path: off)."
+            )
+        reason = self._hf_reason(hidden, kwargs)
+        if reason is not None:
+            self.last_path = f"hf: {reason}"
+            return self.hf_forward(*args, **kwargs)
+
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type) if _autocast_on(hidden) else hidden.dtype
+        backend = policy.resolve(self.backend, hidden.device, compute_dtype, self.fused_ok)
+        if backend is None:
+            self.last_path = "hf: no backend measured faster on this device and dtype"
+            return self.hf_forward(*args, **kwargs)
+        batch, seq_len = hidden.shape[:2]
+        valid = padding.valid_tokens(mask, batch, seq_len)
+        packing = padding.plan(valid, batch, seq_len, hidden.device)
+        if self.backend == "auto" and not policy.pays_off(backend, hidden.device, packing.padding_fraction):
+            self.last_path = "hf: no padding to remove, and HF was as fast here"
+            return self.hf_forward(*args, **kwargs)
+
+        self.last_path = backend
+
+        out = self.run(hidden, valid, packing, backend)
+        return out if self.adapter.output is None else self.adapter.output(last_hidden_state=out)
+
+    def run(self, hidden: torch.Tensor, valid: torch.Tensor | None, packing: padding.Packing, backend: str):
+        """The fast path proper: prologue, pack, layers, epilogue, unpack."""
+        if self.adapter.prologue is not None:
+            hidden = self.adapter.prologue(self.owner, hidden, valid)
+        tokens = padding.pack(hidden, packing)
+        layers = self.layer_parts()
+        if backend == "packed":
+            for parts in layers:
+                tokens = packed_layer(tokens, parts, packing)
+        else:
+            tokens = self._run_fused(tokens, packing, layers)
+        if self.adapter.epilogue is not None:
+            tokens = self.adapter.epilogue(self.owner, tokens)
+        return padding.unpack(tokens, packing)
+
+    def _run_fused(self, tokens: torch.Tensor, packing: padding.Packing, layers: list[LayerParts]) -> torch.Tensor:
+        """Layers through the fused kernel: nested tensors when padded, the dense batch when not."""
+        use_gelu = getattr(self.config, self.adapter.activation) == "gelu"
+        if packing.indices is None:
+            x = tokens.reshape(packing.batch, packing.seq_len, -1)
+            for parts in layers:
+                x = fused_layer(x, parts, use_gelu)
+            return x.reshape(tokens.shape[0], -1)
+        x = padding.to_nested(tokens, packing)
+        for parts in layers:
+            x = fused_layer(x, parts, use_gelu)
+        return padding.from_nested(x)
+
+    def layer_parts(self) -> list[LayerParts]:
+        """The HF modules of every layer in the order they run, looked up now (never a stale reference)."""
+        layers = [self.owner] if self.adapter.per_layer else self.adapter.layers(self.owner, self.config)
+        num_heads = getattr(self.config, self.adapter.num_heads)
+        return [resolve_parts(layer, self.adapter, num_heads) for layer in layers]
+
+    def _hf_reason(self, hidden: torch.Tensor, kwargs: dict) -> str | None:
+        """Why this call must run the HF forward, or None when the fast path may run."""
+        if self.owner.training:
+            return "training mode (dropout, SDPA with the padding mask)"
+        if torch.is_grad_enabled() and (hidden.requires_grad or _any_requires_grad(self.owner)):
+            return "autograd is on and something requires grad"
+        if self._wants(kwargs, "output_hidden_states"):
+            return "output_hidden_states was asked for (the HF layers record them)"
+        return None
+
+    def _wants(self, kwargs: dict, flag: str) -> bool:
+        """Whether the call (or the config, by default) asks for `flag`."""
+        value = kwargs.get(flag)
+        return bool(getattr(self.config, flag, False) if value is None else value)
+
+
+def resolve_parts(layer: nn.Module, adapter: Adapter, num_heads: int) -> LayerParts:
+    """A layer's modules by the adapter's map; checks they are the plain modules the fast path reads."""
+    paths = adapter.layer
+    found = {}
+    for name in ("query", "key", "value", "out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm"):
+        module = layer.get_submodule(getattr(paths, name))
+        expected = nn.LayerNorm if name.endswith("norm") else nn.Linear
+        if type(module) is not expected:
+            raise policy.unsupported_module(layer, getattr(paths, name), module, expected)
+        found[name] = module
+    activation = functools.reduce(getattr, paths.activation.split("."), layer)  # a module or a plain function
+    return LayerParts(activation=activation, num_heads=num_heads, norm_first=paths.norm_first, **found)
+
+
+def _any_requires_grad(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _autocast_on(hidden: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(hidden.device.type)
