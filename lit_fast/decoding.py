@@ -1,0 +1,386 @@
+"""Fast generation for decoder-only models: our own static KV cache and one decode step captured as a CUDA graph.
+
+Why our own loop: at batch 1 a decoder step is a few hundred tiny kernels; transformers' ``generate`` spends far
+more time launching them (and growing a dynamic cache) than the GPU spends running them. A CUDA graph replays the
+whole step with one launch, but only if every shape is fixed and nothing is re-allocated - so the KV cache is a
+preallocated tensor per layer, the attention runs over all of it with a mask, and the step reads its inputs
+(current token, cache slot) from fixed buffers that the host loop overwrites in place. (transformers' own static
+cache under ``torch.compile(mode="reduce-overhead")`` crashed on 5.17 with "accessing tensor output of CUDAGraphs
+that has been overwritten".)
+
+The model is not copied or rewritten: each step calls the model's own submodules (projections, norms, MLPs) and
+only the attention and the cache are ours, so fine-tuned, LoRA-wrapped or quantized weights are used as they are.
+Per-architecture differences are written once in small adapters (`_Llama`, `_OPT`, `_GPT2`).
+
+Layout of one generation (batch ``B``, cache length ``S``):
+    slot s of row b holds the token at column s of the left-padded prompt, then generated tokens;
+    row b's first ``pad[b]`` slots are padding and are never attended to;
+    the token in slot s has position ``s - pad[b]`` (what transformers derives from the attention mask).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_fast.attention import sdpa_policy
+from lit_fast.errors import ConfigError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingConfig:
+    """What to generate: how many tokens, greedy or sampled, when to stop."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None  # keep the k most likely tokens (None/0: all)
+    top_p: float | None = None  # keep the smallest set with this much probability (None/1.0: all)
+    seed: int | None = None  # sampling is reproducible for a fixed seed, batch and path
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ConfigError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}; "
+                              "for deterministic output set do_sample: false (greedy)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Architecture adapters: embed -> blocks -> head, written with the HF model's own submodules.
+
+
+def _qkv(q: nn.Module, k: nn.Module, v: nn.Module, fuse: bool):
+    """A function h -> (q, k, v) projections.
+
+    With ``fuse`` and three plain ``nn.Linear`` layers, one matmul over concatenated weights: at batch 1 each matmul
+    costs a kernel launch worth more than its arithmetic. The concatenated weight is a copy made now; a
+    FastDecoder lives for one predict run, so training never leaves it stale. LoRA or quantized layers are called
+    as they are.
+    """
+    if not (fuse and all(type(m) is nn.Linear for m in (q, k, v))):
+        return lambda h: (q(h), k(h), v(h))
+    weight = torch.cat([q.weight, k.weight, v.weight])
+    bias = None
+    if q.bias is not None or k.bias is not None or v.bias is not None:
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in (q, k, v)])
+    sizes = [q.out_features, k.out_features, v.out_features]
+    return lambda h: F.linear(h, weight, bias).split(sizes, dim=-1)
+
+# `positional(positions)` returns what blocks need about positions (rotary tables or nothing);
+# `attend(i, q, k, v, scale)` (ours, in FastDecoder.forward) stores k/v in layer i's cache and attends over it.
+
+
+class _Llama:
+    """Llama, Mistral, Qwen2, SmolLM2: RMSNorm pre-norm, rotary positions, grouped KV heads, gated MLP."""
+
+    def __init__(self, model: nn.Module, max_len: int, fuse: bool) -> None:
+        cfg, self.body, self.lm_head = model.config, model.model, model.lm_head
+        self.layers = list(self.body.layers)
+        self.qkv = [_qkv(a.q_proj, a.k_proj, a.v_proj, fuse) for a in (layer.self_attn for layer in self.layers)]
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        # The model's own rotary module computes the table, so every rope variant it knows (llama3, linear...) is
+        # reproduced exactly; we only look rows up by position.
+        positions = torch.arange(max_len, device=self.lm_head.weight.device)[None]
+        probe = torch.empty(0, device=positions.device, dtype=self.body.embed_tokens.weight.dtype)
+        cos, sin = self.body.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim)
+
+    def positional(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (B, 1, T, D) each
+
+    def embed(self, ids: Tensor, positions: Tensor) -> Tensor:
+        return self.body.embed_tokens(ids)
+
+    @staticmethod
+    def _rotate(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        cos, sin = rope
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    def block(self, i: int, x: Tensor, rope: tuple[Tensor, Tensor], attend) -> Tensor:
+        layer, B, T = self.layers[i], x.shape[0], x.shape[1]
+        attn = layer.self_attn
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.qkv[i](layer.input_layernorm(x)))
+        y = attend(i, self._rotate(q, rope), self._rotate(k, rope), v, self.scale)
+        x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def head(self, x: Tensor) -> Tensor:
+        return self.lm_head(self.body.norm(x))
+
+
+class _OPT:
+    """OPT: learned positions (offset 2), LayerNorm before (most sizes) or after (350m) each sub-block."""
+
+    def __init__(self, model: nn.Module, max_len: int, fuse: bool) -> None:
+        cfg, self.body, self.lm_head = model.config, model.model.decoder, model.lm_head
+        self.layers = list(self.body.layers)
+        self.qkv = [_qkv(a.q_proj, a.k_proj, a.v_proj, fuse) for a in (layer.self_attn for layer in self.layers)]
+        self.heads = self.kv_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.pre_norm = cfg.do_layer_norm_before
+        self.scale = self.head_dim**-0.5
+
+    def positional(self, positions: Tensor) -> None:
+        return None
+
+    def embed(self, ids: Tensor, positions: Tensor) -> Tensor:
+        x = self.body.embed_tokens(ids)
+        if self.body.project_in is not None:
+            x = self.body.project_in(x)
+        return x + self.body.embed_positions.weight[positions + self.body.embed_positions.offset]
+
+    def block(self, i: int, x: Tensor, _: None, attend) -> Tensor:
+        layer, B, T = self.layers[i], x.shape[0], x.shape[1]
+        attn = layer.self_attn
+        q, k, v = self.qkv[i](layer.self_attn_layer_norm(x) if self.pre_norm else x)
+        q = q * self.scale  # HF scales q before attention, then attends with scale 1
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        x = x + attn.out_proj(attend(i, q, k, v, 1.0).transpose(1, 2).reshape(B, T, -1))
+        if not self.pre_norm:
+            x = layer.self_attn_layer_norm(x)
+        h = layer.final_layer_norm(x) if self.pre_norm else x
+        x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
+        return x if self.pre_norm else layer.final_layer_norm(x)
+
+    def head(self, x: Tensor) -> Tensor:
+        if self.body.final_layer_norm is not None:
+            x = self.body.final_layer_norm(x)
+        if self.body.project_out is not None:
+            x = self.body.project_out(x)
+        return self.lm_head(x)
+
+
+class _GPT2:
+    """GPT-2: learned positions, fused qkv projection (Conv1D), LayerNorm pre-norm."""
+
+    def __init__(self, model: nn.Module, max_len: int, fuse: bool) -> None:  # c_attn is fused already
+        cfg, self.body, self.lm_head = model.config, model.transformer, model.lm_head
+        self.layers = list(self.body.h)
+        self.heads = self.kv_heads = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.scale = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
+        self.by_layer = cfg.scale_attn_by_inverse_layer_idx
+
+    def positional(self, positions: Tensor) -> None:
+        return None
+
+    def embed(self, ids: Tensor, positions: Tensor) -> Tensor:
+        return self.body.wte(ids) + self.body.wpe(positions)
+
+    def block(self, i: int, x: Tensor, _: None, attend) -> Tensor:
+        layer, B, T = self.layers[i], x.shape[0], x.shape[1]
+        q, k, v = layer.attn.c_attn(layer.ln_1(x)).split(x.shape[-1], dim=2)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        scale = self.scale / (i + 1) if self.by_layer else self.scale
+        x = x + layer.attn.c_proj(attend(i, q, k, v, scale).transpose(1, 2).reshape(B, T, -1))
+        return x + layer.mlp(layer.ln_2(x))
+
+    def head(self, x: Tensor) -> Tensor:
+        return self.lm_head(self.body.ln_f(x))
+
+
+_ADAPTERS = {"llama": _Llama, "mistral": _Llama, "qwen2": _Llama, "opt": _OPT, "gpt2": _GPT2}
+
+
+def unsupported_reason(model: nn.Module, max_len: int | None = None) -> str | None:
+    """Why the fast loop cannot run this model (``None`` when it can)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers stay in place
+    cfg = model.config
+    if cfg.model_type not in _ADAPTERS:
+        return f"model type {cfg.model_type!r} has no fast-decoding adapter (supported: {', '.join(_ADAPTERS)})"
+    if cfg.model_type in ("mistral", "qwen2"):
+        window = getattr(cfg, "sliding_window", None)
+        uses_window = window is not None and getattr(cfg, "use_sliding_window", cfg.model_type == "mistral")
+        if uses_window and (max_len is None or max_len > window):
+            return f"sliding-window attention (window {window}) is not implemented in the fast loop"
+    if cfg.model_type in ("llama", "mistral", "qwen2"):
+        rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+        if rope_type in ("dynamic", "longrope"):
+            return f"rope type {rope_type!r} depends on the sequence length"
+        if getattr(cfg, "pretraining_tp", 1) != 1:
+            return "pretraining_tp != 1"
+    if cfg.model_type == "gpt2" and getattr(cfg, "add_cross_attention", False):
+        return "GPT-2 with cross-attention"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The decoder: static KV cache, one forward for prefill (eager) and decode (captured), the generation loop.
+
+
+class FastDecoder:
+    """Generation with a static KV cache of ``batch_size`` rows x ``max_len`` slots for one HF causal LM.
+
+    Build once, call :meth:`generate` many times: batches up to ``batch_size`` rows and prompt + new tokens up to
+    ``max_len`` reuse the cache and the captured graph (smaller batches are filled with idle rows).
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, *, cuda_graph: bool | None = None,
+                 compile: bool = False, fuse_qkv: bool = False, sdpa_backends: list[str] | None = None) -> None:
+        reason = unsupported_reason(model, max_len)
+        if reason:
+            raise UnsupportedModelError(f"fast decoding: {reason}; use decoding: hf (transformers generate)")
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.model, self.batch_size = model, batch_size
+        self.max_len = math.ceil(max_len / 64) * 64  # whole 64-slot tiles keep the attention kernels aligned
+        self.arch = _ADAPTERS[model.config.model_type](model, self.max_len, fuse_qkv)
+        self.sdpa_backends = sdpa_backends
+        weight = model.get_input_embeddings().weight
+        self.device, self.dtype = weight.device, weight.dtype
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda"
+        if cuda_graph and self.device.type != "cuda":
+            raise ConfigError("cuda_graph=True needs the model on a CUDA device")
+        a, shape = self.arch, (batch_size, self.arch.kv_heads, self.max_len, self.arch.head_dim)
+        # zeros, not empty: masked slots still enter the attention matmul (with weight 0), and 0 * NaN is NaN
+        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in a.layers]
+        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in a.layers]
+        self.pad = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # left-padding per row
+        self.slots = torch.arange(self.max_len, device=self.device)
+        # the decode step's inputs: fixed buffers, overwritten in place before each replay
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._step = torch.compile(self._decode, fullgraph=True, dynamic=False) if compile else self._decode
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if cuda_graph:
+            self._capture()
+
+    # -- the model, over the cache ------------------------------------------------------------------------
+
+    def forward(self, ids: Tensor, first_slot: Tensor) -> Tensor:
+        """Run ``ids`` (B, T), which fill cache slots ``first_slot ...``; return the last column's logits (B, V)."""
+        T = ids.shape[1]
+        slots = first_slot + torch.arange(T, device=self.device)  # (T,)
+        positions = (slots[None, :] - self.pad[:, None]).clamp(min=0)  # (B, T), as HF derives from the mask
+        # key slot s is visible to the query in slot t when it is not padding and not in the future; a query
+        # always sees its own slot, so an all-padding row never gets a softmax over nothing (NaN)
+        keys = self.slots[None, None, :]
+        visible = (keys >= self.pad[:, None, None]) & (keys <= slots[None, :, None]) | (keys == slots[None, :, None])
+        # Grouped KV heads without copying K/V: the `group` query heads that share one KV head become
+        # `group * T` query rows of that head (HF's repeat_kv maps head h to KV head h // group), so the mask
+        # repeats per group. Additive, in the model's dtype, built once per step for all layers.
+        B, kv_heads, group = ids.shape[0], self.arch.kv_heads, self.arch.heads // self.arch.kv_heads
+        visible = visible[:, None, None].expand(B, 1, group, T, self.max_len).reshape(B, 1, group * T, self.max_len)
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(~visible, float("-inf"))
+
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+            self.k[i].index_copy_(2, slots, k)
+            self.v[i].index_copy_(2, slots, v)
+            H, D = q.shape[1], q.shape[3]
+            q = q.reshape(B, kv_heads, group * T, D)
+            y = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, scale=scale)
+            return y.reshape(B, H, T, D)
+
+        x = self.arch.embed(ids, positions)
+        pos = self.arch.positional(positions)
+        for i in range(len(self.arch.layers)):
+            x = self.arch.block(i, x, pos, attend)
+        return self.arch.head(x[:, -1])
+
+    def _decode(self) -> Tensor:
+        return self.forward(self.token, self.slot)
+
+    def _capture(self) -> None:
+        """Warm up (and compile) on a side stream, then record one decode step; its logits live in a fixed buffer."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.inference_mode(), sdpa_policy(self.sdpa_backends), torch.cuda.stream(stream):
+            for _ in range(3):  # the warm-up writes garbage into slot 0; every prefill overwrites slot 0
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), sdpa_policy(self.sdpa_backends), torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    def step(self) -> Tensor:
+        """One decode step for the token in ``self.token`` at slot ``self.slot``: the next logits (B, V)."""
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        return self._step()
+
+    # -- the generation loop ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, cfg: SamplingConfig) -> Tensor:
+        """New tokens (B, <= max_new_tokens) for a left-padded batch; rows that stopped are filled with pad."""
+        B, T = input_ids.shape
+        if self.model.training:
+            raise ConfigError("fast decoding runs the model as it is: call model.eval() first (dropout is on)")
+        if B > self.batch_size or T + cfg.max_new_tokens > self.max_len:
+            raise ConfigError(f"batch {B} x {T}+{cfg.max_new_tokens} tokens does not fit this decoder "
+                              f"({self.batch_size} x {self.max_len}); build a larger FastDecoder")
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ConfigError("fast decoding needs left padding (the last prompt column must be real tokens)")
+        # idle rows fill the batch up to the captured size: one all-padding token each
+        ids = torch.full((self.batch_size, T), cfg.pad_token_id, dtype=torch.long, device=self.device)
+        ids[:B] = input_ids
+        self.pad.fill_(T)
+        self.pad[:B] = T - attention_mask.sum(dim=1)
+        generator = None
+        if cfg.do_sample:
+            generator = torch.Generator(self.device)
+            generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+        eos = torch.tensor(cfg.eos_token_ids or [-1], device=self.device)
+        with sdpa_policy(self.sdpa_backends):
+            logits = self.forward(ids, torch.zeros(1, dtype=torch.long, device=self.device))  # prefill, eager
+            done = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+            done[B:] = True
+            out = torch.full((self.batch_size, cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long,
+                             device=self.device)
+            for i in range(cfg.max_new_tokens):
+                token = torch.where(done, cfg.pad_token_id, pick_token(logits, cfg, generator))
+                out[:, i] = token
+                done |= torch.isin(token, eos)
+                # asking the GPU whether all rows are done waits for it; do it every 16 steps, not every step
+                if i + 1 == cfg.max_new_tokens or (i % 16 == 15 and bool(done.all())):
+                    break
+                self.token.copy_(token[:, None])
+                self.slot.fill_(T + i)
+                logits = self.step()
+        return out[:B, : i + 1]
+
+
+def pick_token(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> Tensor:
+    """Greedy argmax, or a sample after temperature, top-k and top-p (same order as transformers)."""
+    logits = logits.float()
+    if not cfg.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        # drop the least likely tokens whose total probability stays <= 1 - top_p (the most likely always stays)
+        sorted_logits, order = torch.sort(logits, descending=False)
+        drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - cfg.top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+def hf_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, cfg: SamplingConfig, **extra) -> Tensor:
+    """transformers' ``generate`` with the same settings; returns the new tokens only (decoder-only models)."""
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, pad_token_id=cfg.pad_token_id,
+                  eos_token_id=list(cfg.eos_token_ids) or None)
+    if cfg.do_sample:  # explicit, so the model's generation_config defaults (top_k=50...) do not sneak in
+        kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or 0, top_p=cfg.top_p or 1.0)
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)  # transformers samples from the global generator
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs, **extra)
+    return out if model.config.is_encoder_decoder else out[:, input_ids.shape[1]:]
