@@ -205,13 +205,14 @@ class TextDataModule(L.LightningDataModule):
         if hp.max_rows:
             records = records[: hp.max_rows]
         held: dict[str, list] = {}
+        total = len(records)  # fractions are of all rows, so 0.1/0.1 of 3,750 rows leaves 3,000 to train on
         for name, other, fraction in (("test", hp.test_path, hp.test_fraction), ("val", hp.val_path, hp.val_fraction)):
             if other:
                 held[name] = self._records(other, need_label=need_label, need_target=need_target).records
             elif fraction > 0:
                 if not 0 < fraction < 1:
                     raise ConfigError(f"data.{name}_fraction must be between 0 and 1, got {fraction}")
-                k = max(1, int(round(len(records) * fraction)))
+                k = max(1, int(round(total * fraction)))
                 held[name], records = records[:k], records[k:]
         if not records:
             raise InputDataError(f"{train.source}: no training rows left after holding out validation/test rows")

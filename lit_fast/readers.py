@@ -130,6 +130,17 @@ def _read_csv(file: Path, text_column: str) -> dict[str, list[Any]]:
         if "Empty CSV file" in message:
             raise InputDataError(f"{file}: the file is empty") from None
         raise InputDataError(f"{file}: not a readable CSV file ({message})") from None
+    for name in table.column_names:
+        # pyarrow reads a column with invalid UTF-8 as binary instead of failing: find the first bad row
+        if pa.types.is_binary(table.column(name).type) or pa.types.is_large_binary(table.column(name).type):
+            for row, value in enumerate(table.column(name).to_pylist()):
+                try:
+                    value.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise InputDataError(
+                        f"{file}: row {row} (0-based), column '{name}': bytes that are not UTF-8 ({err.reason}); "
+                        "re-encode the file as UTF-8"
+                    ) from None
     return {name: table.column(name).to_pylist() for name in table.column_names}
 
 

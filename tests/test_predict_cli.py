@@ -1,0 +1,114 @@
+"""predict.py end to end: the default job, output contract, and every kind of bad input."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, read_jsonl, run_script, write_jsonl
+
+EMBED = str(ROOT / "configs" / "embed-minilm.yaml")
+
+
+def _rows(n):
+    return [{"id": f"r{i}", "text": f"sentence number {i} " + "word " * (i % 7)} for i in range(n)]
+
+
+def test_embed_jsonl_and_parquet_keep_input_order(tmp_path, run_predict, tiny_bert_dir):
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(23))
+    for out in ("out.jsonl", "out.parquet"):
+        code, stdout, err = run_predict("--config", EMBED, "--model.pretrained", tiny_bert_dir, "--data.path", str(data),
+                                        "--data.batch_size", "4", "--data.id_column", "id", "--output", str(tmp_path / out))
+        assert code == 0, err
+        assert f"wrote 23 rows to {tmp_path / out}" in stdout
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["index"] for r in rows] == list(range(23))
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(23)]
+    assert all(len(r["embedding"]) == 32 for r in rows)
+    table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [r["index"] for r in table] == list(range(23))
+    for a, b in zip(rows, table):
+        assert a["embedding"] == pytest.approx(b["embedding"], abs=1e-6)
+    # no shards or temporary files are left beside the output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "out.parquet"]
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path, run_predict, tiny_bert_dir):
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(3))
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious\n")
+    code, _, err = run_predict("--config", EMBED, "--model.pretrained", tiny_bert_dir, "--data.path", str(data), "--output", str(out))
+    assert code == 2 and "exists; pass --overwrite true" in err
+    assert out.read_text() == "precious\n"
+    code, _, err = run_predict("--config", EMBED, "--model.pretrained", tiny_bert_dir, "--data.path", str(data),
+                               "--output", str(out), "--overwrite", "true")
+    assert code == 0, err
+    assert len(read_jsonl(out)) == 3
+
+
+BAD_INPUTS = {
+    "missing file": (None, "input file not found"),
+    "malformed json line": (b'{"text": "a"}\n{"text": "b"\n', "line 2 is not valid JSON"),
+    "missing text column": (b'{"body": "a"}\n', "no text column 'text'; the columns are: body"),
+    "empty file": (b"", "the file is empty"),
+    "non-utf8": ('{"text": "caf\xe9"}\n'.encode("latin-1"), "not UTF-8"),
+    "empty text cell": (b'{"text": "a"}\n{"text": "  "}\n', "row 1 (0-based) has an empty 'text'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_clear_error_and_no_output(tmp_path, run_predict, tiny_bert_dir, case):
+    content, message = BAD_INPUTS[case]
+    data = tmp_path / "in.jsonl"
+    if content is not None:
+        data.write_bytes(content)
+    out = tmp_path / "out.jsonl"
+    code, _, err = run_predict("--config", EMBED, "--model.pretrained", tiny_bert_dir, "--data.path", str(data), "--output", str(out))
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name != "in.jsonl"] == []
+
+
+def test_empty_text_allowed_when_asked(tmp_path, run_predict, tiny_bert_dir):
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(b'{"text": "a"}\n{"text": ""}\n')
+    code, _, err = run_predict("--config", EMBED, "--model.pretrained", tiny_bert_dir, "--data.path", str(data),
+                               "--data.allow_empty_text", "true", "--output", str(tmp_path / "o.jsonl"))
+    assert code == 0, err
+    assert [r["index"] for r in read_jsonl(tmp_path / "o.jsonl")] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model.pretrained", "./no/such/model"], "unknown model './no/such/model'"),
+        (["--model.pretrained", "someone/not-cached-model"], "hub model 'someone/not-cached-model' is not in the local cache"),
+        (["--model.poolng", "mean"], "lit_fast.Embedder: Option 'poolng' is not accepted"),
+        (["--trainer.devcies", "2"], "unrecognized arguments: --trainer.devcies"),
+        (["--model.pooling", "median"], "pooling"),
+    ],
+)
+def test_bad_config_is_one_clear_error(tmp_path, run_predict, args, message):
+    out = tmp_path / "o.jsonl"
+    code, _, err = run_predict("--config", EMBED, "--output", str(out), *args)
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], err
+    assert not out.exists()
+
+
+def test_make_predict_default_job_in_a_fresh_process(tmp_path):
+    """What `make predict` runs, as a user runs it: exit 0, a line saying where the embeddings went."""
+    out = tmp_path / "emb.jsonl"
+    proc = run_script("predict.py", "--config", EMBED, "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"wrote 10 rows to {out}" in proc.stdout
+    assert len(read_jsonl(out)) == 10
+    # and bad input in a fresh process: nonzero exit, one error line, no traceback
+    proc = run_script("predict.py", "--config", EMBED, "--data.path", str(tmp_path / "missing.jsonl"), "--output", str(out),
+                      "--overwrite", "true")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: input file not found")
+    assert len(read_jsonl(out)) == 10  # the earlier complete output is untouched

