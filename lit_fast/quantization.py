@@ -173,6 +173,28 @@ def is_quantized(model: torch.nn.Module) -> bool:
     return bool(quantized_module_names(model))
 
 
+def prepare_quantized_model(model: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
+    """Call right after loading a bitsandbytes model: guards a CPU kernel limit and logs the footprint.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks each 4-bit weight at its first inference call into a layout
+    that needs out_features % 32 == 0 and in_features % blocksize == 0; other layers (e.g. a hidden size of 32)
+    would fail with "shape '[32, 0]' is invalid". Those layers keep the generic dequantize-and-matmul path.
+    """
+    names = quantized_module_names(model)
+    if not names:
+        return model
+    import bitsandbytes as bnb
+
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, bnb.nn.Linear4bit):
+            blocksize = getattr(module.weight.quant_state, "blocksize", None) or module.weight.blocksize
+            if module.out_features % 32 or module.in_features % blocksize:
+                module.support_avx512bf16_for_cpu = False
+    log.info("quantization %s: %s", mode or "bitsandbytes", weight_footprint(model))
+    return model
+
+
 @dataclass(frozen=True)
 class WeightFootprint:
     """Bytes of a model's weights, each shared tensor counted once, quantization scales included."""
