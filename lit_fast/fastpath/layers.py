@@ -34,6 +34,11 @@ except ImportError:  # pragma: no cover - older torch
 
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 
+# oneDNN's linear (with its fused GELU) for CPU fp32. ONEDNN_LINEAR is a switch so that the CPU benchmark can
+# show what oneDNN contributes; leave it on.
+ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_LINEAR = ONEDNN_AVAILABLE
+
 # The fused kernel only takes the strided nested layout, which PyTorch flags as "prototype" on first use; the
 # layout is internal to one forward here and never reaches the user, so the warning would only be noise.
 warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
@@ -54,6 +59,7 @@ class LayerParts:
     ffn_norm: nn.LayerNorm
     num_heads: int
     norm_first: bool  # pre-LN (ViT, mBART, wav2vec2 "stable") instead of post-LN (BERT)
+    exact_gelu: bool  # the activation is erf GELU (HF "gelu"), which the CPU GEMM can apply in its epilogue
 
 
 def packed_layer(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:
@@ -68,11 +74,10 @@ def packed_layer(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.
 def self_attention(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:
     """Multi-head self-attention of every sequence with itself; (tokens, hidden) -> (tokens, hidden)."""
     heads = parts.num_heads
-    q = F.linear(x, parts.query.weight, parts.query.bias).unflatten(-1, (heads, -1))
-    k = F.linear(x, parts.key.weight, parts.key.bias).unflatten(-1, (heads, -1))
-    v = F.linear(x, parts.value.weight, parts.value.bias).unflatten(-1, (heads, -1))
-    attended = attend(q, k, v, packing).flatten(-2)
-    return F.linear(attended, parts.out.weight, parts.out.bias)
+    q = linear(x, parts.query).unflatten(-1, (heads, -1))
+    k = linear(x, parts.key).unflatten(-1, (heads, -1))
+    v = linear(x, parts.value).unflatten(-1, (heads, -1))
+    return linear(attend(q, k, v, packing).flatten(-2), parts.out)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) -> torch.Tensor:
@@ -86,16 +91,45 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) 
     start = 0
     for length in packing.lengths:
         span = slice(start, start + length)
-        q_s, k_s, v_s = (t[span].transpose(0, 1) for t in (q, k, v))  # (heads, length, head_dim)
-        out[span] = F.scaled_dot_product_attention(q_s, k_s, v_s).transpose(0, 1)
+        q_s, k_s, v_s = (t[span].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, length, head_dim)
+        out[span] = F.scaled_dot_product_attention(q_s, k_s, v_s)[0].transpose(0, 1)
         start += length
     return out
 
 
 def feed_forward(x: torch.Tensor, parts: LayerParts) -> torch.Tensor:
     """The position-wise MLP; (tokens, hidden) -> (tokens, hidden)."""
-    hidden = parts.activation(F.linear(x, parts.ffn_in.weight, parts.ffn_in.bias))
-    return F.linear(hidden, parts.ffn_out.weight, parts.ffn_out.bias)
+    if parts.exact_gelu:
+        hidden = linear(x, parts.ffn_in, gelu=True)
+    else:
+        hidden = parts.activation(linear(x, parts.ffn_in))
+    return linear(hidden, parts.ffn_out)
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
+    """`x @ W.T + b` with the layer's current weights, then exact GELU when `gelu`.
+
+    On the CPU in fp32 this goes through oneDNN rather than `F.linear`'s BLAS: on the 2-core AMD EPYC development
+    machine MKL's sgemm reached ~66 GFLOP/s per core and oneDNN ~120 (bench/w6_cpu.py), and oneDNN applies the
+    GELU inside the GEMM. The weights are read as they are (no pre-packed copy to go stale).
+    """
+    if _onednn_fits(x):
+        return torch.ops.mkldnn._linear_pointwise(
+            x, layer.weight, layer.bias, "gelu" if gelu else "none", [], "none" if gelu else ""
+        )
+    y = F.linear(x, layer.weight, layer.bias)
+    return F.gelu(y) if gelu else y
+
+
+def _onednn_fits(x: torch.Tensor) -> bool:
+    """oneDNN's fp32 linear applies: CPU, fp32, no autocast (which it would ignore), no autograd (it has none)."""
+    return (
+        ONEDNN_LINEAR
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    )
 
 
 def fused_layer(x: torch.Tensor, parts: LayerParts, use_gelu: bool) -> torch.Tensor:

@@ -104,8 +104,7 @@ class FastStack:
     def layer_parts(self) -> list[LayerParts]:
         """The HF modules of every layer in the order they run, looked up now (never a stale reference)."""
         layers = [self.owner] if self.adapter.per_layer else self.adapter.layers(self.owner, self.config)
-        num_heads = getattr(self.config, self.adapter.num_heads)
-        return [resolve_parts(layer, self.adapter, num_heads) for layer in layers]
+        return [resolve_parts(layer, self.adapter, self.config) for layer in layers]
 
     def _hf_reason(self, hidden: torch.Tensor, kwargs: dict) -> str | None:
         """Why this call must run the HF forward, or None when the fast path may run."""
@@ -123,9 +122,10 @@ class FastStack:
         return bool(getattr(self.config, flag, False) if value is None else value)
 
 
-def resolve_parts(layer: nn.Module, adapter: Adapter, num_heads: int) -> LayerParts:
+def resolve_parts(layer: nn.Module, adapter: Adapter, config) -> LayerParts:
     """A layer's modules by the adapter's map; checks they are the plain modules the fast path reads."""
     paths = adapter.layer
+    num_heads = getattr(config, adapter.num_heads)
     found = {}
     for name in ("query", "key", "value", "out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm"):
         module = layer.get_submodule(getattr(paths, name))
@@ -134,7 +134,10 @@ def resolve_parts(layer: nn.Module, adapter: Adapter, num_heads: int) -> LayerPa
             raise policy.unsupported_module(layer, getattr(paths, name), module, expected)
         found[name] = module
     activation = functools.reduce(getattr, paths.activation.split("."), layer)  # a module or a plain function
-    return LayerParts(activation=activation, num_heads=num_heads, norm_first=paths.norm_first, **found)
+    exact_gelu = getattr(config, adapter.activation, None) == "gelu"
+    return LayerParts(
+        activation=activation, num_heads=num_heads, norm_first=paths.norm_first, exact_gelu=exact_gelu, **found
+    )
 
 
 def _any_requires_grad(module: nn.Module) -> bool:
