@@ -67,8 +67,13 @@ def packed_layer(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.
     if parts.norm_first:
         x = x + self_attention(parts.attn_norm(x), parts, packing)
         return x + feed_forward(parts.ffn_norm(x), parts)
-    x = parts.attn_norm(x + self_attention(x, parts, packing))
-    return parts.ffn_norm(x + feed_forward(x, parts))
+    x = add_norm(x, self_attention(x, parts, packing), parts.attn_norm)
+    return add_norm(x, feed_forward(x, parts), parts.ffn_norm)
+
+
+def add_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """LayerNorm(x + y), the post-LN residual step."""
+    return F.layer_norm(x + y, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def self_attention(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:

@@ -1,0 +1,256 @@
+"""W1 — encoder inference on the GPU (shared/BENCHMARKS.md): BERT-base shape, batch 128, max length 256.
+
+BERT-base shape (12 layers, hidden 768, 12 heads, FFN 3072, vocab 30522), random init from seed 0. Each padding
+scenario draws its lengths after `torch.manual_seed(0)` and pads on the right to 256:
+  pad0   all 256                        (0% padding)
+  pad25  torch.randint(128, 257, (128,))
+  w1     torch.randint(32, 257, (128,))  (the W1 mix, ~43% padding)
+  pad60  torch.randint(32, 173, (128,))
+  pad75  torch.randint(32, 97, (128,))   (~75% padding)
+Variants on the same weights and inputs: HF eager, HF sdpa, lit_fast fused (nested tensors through PyTorch's
+fused encoder-layer kernel), packed (packed tokens + varlen flash attention) and auto (what `to_fast_path(model)`
+runs). `--explore` adds what-if variants that are not in the library (see EXPLORE below) and the time of the
+packed GEMMs alone.
+
+Protocol: CUDA events, median of `--reps` after `--warmup`, `torch.inference_mode()`. The floor is the real
+tokens' FLOPs (GEMMs + attention) over an 8192^3 bf16 matmul measured in the same run. Correctness in the same
+run: max abs diff on real tokens against HF eager in fp32 (TF32 off) on the same weights; the fp16/bf16 tolerance
+is 2e-2 (outputs are LayerNorm outputs, unit scale), 1e-4 for fp32. Results go to JSON; a table is printed last.
+
+    export PYTHONPATH=$PWD; python3 bench/w1_encoder.py --out bench/results/w1_h100.json [--explore]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import transformers  # noqa: E402
+
+from lit_fast.fastpath import layers as fast_layers  # noqa: E402
+from lit_fast.fastpath import to_fast_path  # noqa: E402
+
+BATCH, MAX_LEN, HIDDEN, FFN, LAYERS = 128, 256, 768, 3072, 12
+SCENARIOS = {
+    "pad0": lambda: torch.full((BATCH,), MAX_LEN),
+    "pad25": lambda: torch.randint(128, 257, (BATCH,)),
+    "w1": lambda: torch.randint(32, 257, (BATCH,)),
+    "pad60": lambda: torch.randint(32, 173, (BATCH,)),
+    "pad75": lambda: torch.randint(32, 97, (BATCH,)),
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4}
+
+
+def bert_base() -> transformers.BertModel:
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                     num_attention_heads=12, intermediate_size=FFN)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+def batch_for(scenario: str) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    lengths = SCENARIOS[scenario]()
+    ids = torch.randint(1000, 30000, (BATCH, MAX_LEN))
+    mask = (torch.arange(MAX_LEN) < lengths[:, None]).long()
+    return ids.cuda(), mask.cuda()
+
+
+def time_ms(fn, warmup: int, reps: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def matmul_peak_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = statistics.median(time_ms(lambda: a @ b, 5, 20))
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+def real_flops(mask: torch.Tensor) -> float:
+    lengths = mask.sum(1).double()
+    tokens = lengths.sum().item()
+    gemms = tokens * 2 * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * FFN)
+    attention = 4 * HIDDEN * (lengths**2).sum().item()  # QK^T and PV
+    return LAYERS * (gemms + attention)
+
+
+# ---- what-if variants (--explore): patched into lit_fast.fastpath.layers only while their model runs ----------
+_compiled_add_norm = None
+
+
+def _add_norm_compiled(x, y, norm):
+    global _compiled_add_norm
+    if _compiled_add_norm is None:
+        _compiled_add_norm = torch.compile(
+            lambda x, y, w, b, eps: F.layer_norm(x + y, (x.shape[-1],), w, b, eps), dynamic=True
+        )
+    return _compiled_add_norm(x, y, norm.weight, norm.bias, norm.eps)
+
+
+def _linear_tanh_gelu(x, layer, gelu=False):
+    """cuBLASLt's GELU epilogue (the tanh approximation) instead of a separate exact-GELU pass."""
+    if gelu:
+        return torch._addmm_activation(layer.bias, x, layer.weight.t(), use_gelu=True)
+    return F.linear(x, layer.weight, layer.bias)
+
+
+EXPLORE = {
+    "packed+compiled_add_norm": {"add_norm": _add_norm_compiled},
+    "packed+tanh_gelu_epilogue": {"linear": _linear_tanh_gelu},
+    "packed+both": {"add_norm": _add_norm_compiled, "linear": _linear_tanh_gelu},
+}
+
+
+@contextlib.contextmanager
+def patched(replacements: dict):
+    saved = {name: getattr(fast_layers, name) for name in replacements}
+    for name, fn in replacements.items():
+        setattr(fast_layers, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(fast_layers, name, fn)
+
+
+def gemms_only(model: transformers.BertModel, mask: torch.Tensor, dtype: torch.dtype):
+    """The packed path's GEMMs alone (12 layers x 6 on the real tokens): what no kernel fusion can go below."""
+    tokens = torch.randn(int(mask.sum()), HIDDEN, device="cuda", dtype=dtype)
+    weights = [(layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
+                layer.attention.output.dense, layer.intermediate.dense, layer.output.dense)
+               for layer in model.encoder.layer]
+
+    def run():
+        for q, k, v, o, up, down in weights:
+            F.linear(tokens, q.weight, q.bias), F.linear(tokens, k.weight, k.bias)
+            F.linear(tokens, v.weight, v.bias), F.linear(tokens, o.weight, o.bias)
+            F.linear(F.linear(tokens, up.weight, up.bias), down.weight, down.bias)
+
+    return run
+
+
+def measure_dtype(dtype_name: str, scenarios: list[str], args, peak: float) -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    reference_model = bert_base().cuda()
+    base = copy.deepcopy(reference_model).to(dtype)
+    eager = copy.deepcopy(base)
+    eager.config._attn_implementation = "eager"
+    variants = {"hf_eager": (eager, {}), "hf_sdpa": (base, {})}
+    for backend in ("fused", "packed", "auto"):
+        variants[backend] = (to_fast_path(copy.deepcopy(base), backend), {})
+    if args.explore and dtype != torch.float32:
+        shared = to_fast_path(copy.deepcopy(base), "packed")
+        variants.update({name: (shared, replacements) for name, replacements in EXPLORE.items()})
+    rows = []
+    for scenario in scenarios:
+        ids, mask = batch_for(scenario)
+        real = mask.bool()
+        with torch.inference_mode():
+            reference = reference_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            floor_ms = real_flops(mask) / (peak * 1e12) * 1e3
+            result = {"dtype": dtype_name, "scenario": scenario, "padding_fraction": 1 - real.float().mean().item(),
+                      "real_tokens": int(real.sum()), "floor_ms": floor_ms, "variants": {}}
+            for name, (model, replacements) in variants.items():
+                with patched(replacements):
+                    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+                    times = time_ms(lambda: model(input_ids=ids, attention_mask=mask), args.warmup, args.reps)
+                diff = (out[real].float() - reference[real]).abs().max().item()
+                result["variants"][name] = {"median_ms": statistics.median(times), "times_ms": times,
+                                            "max_abs_diff_vs_fp32_eager": diff,
+                                            "correct": diff <= TOLERANCE[dtype]}
+            if args.explore:
+                times = time_ms(gemms_only(base, mask, dtype), args.warmup, args.reps)
+                result["gemms_only_ms"] = statistics.median(times)
+        sdpa = result["variants"]["hf_sdpa"]["median_ms"]
+        for row in result["variants"].values():
+            row["speedup_vs_hf_sdpa"] = sdpa / row["median_ms"]
+            row["floor_percent"] = 100 * floor_ms / row["median_ms"]
+        rows.append(result)
+        print(f"{dtype_name} {scenario}: " + ", ".join(
+            f"{n} {r['median_ms']:.2f}ms" for n, r in result["variants"].items()), flush=True)
+    return rows
+
+
+def environment(peak: float) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cuda": torch.version.cuda,
+            "commit": os.environ.get("LIT_FAST_COMMIT") or commit or "unknown",
+            "bf16_matmul_peak_tflops": peak, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "varlen_attn": fast_layers.varlen_attn is not None}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| dtype | padding | variant | median ms | vs HF sdpa | % of floor | max abs diff |",
+             "|---|---|---|---|---|---|---|"]
+    for result in results:
+        for name, row in result["variants"].items():
+            flag = "" if row["correct"] else " FAIL"
+            lines.append(f"| {result['dtype']} | {result['padding_fraction']:.0%} ({result['scenario']}) | {name} | "
+                         f"{row['median_ms']:.2f} | {row['speedup_vs_hf_sdpa']:.2f}x | {row['floor_percent']:.0f}% | "
+                         f"{row['max_abs_diff_vs_fp32_eager']:.1e}{flag} |")
+        if "gemms_only_ms" in result:
+            lines.append(f"| {result['dtype']} | {result['padding_fraction']:.0%} ({result['scenario']}) | "
+                         f"GEMMs alone | {result['gemms_only_ms']:.2f} | | | |")
+        lines.append(f"| {result['dtype']} | {result['padding_fraction']:.0%} ({result['scenario']}) | floor | "
+                     f"{result['floor_ms']:.2f} | | 100% | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--fp32-scenarios", nargs="+", default=["pad0", "w1"], choices=list(SCENARIOS))
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--explore", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "bench/results/w1_h100.json"))
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
+    peak = matmul_peak_tflops()
+    results = []
+    for name in args.dtypes:
+        scenarios = args.fp32_scenarios if name == "fp32" else args.scenarios
+        results += measure_dtype(name, scenarios, args, peak)
+        torch.cuda.empty_cache()
+    report = {"workload": "W1", "environment": environment(peak), "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["environment"]))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
