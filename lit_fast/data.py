@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_fast.errors import ConfigError, InputDataError
-from lit_fast.readers import read_columns, require_column
+from lit_fast.readers import check_texts, read_columns, read_table, require_column
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,39 @@ class _Batches(IterableDataset):
             yield self.collate([self.examples[j] for j in batch])
 
 
+class _PredictBatches(IterableDataset):
+    """Predict batches, planned from character lengths and tokenized lazily by the rank (and worker) that runs them.
+
+    The plan needs no tokenizer pass over the whole input and is the same for any number of ranks, so N ranks
+    compute exactly the batches one process would (the same numbers, bit for bit where the math is
+    deterministic), and each rank tokenizes only its own share. `max_tokens` is enforced after tokenization by
+    splitting a batch that is over budget.
+    """
+
+    def __init__(self, texts, plan: list[np.ndarray], encode: Callable, collate: Callable, max_tokens: Optional[int],
+                 rank: int, world: int):
+        self.texts, self.plan, self.encode, self.collate = texts, plan, encode, collate
+        self.max_tokens, self.rank, self.world = max_tokens, rank, world
+
+    def __len__(self) -> int:
+        return len(self.plan[self.rank::self.world])
+
+    def __iter__(self) -> Iterator[dict]:
+        mine = self.plan[self.rank::self.world]
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            mine = mine[info.id::info.num_workers]
+        for rows in mine:
+            texts = self.texts.take(rows).to_pylist()
+            records = [{"index": int(i), "text": t if t is not None else ""} for i, t in zip(rows, texts)]
+            examples = self.encode(records, "predict")
+            if self.max_tokens is None:
+                yield self.collate(examples)
+                continue
+            for part in make_batches([e["length"] for e in examples], len(examples), self.max_tokens):
+                yield self.collate([examples[j] for j in part])
+
+
 class TextDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -144,7 +178,7 @@ class TextDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.splits: dict[str, Split] = {}
         self.examples: dict[str, list[dict]] = {}
-        self.ids: Optional[list[Any]] = None
+        self._ids = None  # the id column (Arrow), predict only
         self.num_rows: dict[str, int] = {}
 
     # ---- reading -------------------------------------------------------------------------------------------
@@ -229,19 +263,37 @@ class TextDataModule(L.LightningDataModule):
         need_label = getattr(model, "needs_label", False)
         need_target = getattr(model, "needs_target", False) and hp.target_column is not None
         if stage == "predict":
-            if not hp.path:
-                raise ConfigError("no input: set --data.path")
-            split = self._records(hp.path, need_label=False, need_target=False)
-            self.splits["predict"] = split
-            self.ids = [r.get("id") for r in split.records] if hp.id_column else None
-            self.num_rows["predict"] = len(split.records)
-        elif stage in ("fit", "validate", "test"):
-            if "fit" not in self.splits:
-                self._fit_splits(need_label, need_target)
+            self._predict_table()
+            return
+        if "fit" not in self.splits:
+            self._fit_splits(need_label, need_target)
         model.prepare_data_splits({k: v.records for k, v in self.splits.items()})
         for name, split in self.splits.items():
             if name not in self.examples:
                 self.examples[name] = model.encode(split.records, name)
+
+    def _predict_table(self) -> None:
+        """Keep the input as Arrow (memory-mapped for Parquet): millions of rows need not become Python objects."""
+        import pyarrow.compute as pc
+
+        hp = self.hparams
+        if not hp.path:
+            raise ConfigError("no input: set --data.path")
+        table, file = read_table(hp.path, hp.text_column)
+        texts = require_column(table, hp.text_column, file, "text")
+        check_texts(texts, file, hp.text_column, hp.allow_empty_text)
+        self._ids = require_column(table, hp.id_column, file, "id") if hp.id_column else None
+        self._texts = texts
+        self.num_rows["predict"] = table.num_rows
+        chars = pc.fill_null(pc.utf8_length(texts.cast("string")), 0).to_numpy()
+        self._plan = [np.asarray(b, dtype=np.int64) for b in make_batches(chars.tolist(), hp.batch_size)]
+        log.info("%s: %d rows in %d batches", file, table.num_rows, len(self._plan))
+
+    def ids_for(self, indices: list[int]) -> Optional[list[Any]]:
+        """The id column's values of these input rows (None without --data.id_column)."""
+        if self._ids is None:
+            return None
+        return self._ids.take(np.asarray(indices, dtype=np.int64)).to_pylist()
 
     def _loader(self, name: str, *, shuffle: bool) -> DataLoader:
         examples = self.examples[name]
@@ -274,4 +326,7 @@ class TextDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False)
+        model = self.trainer.lightning_module
+        dataset = _PredictBatches(self._texts, self._plan, model.encode, model.collate, self.hparams.max_tokens,
+                                  self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(dataset, batch_size=None, num_workers=self.hparams.num_workers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,8 @@ def file_format(path: Path) -> str:
     return {".json": ".jsonl", ".tsv": ".csv"}.get(suffix, suffix)
 
 
-def read_columns(path: str, text_column: str = "text") -> tuple[dict[str, list[Any]], Path]:
-    """Read a file into {column: values}. A .txt file has one column, `text_column`, one row per line."""
+def read_table(path: str, text_column: str = "text"):
+    """Read a file into an Arrow table (memory-mapped for Parquet). A .txt file has one column, `text_column`."""
     file = resolve_data_path(path)
     if not file.exists():
         raise InputDataError(f"input file not found: {file}")
@@ -52,10 +53,16 @@ def read_columns(path: str, text_column: str = "text") -> tuple[dict[str, list[A
     if file.stat().st_size == 0:
         raise InputDataError(f"{file}: the file is empty")
     reader = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet, ".txt": _read_txt}[fmt]
-    columns = reader(file, text_column)
-    if not columns or not any(len(v) for v in columns.values()):
+    table = reader(file, text_column)
+    if table.num_rows == 0:
         raise InputDataError(f"{file}: no rows")
-    return columns, file
+    return table, file
+
+
+def read_columns(path: str, text_column: str = "text") -> tuple[dict[str, list[Any]], Path]:
+    """Read a file into {column: Python values} (for training sets, which are small enough to hold)."""
+    table, file = read_table(path, text_column)
+    return {name: table.column(name).to_pylist() for name in table.column_names}, file
 
 
 def _open_text(file: Path):
@@ -89,11 +96,44 @@ def _raw_bytes(file: Path) -> bytes:
     return file.read_bytes()
 
 
-def _read_txt(file: Path, text_column: str) -> dict[str, list[Any]]:
-    return {text_column: _read_lines(file)}
+def _read_txt(file: Path, text_column: str):
+    import pyarrow as pa
+
+    return pa.table({text_column: pa.array(_read_lines(file), pa.string())})
 
 
-def _read_jsonl(file: Path, text_column: str) -> dict[str, list[Any]]:
+_BLANK_LINE = re.compile(rb"(^|\n)[ \t\r]*(\n|$)")
+
+
+def _read_jsonl(file: Path, text_column: str):
+    """pyarrow's JSON reader for speed; the line-by-line reader whenever it objects, so the error names the line."""
+    import pyarrow as pa
+    import pyarrow.json as pajson
+
+    if file.suffix.lower() not in _COMPRESSED:
+        data = file.read_bytes()
+        # pyarrow neither checks UTF-8 nor complains about blank lines (it skips them); we do both
+        if _is_utf8(data) and not _BLANK_LINE.search(data.rstrip(b"\n") if data.endswith(b"\n") else data):
+            try:
+                return pajson.read_json(pa.BufferReader(data))
+            except pa.ArrowInvalid:
+                pass  # fall through: the careful reader says where and what
+    columns = _read_jsonl_rows(file)
+    try:
+        return pa.table({name: pa.array(values) for name, values in columns.items()})
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise InputDataError(f"{file}: a column mixes value types ({str(err).splitlines()[0]})") from None
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _read_jsonl_rows(file: Path) -> dict[str, list[Any]]:
     rows: list[dict[str, Any]] = []
     for number, line in enumerate(_read_lines(file), start=1):
         if not line.strip():
@@ -111,7 +151,7 @@ def _read_jsonl(file: Path, text_column: str) -> dict[str, list[Any]]:
     return {name: [row.get(name) for row in rows] for name in names}
 
 
-def _read_csv(file: Path, text_column: str) -> dict[str, list[Any]]:
+def _read_csv(file: Path, text_column: str):
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -141,10 +181,10 @@ def _read_csv(file: Path, text_column: str) -> dict[str, list[Any]]:
                         f"{file}: row {row} (0-based), column '{name}': bytes that are not UTF-8 ({err.reason}); "
                         "re-encode the file as UTF-8"
                     ) from None
-    return {name: table.column(name).to_pylist() for name in table.column_names}
+    return table
 
 
-def _read_parquet(file: Path, text_column: str) -> dict[str, list[Any]]:
+def _read_parquet(file: Path, text_column: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -152,13 +192,33 @@ def _read_parquet(file: Path, text_column: str) -> dict[str, list[Any]]:
         table = pq.read_table(file, memory_map=True)
     except (pa.ArrowInvalid, OSError) as err:
         raise InputDataError(f"{file}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
-    return {name: table.column(name).to_pylist() for name in table.column_names}
+    return table
 
 
-def require_column(columns: dict[str, list[Any]], name: str, file: Path, role: str) -> list[Any]:
-    if name not in columns:
+def require_column(columns, name: str, file: Path, role: str):
+    """`columns[name]` of a dict or an Arrow table, or an error listing the columns there are."""
+    names = list(columns.column_names if hasattr(columns, "column_names") else columns)
+    if name not in names:
         raise InputDataError(
-            f"{file}: no {role} column '{name}'; the columns are: {', '.join(columns) or '(none)'} "
+            f"{file}: no {role} column '{name}'; the columns are: {', '.join(names) or '(none)'} "
             f"(choose one with --data.{role}_column)"
         )
-    return columns[name]
+    return columns.column(name) if hasattr(columns, "column_names") else columns[name]
+
+
+def check_texts(column, file: Path, name: str, allow_empty: bool) -> None:
+    """Vectorised checks of a text column: text type, and no empty/blank cells unless allowed."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
+        raise InputDataError(f"{file}: column '{name}' holds {column.type} values, expected text")
+    if allow_empty:
+        return
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column.cast(pa.string()))), 0)
+    empty = pc.or_kleene(pc.is_null(column), pc.fill_null(blank, True))
+    if pc.any(empty).as_py():
+        row = pc.index(empty, True).as_py()
+        raise InputDataError(
+            f"{file}: row {row} (0-based) has an empty '{name}'; fix the row or pass --data.allow_empty_text true"
+        )

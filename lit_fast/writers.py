@@ -72,13 +72,14 @@ class PredictionWriter(BasePredictionWriter):
         self._shard = shard
 
     def _rows(self, trainer, prediction: list[dict]) -> list[dict]:
-        ids = getattr(trainer.datamodule, "ids", None) if trainer.datamodule is not None else None
+        indices = [int(row["index"]) for row in prediction]
+        ids_for = getattr(trainer.datamodule, "ids_for", None)
+        ids = ids_for(indices) if ids_for is not None else None
         rows = []
-        for row in prediction:
-            index = int(row["index"])
+        for k, (index, row) in enumerate(zip(indices, prediction)):
             out = {"index": index}
             if ids is not None:
-                out["id"] = _jsonable(ids[index])
+                out["id"] = _jsonable(ids[k])
             out.update({k: _jsonable(v) for k, v in row.items() if k != "index"})
             rows.append(out)
         return rows
@@ -122,11 +123,13 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self._close_shard()
+        (self._shard_dir / f"rank{trainer.global_rank:05d}.done").touch()
         trainer.strategy.barrier("lit_fast_writer_shards")
         error: Optional[str] = None
         if trainer.is_global_zero:
             expected = trainer.datamodule.num_rows["predict"] if trainer.datamodule is not None else None
             try:
+                self._check_shards(trainer.world_size)
                 self.rows_written = self._merge(expected)
             except LitFastError as err:
                 error = str(err)
@@ -145,6 +148,15 @@ class PredictionWriter(BasePredictionWriter):
             shutil.rmtree(self._shard_dir, ignore_errors=True)
 
     # ---- rank 0 --------------------------------------------------------------------------------------------
+    def _check_shards(self, world_size: int) -> None:
+        """Every rank leaves a marker; on several nodes they must all be visible from rank 0's filesystem."""
+        found = len(list(self._shard_dir.glob("rank*.done")))
+        if found != world_size:
+            raise LitFastError(
+                f"rank 0 sees the shards of {found} of {world_size} ranks in {self._shard_dir}: on several nodes the "
+                "output folder must be on storage that every node shares; no output written"
+            )
+
     def _check(self, indices: np.ndarray, expected: Optional[int]) -> None:
         n = len(indices)
         unique = np.unique(indices)

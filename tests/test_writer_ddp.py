@@ -18,7 +18,9 @@ def test_two_processes_write_the_same_file_as_one(tmp_path, tiny_bert_dir):
                                                "--trainer.accelerator", "cpu"])):
         for suffix in (".jsonl", ".parquet"):
             out = tmp_path / f"{name}{suffix}"
-            proc = run_script("predict.py", *common, *extra, "--output", str(out))
+            # one thread per process in both runs: the same math, so the files must match byte for byte
+            # (Lightning's CPU DDP otherwise gives each process cores/world threads, and GEMM blocking follows)
+            proc = run_script("predict.py", *common, *extra, "--output", str(out), env={"OMP_NUM_THREADS": "1"})
             assert proc.returncode == 0, proc.stderr[-3000:]
             assert proc.stdout.count("wrote 37 rows") == 1  # only rank 0 reports
             outputs[name + suffix] = out
