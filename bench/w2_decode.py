@@ -1,0 +1,200 @@
+"""W2 - decoder generation: transformers `generate` (sdpa, dynamic cache) vs lit_fast's FastDecoder.
+
+BENCHMARKS.md W2: batch 1, prompt 64 tokens, 128 new tokens, greedy, bf16; OPT-350m and Llama-1B shapes, random
+init from a fixed seed; also batch 16. Ratios are measured in this run against HF in this run; the floor is the
+weight bytes read per decode step over the copy bandwidth measured in this run. Correctness in the same run:
+fp32 greedy tokens must equal HF's exactly (batch 1 and a left-padded batch of 4); at bf16 the agreement with
+HF's tokens is reported (position-wise rate and the length of the common prefix).
+
+    python3 bench/w2_decode.py --out bench/results/w2_decode.json            # the full protocol
+    python3 bench/w2_decode.py --quick                                        # 1 warm-up, 3 timed runs
+
+Variants of ours: `graph` (the decode step captured as a CUDA graph), `graph+fuse` (q/k/v in one matmul),
+`graph+fuse+compile` (the step compiled by torch.compile, then captured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+
+from lit_fast.decoding import FastDecoder, SamplingConfig, hf_generate
+
+PROMPT, NEW, BIG_BATCH = 64, 128, 16
+SHAPES = {
+    "opt-350m": lambda: OPTConfig(vocab_size=50272, hidden_size=1024, num_hidden_layers=24, ffn_dim=4096,
+                                  num_attention_heads=16, word_embed_proj_dim=512, do_layer_norm_before=False,
+                                  max_position_embeddings=2048, pad_token_id=1, bos_token_id=2, eos_token_id=2),
+    "llama-1b": lambda: LlamaConfig(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+                                    num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                                    max_position_embeddings=4096, tie_word_embeddings=True, pad_token_id=0,
+                                    bos_token_id=1, eos_token_id=2),
+}
+VARIANTS = {"graph": dict(), "graph+fuse": dict(fuse_qkv=True), "graph+fuse+compile": dict(fuse_qkv=True, compile=True)}
+
+
+DEVICE = "cuda"  # `--dry-run` switches to the CPU with tiny shapes, to check this script itself
+
+
+def timed(fn, warmup: int, reps: int) -> tuple[float, list[float]]:
+    """Median seconds of `reps` calls after `warmup` calls, timed with CUDA events (host clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if DEVICE == "cpu":
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times), times
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 2 GiB device-to-device copy (read + write counted)."""
+    x = torch.randn(2**29 if DEVICE == "cuda" else 2**20, device=DEVICE)  # 2 GiB fp32
+    y = torch.empty_like(x)
+    t, _ = timed(lambda: y.copy_(x), 3, 10)
+    return 2 * x.numel() * 4 / t
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+    same = (a == b).float()
+    prefix = [int((row == 0).nonzero()[0]) if (row == 0).any() else row.numel() for row in same]
+    return {"rate": round(same.mean().item(), 4), "common_prefix_min": min(prefix),
+            "common_prefix_mean": round(sum(prefix) / len(prefix), 1)}
+
+
+def bench_shape(name: str, args, bandwidth: float, deadline: float) -> dict:
+    result: dict = {"shape": name}
+    torch.manual_seed(0)
+    config = SHAPES[name]()
+    if args.dry_run:
+        config.num_hidden_layers, config.vocab_size = 2, 512
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model.eval().generation_config.eos_token_id = None  # random weights: always generate all NEW tokens
+    cfg = SamplingConfig(max_new_tokens=NEW, pad_token_id=model.config.pad_token_id)
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    prompt = torch.randint(3, model.config.vocab_size, (1, PROMPT), device=DEVICE, generator=g)
+    ones = torch.ones_like(prompt)
+    big = torch.randint(3, model.config.vocab_size, (BIG_BATCH, PROMPT), device=DEVICE, generator=g)
+
+    # fp32: exact parity, batch 1 and a left-padded batch of 4
+    padded, mask = big[:4].clone(), torch.ones_like(big[:4])
+    for row, n in enumerate((64, 50, 33, 9)):
+        mask[row, : PROMPT - n] = 0
+        padded[row, : PROMPT - n] = model.config.pad_token_id
+    with torch.inference_mode():  # batch 1 and 4 decoders: the same matmul shapes as HF's, so the same rounding
+        ref1, ref4 = hf_generate(model, prompt, ones, cfg), hf_generate(model, padded, mask, cfg)
+        ours1 = FastDecoder(model, 1, PROMPT + NEW).generate(prompt, ones, cfg)
+        ours4 = FastDecoder(model, 4, PROMPT + NEW).generate(padded, mask, cfg)
+    result["fp32_same_tokens"] = bool(torch.equal(ours1, ref1) and torch.equal(ours4, ref4))
+    result["fp32_agreement"] = agreement(torch.cat([ours1, ours4]), torch.cat([ref1, ref4]))
+
+    model.to(torch.bfloat16)
+    params = {p.data_ptr(): p for p in model.parameters()}.values()  # tied weights once
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    floor = bandwidth / weight_bytes
+    result.update(weight_bytes=weight_bytes, floor_tok_s_b1=round(floor, 1))
+    for batch, ids in ((1, prompt), (BIG_BATCH, big)):
+        if str(batch) not in args.batches.split(","):
+            continue
+        mask = torch.ones_like(ids)
+        with torch.inference_mode():
+            hf_tokens = hf_generate(model, ids, mask, cfg)
+            t, times = timed(lambda: hf_generate(model, ids, mask, cfg), args.warmup, args.reps)
+        row = {"hf": {"s": t, "tok_s": batch * NEW / t, "times": times}}
+        for variant, options in VARIANTS.items():
+            if time.time() > deadline:
+                row[variant] = {"skipped": "time budget"}
+                continue
+            try:
+                start = time.perf_counter()
+                decoder = FastDecoder(model, batch, PROMPT + NEW, **options)
+                build = time.perf_counter() - start
+                with torch.inference_mode():
+                    ours = decoder.generate(ids, mask, cfg)
+                    t, times = timed(lambda: decoder.generate(ids, mask, cfg), args.warmup, args.reps)
+                    step, _ = timed(decoder.step, 3, 50)  # one replay: the decode step alone
+                row[variant] = {"s": t, "tok_s": batch * NEW / t, "ratio_vs_hf": row["hf"]["s"] / t,
+                                "build_s": round(build, 1), "step_ms": round(step * 1e3, 3),
+                                "bf16_agreement": agreement(ours, hf_tokens), "times": times}
+                if batch == 1:
+                    row[variant]["pct_of_floor"] = round(100 * row[variant]["tok_s"] / floor, 1)
+                del decoder
+            except Exception as err:  # a benchmark records a failing variant and goes on with the others
+                row[variant] = {"error": f"{type(err).__name__}: {err}"[:500]}
+        result[f"batch{batch}"] = row
+        print(json.dumps({name: {f"batch{batch}": {k: {kk: vv for kk, vv in v.items() if kk != "times"}
+                                                    for k, v in row.items()}}}), flush=True)
+    del model
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/results/w2_decode.json")
+    parser.add_argument("--quick", action="store_true", help="1 warm-up and 3 timed runs (exploration only)")
+    parser.add_argument("--budget", type=float, default=420, help="seconds; later variants are skipped past it")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--batches", default=f"1,{BIG_BATCH}")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, 2 layers, no compile: checks the script only")
+    args = parser.parse_args()
+    if args.dry_run:
+        global DEVICE
+        DEVICE = "cpu"
+        VARIANTS.pop("graph+fuse+compile")
+        for options in VARIANTS.values():
+            options["cuda_graph"] = False
+    args.warmup, args.reps = (1, 3) if args.quick else (3, 10)
+    deadline = time.time() + args.budget
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means real fp32 matmuls
+    bandwidth = copy_bandwidth()
+    report = {"workload": "W2", "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)", "torch": torch.__version__,
+              "transformers": transformers.__version__, "python": platform.python_version(),
+              "commit": os.environ.get("LIT_FAST_COMMIT", "unknown"), "quick": args.quick,
+              "protocol": f"warmup {args.warmup}, median of {args.reps}, CUDA events; prompt {PROMPT}, "
+                          f"{NEW} new tokens, greedy, bf16",
+              "copy_bandwidth_GBps": round(bandwidth / 1e9, 1), "shapes": []}
+    for name in args.shapes.split(","):
+        report["shapes"].append(bench_shape(name, args, bandwidth, deadline))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+
+    print(f"\nW2 on {report['device']} (torch {torch.__version__}, transformers {transformers.__version__}), "
+          f"copy bandwidth {report['copy_bandwidth_GBps']} GB/s, {report['protocol']}")
+    print("| shape | batch | variant | tok/s | x HF | % floor | step ms | fp32 same tokens | bf16 agreement |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape in report["shapes"]:
+        for batch in (1, BIG_BATCH):
+            for variant, r in shape.get(f"batch{batch}", {}).items():
+                if "tok_s" not in r:
+                    print(f"| {shape['shape']} | {batch} | {variant} | {r} | | | | | |")
+                    continue
+                agree = r.get("bf16_agreement", {})
+                print(f"| {shape['shape']} | {batch} | {variant} | {r['tok_s']:.0f} | {r.get('ratio_vs_hf', 1):.1f} | "
+                      f"{r.get('pct_of_floor', '')} | {r.get('step_ms', '')} | {shape['fp32_same_tokens']} | "
+                      f"{agree.get('rate', '')} (prefix {agree.get('common_prefix_min', '')}) |")
+        print(f"floor ({shape['shape']}, batch 1): {shape['floor_tok_s_b1']} tok/s")
+
+
+if __name__ == "__main__":
+    main()
