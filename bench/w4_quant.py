@@ -16,6 +16,7 @@ Variants (in this order, each skipped with a note if the --budget runs out): bf1
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -117,6 +118,51 @@ def fast_decode(model, prompt: torch.Tensor, args, clock: Clock, hf_tokens: torc
             "fast_same_tokens_as_hf_prefix": prefix}
 
 
+def run_variant(variant: str, directory: str, device: torch.device, prompt: torch.Tensor, args, clock: Clock,
+                bandwidth: float | None, refs: dict) -> dict:
+    """Load one variant, check it against bf16 (the first variant), time HF generate and FastDecoder."""
+    cuda = device.type == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if cuda else 0
+    model = load(directory, variant, device)
+    fp = weight_footprint(model)
+    resident = torch.cuda.memory_allocated(device) - base if cuda else None
+    load_peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
+    gen_kw = dict(do_sample=False, num_beams=1, pad_token_id=0)
+
+    def generate(n: int = args.new_tokens):
+        return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **gen_kw)
+
+    with torch.inference_mode():
+        logits = model(prompt).logits.float()
+        ref_logits = refs.setdefault("logits", logits)
+        cos = torch.nn.functional.cosine_similarity(logits[0], ref_logits[0], dim=-1)
+        top1 = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+        finite = bool(torch.isfinite(logits).all())
+        # warm-up: one full-length run (allocator and cache sizes) and two short ones
+        new = generate()[0, args.prompt:]
+        generate(16), generate(16)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        times = [clock.time(generate) for _ in range(args.repeats)]
+        gen_peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
+        fast = fast_decode(model, prompt, args, clock, new)
+    same = (new == refs.setdefault("tokens", new)).int()
+    first_diff = int(same.argmin()) if not bool(same.all()) else len(new)
+    seconds = statistics.median(times)
+    return {"variant": variant, "weight_bytes": fp.total_bytes, "quantized_bytes": fp.quantized_bytes,
+            "full_precision_bytes": fp.full_precision_bytes, "quantized_layers": fp.quantized_modules,
+            "resident_bytes": resident, "load_peak_bytes": load_peak, "generate_peak_bytes": gen_peak,
+            "median_s": seconds, "times_s": times, "tok_per_s": args.new_tokens / seconds,
+            "floor_tok_per_s": bandwidth / fp.total_bytes if bandwidth else None,
+            "logits_cos_mean": float(cos.mean()), "logits_cos_min": float(cos.min()), "top1_agree": top1,
+            "finite": finite, "new_tokens": int(new.numel()), "first_token_diff_vs_bf16": first_diff,
+            "_base": base, **fast}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer toy shape (smoke test)")
@@ -154,61 +200,24 @@ def main() -> None:
     make_checkpoint(shape, directory, device)
     torch.manual_seed(1)
     prompt = torch.randint(0, shape["vocab_size"], (1, args.prompt), device=device)
-    ref_logits = None
-    gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                  num_beams=1, pad_token_id=0)
-    ref_tokens = None
+    refs: dict = {}
     for variant in args.variants.split(","):
         if time.perf_counter() - t0 > args.budget:
             result["skipped"].append(variant)
             print(f"{variant}: skipped (budget of {args.budget:.0f}s used)", flush=True)
             continue
+        # one function call per variant: the model and everything that refers to it (closures, decoders) are
+        # gone before the next variant's baseline is taken (the first H100 run measured with a stale model)
+        row = run_variant(variant, directory, device, prompt, args, clock, bandwidth, refs)
+        gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        model = load(directory, variant, device)
-        fp = weight_footprint(model)
-        resident = torch.cuda.memory_allocated(device) - base if cuda else None
-        load_peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
-        with torch.inference_mode():
-            logits = model(prompt).logits.float()
-            if ref_logits is None:
-                ref_logits = logits
-            cos = torch.nn.functional.cosine_similarity(logits[0], ref_logits[0], dim=-1)
-            top1 = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
-            finite = bool(torch.isfinite(logits).all())
-
-            def generate(n: int = args.new_tokens):
-                return model.generate(prompt, **{**gen_kw, "max_new_tokens": n, "min_new_tokens": n})
-
-            # warm-up: one full-length run (allocator and cache sizes) and two short ones
-            tokens = generate()
-            generate(16), generate(16)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            times = [clock.time(generate) for _ in range(args.repeats)]
-            gen_peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
-            fast = fast_decode(model, prompt, args, clock, tokens[0, args.prompt:])
-        new = tokens[0, args.prompt:]
-        if ref_tokens is None:
-            ref_tokens = new
-        same = (new == ref_tokens).int()
-        first_diff = int(same.argmin()) if not bool(same.all()) else len(new)
-        seconds = statistics.median(times)
-        row = {"variant": variant, "weight_bytes": fp.total_bytes, "quantized_bytes": fp.quantized_bytes,
-               "full_precision_bytes": fp.full_precision_bytes, "quantized_layers": fp.quantized_modules,
-               "resident_bytes": resident, "load_peak_bytes": load_peak, "generate_peak_bytes": gen_peak,
-               "median_s": seconds, "times_s": times, "tok_per_s": args.new_tokens / seconds,
-               "floor_tok_per_s": bandwidth / fp.total_bytes if bandwidth else None,
-               "logits_cos_mean": float(cos.mean()), "logits_cos_min": float(cos.min()), "top1_agree": top1,
-               "finite": finite, "new_tokens": int(new.numel()), "first_token_diff_vs_bf16": first_diff, **fast}
+            row["leftover_bytes"] = torch.cuda.memory_allocated(device) - row.pop("_base")
         result["rows"].append(row)
         save()
         fast_note = f"{row['fast_tok_per_s']:.1f} tok/s" if "fast_tok_per_s" in row else row.get("fast_error")
-        print(f"{variant}: HF {row['tok_per_s']:.1f} tok/s, FastDecoder {fast_note}, {fp}, "
-              f"cos {row['logits_cos_mean']:.4f}", flush=True)
-        del model
+        print(f"{variant}: HF {row['tok_per_s']:.1f} tok/s, FastDecoder {fast_note}, weights "
+              f"{row['weight_bytes'] / 2**20:.1f} MiB, cos {row['logits_cos_mean']:.4f}", flush=True)
     save()
 
     rows = result["rows"]

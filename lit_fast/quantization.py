@@ -251,6 +251,8 @@ def _class_name(obj: Any) -> str:
         return ""
     if isinstance(obj, Mapping):
         obj = obj.get("class_path", "")
+    elif not isinstance(obj, (str, type)) and isinstance(getattr(obj, "class_path", None), str):
+        obj = obj.class_path  # a jsonargparse Namespace, before instantiation
     if isinstance(obj, str):
         return obj.rsplit(".", 1)[-1]
     return obj.__name__ if isinstance(obj, type) else type(obj).__name__
@@ -261,13 +263,15 @@ def _is_bnb_precision(plugin: Any) -> bool:
 
 
 def check_strategy_precision(strategy: Any = None, plugins: Any = None, quantization: str | None = None,
-                             accelerator: Any = None) -> None:
+                             accelerator: Any = None, precision: Any = None) -> None:
     """Refuse, with a ConfigError that says what works, combinations that Lightning or bitsandbytes cannot run.
 
     * both routes at once (``--model.quantization`` and a ``BitsandbytesPrecision`` plugin) would quantize twice;
     * bitsandbytes weights with a sharding strategy (FSDP, DeepSpeed, ModelParallel): Lightning's FSDP strategy
       only accepts ``FSDPPrecision`` (it raises a bare TypeError), and lit_fast does not shard 4/8-bit weights;
-    * the plugin off CUDA (Lightning raises "Bitsandbytes is only supported on CUDA GPUs").
+    * the plugin off CUDA (Lightning raises "Bitsandbytes is only supported on CUDA GPUs");
+    * the plugin next to a ``precision`` setting (Lightning raises "Received both precision=... and plugins=...").
+    Arguments may be objects, strings or (unparsed) jsonargparse class_path configs.
     """
     mode = normalize_mode(quantization)
     plugin_list = plugins if isinstance(plugins, (list, tuple)) else ([] if plugins is None else [plugins])
@@ -285,6 +289,9 @@ def check_strategy_precision(strategy: Any = None, plugins: Any = None, quantiza
             "FSDPPrecision, and sharded 4/8-bit weights are not supported here). What works: "
             f"--trainer.strategy ddp (or a single device) with {what} - each GPU holds the small quantized copy; "
             "or FSDP without quantization (--trainer.precision bf16-true).")
+    if plugin is not None and precision is not None:
+        raise ConfigError(f"the BitsandbytesPrecision plugin sets the precision itself (its dtype): remove "
+                          f"--trainer.precision {precision} (set it to null), or use --model.quantization instead.")
     accel = _class_name(accelerator).lower().replace("accelerator", "")
     if plugin is not None and accel in ("cpu", "mps", "xla", "tpu"):
         raise ConfigError("the BitsandbytesPrecision plugin runs on CUDA GPUs only: on CPU use "
@@ -303,6 +310,11 @@ def explain_precision_errors(quantization: str | None = None) -> Iterator[None]:
             f"{exc} - bitsandbytes weights do not combine with FSDP. What works: --trainer.strategy ddp (or a "
             "single device) with --model.quantization; or FSDP without quantization (--trainer.precision "
             "bf16-true).") from exc
+    except ValueError as exc:
+        if "Received both `precision=" not in str(exc) or "Bitsandbytes" not in str(exc):
+            raise
+        raise ConfigError("the BitsandbytesPrecision plugin sets the precision itself: set --trainer.precision "
+                          "null, or use --model.quantization instead.") from exc
     except RuntimeError as exc:
         if "Bitsandbytes is only supported on CUDA" not in str(exc):
             raise

@@ -159,6 +159,26 @@ def test_plugin_on_cpu_refused_and_fine_combinations_pass():
     q.check_strategy_precision("fsdp", None, None)  # no quantization: nothing to say
 
 
+def test_plugin_next_to_a_precision_setting():
+    from jsonargparse import Namespace
+
+    plugin = Namespace(class_path="lightning.pytorch.plugins.BitsandbytesPrecision", init_args=Namespace(mode="nf4"))
+    with pytest.raises(ConfigError, match="sets the precision itself.*--trainer.precision 32-true"):
+        q.check_strategy_precision("auto", [plugin], None, "cuda", "32-true")
+    q.check_strategy_precision("auto", [plugin], None, "cuda", None)
+
+
+@pytest.mark.parametrize("precision, match", [("32-true", "set --trainer.precision null"), (None, "CUDA GPUs only")])
+def test_lightning_trainer_errors_are_explained(precision, match):
+    import lightning as L
+    from lightning.pytorch.plugins import BitsandbytesPrecision
+
+    kwargs = {"precision": precision} if precision else {}
+    with pytest.raises(ConfigError, match=match):
+        with q.explain_precision_errors():
+            L.Trainer(accelerator="cpu", plugins=[BitsandbytesPrecision("nf4")], logger=False, **kwargs)
+
+
 def test_lightning_fsdp_type_error_is_explained():
     from lightning.pytorch.plugins import BitsandbytesPrecision
     from lightning.pytorch.strategies import FSDPStrategy
