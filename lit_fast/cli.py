@@ -21,12 +21,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from lit_fast.data import TextDataModule
 from lit_fast.errors import ConfigError, LitFastError, OutputExistsError
 from lit_fast.module import LitTransformer
+from lit_fast.progress import ThroughputProgressBar
 from lit_fast.writers import PredictionWriter, check_output
 
 log = logging.getLogger("lit_fast")
@@ -75,6 +76,10 @@ class LitCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if self.mode == "predict":
             trainer.callbacks.append(PredictionWriter(self.config.output, self.config.overwrite))
+            bars = [c for c in trainer.callbacks if type(c) in (TQDMProgressBar, RichProgressBar)]
+            if bars and trainer.progress_bar_callback is bars[0]:
+                # Lightning's default bar, not one the user configured: show rows/s and tokens/s instead
+                trainer.callbacks[trainer.callbacks.index(bars[0])] = ThroughputProgressBar()
         else:
             checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
             if not any(c.monitor for c in checkpoints):

@@ -113,6 +113,10 @@ class _PredictBatches(IterableDataset):
         self.max_tokens, self.rank, self.world = max_tokens, rank, world
 
     def __len__(self) -> int:
+        if self.max_tokens is not None:
+            # batches over the token budget are split after tokenization, so the count is not known in advance;
+            # Lightning stops a sized loader after len() batches, so an estimate would lose rows: report none
+            raise TypeError("the number of predict batches is known only after tokenization when max_tokens is set")
         return len(self.plan[self.rank::self.world])
 
     def __iter__(self) -> Iterator[dict]:

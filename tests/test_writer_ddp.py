@@ -38,3 +38,47 @@ def test_merge_refuses_duplicates_and_gaps(tmp_path, indices, message):
     writer = PredictionWriter(str(tmp_path / "o.jsonl"))
     with pytest.raises(LitFastError, match=message):
         writer._check(np.array(indices), expected=3)
+
+
+def _torchrun(node_rank: int, port: int, args: list[str], env: dict):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--nnodes", "2", "--nproc_per_node", "2", "--node_rank", str(node_rank),
+           "--master_addr", "127.0.0.1", "--master_port", str(port), str(ROOT / "predict.py"), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_four_processes_and_two_nodes_of_two(tmp_path, tiny_bert_dir):
+    """4 DDP processes, and 2 "nodes" x 2 processes started by torchrun on loopback (gloo): same file as 1 process."""
+    import socket
+
+    rows = [{"text": "token " * (i % 17 + 1) + str(i)} for i in range(45)]
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    common = ["--config", str(ROOT / "configs/embed-multigpu.yaml"), "--model.pretrained", tiny_bert_dir,
+              "--data.path", str(data), "--data.batch_size", "4", "--data.max_tokens", "64",
+              "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.strategy", "ddp"]
+    env = {"OMP_NUM_THREADS": "1"}
+    one = tmp_path / "one.jsonl"
+    proc = run_script("predict.py", *common, "--trainer.devices", "1", "--output", str(one), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    four = tmp_path / "four.jsonl"
+    proc = run_script("predict.py", *common, "--trainer.devices", "4", "--output", str(four), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert four.read_bytes() == one.read_bytes()
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = tmp_path / "nodes.jsonl"
+    args = [*common, "--trainer.num_nodes", "2", "--trainer.devices", "2", "--output", str(nodes)]
+    procs = [_torchrun(rank, port, args, env) for rank in (0, 1)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    assert sum(out.count("wrote 45 rows") for out, _ in results) == 1
+    assert nodes.read_bytes() == one.read_bytes()
