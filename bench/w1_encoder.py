@@ -8,14 +8,16 @@ scenario draws its lengths after `torch.manual_seed(0)` and pads on the right to
   pad60  torch.randint(32, 173, (128,))
   pad75  torch.randint(32, 97, (128,))   (~75% padding)
 Variants on the same weights and inputs: HF eager, HF sdpa, lit_fast fused (nested tensors through PyTorch's
-fused encoder-layer kernel), packed (packed tokens + varlen flash attention) and auto (what `to_fast_path(model)`
-runs). `--explore` adds what-if variants that are not in the library (see EXPLORE below) and the time of the
-packed GEMMs alone.
+fused encoder-layer kernel), packed (packed tokens + varlen flash attention, CUDA graphs), packed_eager (the same
+without CUDA graphs) and auto (what `to_fast_path(model)` runs). `--explore` adds what-if variants that are not
+the library's defaults (see EXPLORE below) and the time of the packed GEMMs alone.
 
 Protocol: CUDA events, median of `--reps` after `--warmup`, `torch.inference_mode()`. The floor is the real
 tokens' FLOPs (GEMMs + attention) over an 8192^3 bf16 matmul measured in the same run. Correctness in the same
 run: max abs diff on real tokens against HF eager in fp32 (TF32 off) on the same weights; the fp16/bf16 tolerance
-is 2e-2 (outputs are LayerNorm outputs, unit scale), 1e-4 for fp32. Results go to JSON; a table is printed last.
+is 2e-2 (outputs are LayerNorm outputs, unit scale), 1e-4 for fp32, and every variant is also compared with HF
+sdpa's own error in that dtype (bf16 keeps 8 significant bits: HF itself misses 2e-2 there). Results go to JSON;
+a table is printed last.
 
     export PYTHONPATH=$PWD; python3 bench/w1_encoder.py --out bench/results/w1_h100.json [--explore]
 """
@@ -102,7 +104,7 @@ def real_flops(mask: torch.Tensor) -> float:
     return LAYERS * (gemms + attention)
 
 
-# ---- what-if variants (--explore): patched into lit_fast.fastpath.layers only while their model runs ----------
+# ---- what-if variants (--explore): patched into lit_fast.fastpath.layers while their own model copy runs -------
 _compiled_add_norm = None
 
 
@@ -115,17 +117,15 @@ def _add_norm_compiled(x, y, norm):
     return _compiled_add_norm(x, y, norm.weight, norm.bias, norm.eps)
 
 
-def _linear_tanh_gelu(x, layer, gelu=False):
-    """cuBLASLt's GELU epilogue (the tanh approximation) instead of a separate exact-GELU pass."""
-    if gelu:
-        return torch._addmm_activation(layer.bias, x, layer.weight.t(), use_gelu=True)
-    return F.linear(x, layer.weight, layer.bias)
+def _linear_exact_gelu(x, layer, gelu=False):
+    """A separate exact-GELU pass instead of cuBLASLt's (tanh) GELU epilogue."""
+    y = F.linear(x, layer.weight, layer.bias)
+    return F.gelu(y) if gelu else y
 
 
 EXPLORE = {
     "packed+compiled_add_norm": {"add_norm": _add_norm_compiled},
-    "packed+tanh_gelu_epilogue": {"linear": _linear_tanh_gelu},
-    "packed+both": {"add_norm": _add_norm_compiled, "linear": _linear_tanh_gelu},
+    "packed+exact_gelu": {"linear": _linear_exact_gelu},
 }
 
 
@@ -159,16 +159,19 @@ def gemms_only(model: transformers.BertModel, mask: torch.Tensor, dtype: torch.d
 
 def measure_dtype(dtype_name: str, scenarios: list[str], args, peak: float) -> list[dict]:
     dtype = DTYPES[dtype_name]
-    reference_model = bert_base().cuda()
-    base = copy.deepcopy(reference_model).to(dtype)
+    base = bert_base().cuda()
+    reference_model = copy.deepcopy(base)
+    reference_model.config._attn_implementation = "eager"
+    base = base.to(dtype)
     eager = copy.deepcopy(base)
     eager.config._attn_implementation = "eager"
     variants = {"hf_eager": (eager, {}), "hf_sdpa": (base, {})}
     for backend in ("fused", "packed", "auto"):
         variants[backend] = (to_fast_path(copy.deepcopy(base), backend), {})
+    variants["packed_eager"] = (to_fast_path(copy.deepcopy(base), "packed", cuda_graphs=False), {})
     if args.explore and dtype != torch.float32:
-        shared = to_fast_path(copy.deepcopy(base), "packed")
-        variants.update({name: (shared, replacements) for name, replacements in EXPLORE.items()})
+        variants.update({name: (to_fast_path(copy.deepcopy(base), "packed"), replacements)
+                         for name, replacements in EXPLORE.items()})
     rows = []
     for scenario in scenarios:
         ids, mask = batch_for(scenario)
@@ -185,14 +188,16 @@ def measure_dtype(dtype_name: str, scenarios: list[str], args, peak: float) -> l
                 diff = (out[real].float() - reference[real]).abs().max().item()
                 result["variants"][name] = {"median_ms": statistics.median(times), "times_ms": times,
                                             "max_abs_diff_vs_fp32_eager": diff,
-                                            "correct": diff <= TOLERANCE[dtype]}
+                                            "within_tolerance": diff <= TOLERANCE[dtype]}
             if args.explore:
                 times = time_ms(gemms_only(base, mask, dtype), args.warmup, args.reps)
                 result["gemms_only_ms"] = statistics.median(times)
-        sdpa = result["variants"]["hf_sdpa"]["median_ms"]
+        sdpa = result["variants"]["hf_sdpa"]
         for row in result["variants"].values():
-            row["speedup_vs_hf_sdpa"] = sdpa / row["median_ms"]
+            row["speedup_vs_hf_sdpa"] = sdpa["median_ms"] / row["median_ms"]
             row["floor_percent"] = 100 * floor_ms / row["median_ms"]
+            row["no_worse_than_hf_sdpa"] = row["max_abs_diff_vs_fp32_eager"] <= 1.25 * sdpa["max_abs_diff_vs_fp32_eager"]
+            row["correct"] = row["within_tolerance"] or row["no_worse_than_hf_sdpa"]
         rows.append(result)
         print(f"{dtype_name} {scenario}: " + ", ".join(
             f"{n} {r['median_ms']:.2f}ms" for n, r in result["variants"].items()), flush=True)
@@ -212,11 +217,11 @@ def environment(peak: float) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| dtype | padding | variant | median ms | vs HF sdpa | % of floor | max abs diff |",
+    lines = ["| dtype | padding | variant | median ms | vs HF sdpa | % of floor | max abs diff vs fp32 eager |",
              "|---|---|---|---|---|---|---|"]
     for result in results:
         for name, row in result["variants"].items():
-            flag = "" if row["correct"] else " FAIL"
+            flag = "" if row["within_tolerance"] else (" (HF-level)" if row["no_worse_than_hf_sdpa"] else " FAIL")
             lines.append(f"| {result['dtype']} | {result['padding_fraction']:.0%} ({result['scenario']}) | {name} | "
                          f"{row['median_ms']:.2f} | {row['speedup_vs_hf_sdpa']:.2f}x | {row['floor_percent']:.0f}% | "
                          f"{row['max_abs_diff_vs_fp32_eager']:.1e}{flag} |")
@@ -232,7 +237,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=list(DTYPES))
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    parser.add_argument("--fp32-scenarios", nargs="+", default=["pad0", "w1"], choices=list(SCENARIOS))
+    parser.add_argument("--fp32-scenarios", nargs="+", default=["w1"], choices=list(SCENARIOS))
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--explore", action="store_true")

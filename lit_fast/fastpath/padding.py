@@ -28,16 +28,12 @@ class Packing:
     indices: torch.Tensor | None  # flat positions of real tokens in batch*seq_len; None when nothing is padded
     cu_seqlens: torch.Tensor  # (batch + 1,) int32 offsets of each sequence in the packed matrix
     lengths: tuple[int, ...]  # tokens per sequence, on the host
+    max_len: int  # the longest sequence (or an upper bound on it: all varlen attention needs)
 
     @property
     def num_tokens(self) -> int:
         """Real tokens in the batch."""
         return sum(self.lengths)
-
-    @property
-    def max_len(self) -> int:
-        """Longest sequence in the batch."""
-        return max(self.lengths, default=0)
 
     @property
     def padding_fraction(self) -> float:
@@ -70,16 +66,17 @@ def plan(valid: torch.Tensor | None, batch: int, seq_len: int, device: torch.dev
     if valid is None:
         lengths = torch.full((batch,), seq_len, dtype=torch.int32, device=device)
         cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        return Packing(batch, seq_len, None, cu_seqlens, (seq_len,) * batch)
+        return Packing(batch, seq_len, None, cu_seqlens, (seq_len,) * batch, seq_len)
 
     lengths = valid.sum(dim=1, dtype=torch.int32)
     # The lengths on the host (the kernels' max_len, the CPU attention loop): one wait for the device per batch.
     host_lengths = tuple(lengths.tolist())
     cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    longest = max(host_lengths, default=0)
     if all(length == seq_len for length in host_lengths):
-        return Packing(batch, seq_len, None, cu_seqlens, host_lengths)
+        return Packing(batch, seq_len, None, cu_seqlens, host_lengths, longest)
     indices = valid.reshape(-1).nonzero().squeeze(1)
-    return Packing(batch, seq_len, indices, cu_seqlens, host_lengths)
+    return Packing(batch, seq_len, indices, cu_seqlens, host_lengths, longest)
 
 
 def pack(hidden: torch.Tensor, packing: Packing) -> torch.Tensor:

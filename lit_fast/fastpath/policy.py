@@ -21,10 +21,12 @@ BACKENDS = ("auto", "fused", "packed")
 FUSED_ACTIVATIONS = ("gelu", "relu")
 
 # Measured winners per device (bench/results/w1_*.json, bench/results/w6_*.json).
-#  - CUDA fp16/bf16: packed tokens + varlen flash attention (nested fp16/bf16 through the fused kernel was slower
-#    than HF SDPA in bf16 on the H100).
-#  - CUDA fp32: the fused kernel over nested tensors (varlen flash attention has no fp32 kernel).
-#  - CPU: packed tokens with one SDPA call per sequence.
+#  - CUDA fp16/bf16: packed tokens + varlen flash attention, replayed as CUDA graphs (the fused kernel over nested
+#    tensors reached 1.1-1.6x HF SDPA at W1's 43% padding, packed 1.45-1.6x before graphs).
+#  - CUDA fp32: HF. Varlen flash attention has no fp32 kernel; the fused kernel was 1.65x faster at 43% padding
+#    but off by 1.3e-3 (its attention runs fp32 on TF32 tensor cores) and no faster without padding.
+#  - CPU: packed tokens, oneDNN GEMMs, one SDPA call per sequence (the fused kernel: 1.3x at best, and it falls
+#    apart when the two cores are shared).
 CPU_BACKEND = "packed"
 
 # Whether the backend beat HF SDPA on batches with no padding at all, per device type. Where it did not, `auto`
@@ -42,9 +44,7 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype, fused_ok: 
     if requested != "auto":
         return requested
     if device.type == "cuda":
-        if dtype in VARLEN_DTYPES and varlen_attn is not None:
-            return "packed"
-        return "fused" if fused_ok else None
+        return "packed" if dtype in VARLEN_DTYPES and varlen_attn is not None else None
     if device.type == "cpu":
         return CPU_BACKEND if (CPU_BACKEND != "fused" or fused_ok) else "packed"
     return None  # other accelerators: not measured, HF keeps running

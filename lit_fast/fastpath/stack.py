@@ -23,7 +23,8 @@ from torch import nn
 from lit_fast.errors import ConfigError
 from lit_fast.fastpath import padding, policy
 from lit_fast.fastpath.adapters import Adapter
-from lit_fast.fastpath.layers import LayerParts, fused_layer, packed_layer
+from lit_fast.fastpath.graphs import GraphedLayers
+from lit_fast.fastpath.layers import VARLEN_DTYPES, LayerParts, fused_layer, packed_layer, varlen_attn
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,12 @@ log = logging.getLogger(__name__)
 class FastStack:
     """Replaces `owner.forward`; runs the owner's encoder layers on tokens without padding in inference."""
 
-    def __init__(self, owner: nn.Module, adapter: Adapter, config, backend: str) -> None:
+    def __init__(self, owner: nn.Module, adapter: Adapter, config, backend: str, cuda_graphs: bool = True) -> None:
         self.owner = owner
         self.adapter = adapter
         self.config = config
         self.backend = backend  # "auto" | "fused" | "packed"
+        self.graphed = GraphedLayers() if cuda_graphs else None  # packed layers on CUDA in fp16/bf16
         self.fused_ok = policy.fused_unsupported(config, adapter, self.layer_parts()[0]) is None
         self.last_path: str | None = None  # what the latest call ran: a backend, or "hf: <why>"
 
@@ -79,7 +81,9 @@ class FastStack:
             hidden = self.adapter.prologue(self.owner, hidden, valid)
         tokens = padding.pack(hidden, packing)
         layers = self.layer_parts()
-        if backend == "packed":
+        if backend == "packed" and self._graphs_apply(tokens):
+            tokens = self._run_graphed(tokens, packing, layers)
+        elif backend == "packed":
             for parts in layers:
                 tokens = packed_layer(tokens, parts, packing)
         else:
@@ -100,6 +104,27 @@ class FastStack:
         for parts in layers:
             x = fused_layer(x, parts, use_gelu)
         return padding.from_nested(x)
+
+    def _graphs_apply(self, tokens: torch.Tensor) -> bool:
+        """CUDA graphs cover the varlen path (CUDA, fp16/bf16), outside anyone else's graph capture."""
+        return (
+            self.graphed is not None
+            and tokens.is_cuda
+            and tokens.dtype in VARLEN_DTYPES
+            and varlen_attn is not None
+            and not torch.cuda.is_current_stream_capturing()
+        )
+
+    def _run_graphed(self, tokens: torch.Tensor, packing: padding.Packing, layers: list[LayerParts]) -> torch.Tensor:
+        try:
+            return self.graphed(tokens, packing, layers)
+        except RuntimeError as failure:  # a capture this torch/driver cannot do: keep going without graphs
+            log.warning("fast path: CUDA graph capture failed (%s); running the packed layers without graphs",
+                        failure)
+            self.graphed = None
+        for parts in layers:
+            tokens = packed_layer(tokens, parts, packing)
+        return tokens
 
     def layer_parts(self) -> list[LayerParts]:
         """The HF modules of every layer in the order they run, looked up now (never a stale reference)."""
