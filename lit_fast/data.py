@@ -78,19 +78,16 @@ def make_batches(
 
 
 class _Batches(IterableDataset):
-    """Yields collated batches of this rank's share (and this worker's share of it)."""
+    """Yields this rank's collated batches (and, with loader workers, this worker's share of them)."""
 
-    def __init__(self, examples: list[dict], batches: Callable[[], list[list[int]]], collate: Callable, rank: int, world: int):
-        self.examples, self.batches, self.collate, self.rank, self.world = examples, batches, collate, rank, world
-
-    def _mine(self) -> list[list[int]]:
-        return self.batches()[self.rank::self.world]
+    def __init__(self, examples: list[dict], batches: Callable[[], list[list[int]]], collate: Callable):
+        self.examples, self.batches, self.collate = examples, batches, collate
 
     def __len__(self) -> int:
-        return len(self._mine())
+        return len(self.batches())
 
     def __iter__(self) -> Iterator[dict]:
-        mine = self._mine()
+        mine = self.batches()
         info = torch.utils.data.get_worker_info()
         if info is not None:
             mine = mine[info.id::info.num_workers]
@@ -300,23 +297,38 @@ class TextDataModule(L.LightningDataModule):
         return self._ids.take(np.asarray(indices, dtype=np.int64)).to_pylist()
 
     def _loader(self, name: str, *, shuffle: bool) -> DataLoader:
+        """Train/val/test batches of this rank: rows dealt out to ranks first, then length-bucketed per rank.
+
+        Every rank gets rows (Lightning refuses a rank without batches), and in training every rank runs the same
+        number of steps (the few batches over the smallest rank's count are left out of that epoch; a new
+        shuffle each epoch leaves out others).
+        """
         examples = self.examples[name]
         lengths = [e["length"] for e in examples]
         hp = self.hparams
         trainer = self.trainer
         rank, world = trainer.global_rank, trainer.world_size
+        if len(examples) < world:
+            raise InputDataError(f"{name} split has {len(examples)} rows, fewer than the {world} ranks; add rows")
+
+        def rank_batches(epoch: int, r: int) -> list[list[int]]:
+            order = list(range(len(examples)))
+            if shuffle:
+                random.Random(hp.seed + epoch).shuffle(order)
+            mine = order[r::world]
+            made = make_batches([lengths[j] for j in mine], hp.batch_size, hp.max_tokens, shuffle=shuffle,
+                                seed=hp.seed + epoch)
+            return [[mine[k] for k in batch] for batch in made]
 
         def batches() -> list[list[int]]:
             epoch = trainer.current_epoch if shuffle else 0
-            made = make_batches(lengths, hp.batch_size, hp.max_tokens, shuffle=shuffle, seed=hp.seed + epoch)
+            mine = rank_batches(epoch, rank)
             if shuffle and world > 1:
-                # every rank must run the same number of steps under DDP
-                made = made[: len(made) - len(made) % world] or made[:world]
-            return made
+                mine = mine[: min(len(rank_batches(epoch, r)) for r in range(world))]
+            return mine
 
-        dataset = _Batches(examples, batches, self.trainer.lightning_module.collate, rank, world)
-        return DataLoader(dataset, batch_size=None, num_workers=hp.num_workers,
-                          persistent_workers=False, pin_memory=False)
+        dataset = _Batches(examples, batches, self.trainer.lightning_module.collate)
+        return DataLoader(dataset, batch_size=None, num_workers=hp.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("fit", shuffle=True)

@@ -86,3 +86,42 @@ def test_rotten_tomatoes_config_beats_the_majority_class_clearly(tmp_path, run_t
     accuracy = sum(p["label"] == r["label"] for p, r in zip(predicted, test)) / len(test)
     majority = max(sum(r["label"] == k for r in test) for k in ("fresh", "rotten")) / len(test)
     assert accuracy >= 0.72 and accuracy >= majority + 0.12, (accuracy, majority)
+
+
+def test_ddp_finetune_on_two_cpu_processes(tmp_path, tiny_bert_dir):
+    """DDP training: rows dealt to ranks, equal steps per rank (no hang), one export from rank 0."""
+    from conftest import run_script
+
+    export = tmp_path / "clf"
+    proc = run_script("train.py", "--config", ROTTEN, "--model.pretrained", tiny_bert_dir, "--data.max_rows", "230",
+                      "--data.batch_size", "16", "--trainer.max_steps", "8", "--trainer.strategy", "ddp",
+                      "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+                      "--trainer.default_root_dir", str(tmp_path / "runs"), "--export_dir", str(export),
+                      env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("exported the best model") == 1
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(export)
+    assert model.config.id2label == {0: "fresh", 1: "rotten"}
+
+
+def test_every_rank_gets_rows_and_training_ranks_get_equal_steps():
+    from types import SimpleNamespace
+
+    from lit_fast.data import TextDataModule
+
+    for world in (1, 2, 3):
+        seen, counts = [], []
+        for rank in range(world):
+            dm = TextDataModule(batch_size=4, seed=1)
+            dm.examples = {"fit": [{"index": i, "length": 1 + i % 9} for i in range(37)],
+                           "val": [{"index": i, "length": 1 + i % 5} for i in range(7)]}
+            model = SimpleNamespace(collate=lambda ex: [e["index"] for e in ex])
+            dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, current_epoch=0, lightning_module=model)
+            val = list(dm._loader("val", shuffle=False).dataset)
+            assert val, "a rank without validation rows"
+            seen += [i for b in val for i in b]
+            counts.append(len(dm._loader("fit", shuffle=True).dataset))
+        assert sorted(seen) == list(range(7))  # validation: every row exactly once over all ranks
+        assert len(set(counts)) == 1  # training: the same number of steps on every rank
