@@ -17,7 +17,6 @@ import torch
 
 from lit_fast.errors import ConfigError, LitFastError, UnsupportedModelError
 from lit_fast.loading import load_pretrained, load_tokenizer, parse_dtype, resolve_pretrained
-from lit_fast.progress import Throughput
 
 log = logging.getLogger(__name__)
 
@@ -165,18 +164,9 @@ class LitTransformer(L.LightningModule):
     def on_predict_start(self) -> None:
         self.model.eval()
         self._enable_fast_path()
-        self.throughput = Throughput()
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
-        rows = self.predict_rows(batch)
-        self.throughput.add(batch)
-        return rows
-
-    def on_predict_end(self) -> None:
-        rows, tokens, seconds = self.throughput.report(self.trainer.strategy)
-        if self.trainer.is_global_zero:
-            log.info("predicted %d rows (%d tokens) on %d rank(s) in %.2f s: %.1f rows/s, %.0f tokens/s",
-                     rows, tokens, self.trainer.world_size, seconds, rows / max(seconds, 1e-9), tokens / max(seconds, 1e-9))
+        return self.predict_rows(batch)
 
     def _enable_fast_path(self) -> None:
         """The seam where the encoder fast path switches on (after the model is on its device and dtype)."""

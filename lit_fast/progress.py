@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 class Throughput:
-    """Counts rows and real (non-padding) tokens this rank has predicted."""
+    """Counts rows and real (non-padding) tokens this rank has predicted (kept by the PredictionWriter)."""
 
     def __init__(self) -> None:
         self.rows = 0
@@ -42,6 +42,7 @@ class ThroughputProgressBar(TQDMProgressBar):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        meter = getattr(pl_module, "throughput", None)
+        writer = next((c for c in trainer.callbacks if hasattr(c, "throughput")), None)
+        meter = getattr(writer, "throughput", None)
         if meter is not None and self.predict_progress_bar is not None:
             self.predict_progress_bar.set_postfix({k: f"{v:,.0f}" for k, v in meter.rates(trainer.world_size).items()})

@@ -20,6 +20,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lit_fast.errors import ConfigError, LitFastError, OutputExistsError
+from lit_fast.progress import Throughput
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class PredictionWriter(BasePredictionWriter):
         self._offsets, self._parquet_rows, self._parquet_writer = [], [], None
         self._file = open(shard, "wb") if self.format == ".jsonl" else None
         self._shard = shard
+        self.throughput = Throughput()
 
     def _rows(self, trainer, prediction: list[dict]) -> list[dict]:
         indices = [int(row["index"]) for row in prediction]
@@ -85,6 +87,7 @@ class PredictionWriter(BasePredictionWriter):
         return rows
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        self.throughput.add(batch)
         rows = self._rows(trainer, prediction)
         if self.format == ".jsonl":
             for row in rows:
@@ -122,6 +125,10 @@ class PredictionWriter(BasePredictionWriter):
                 self._parquet_writer = None
 
     def on_predict_end(self, trainer, pl_module) -> None:
+        rows, tokens, seconds = self.throughput.report(trainer.strategy)
+        if trainer.is_global_zero:
+            log.info("predicted %d rows (%d tokens) on %d rank(s) in %.2f s: %.1f rows/s, %.0f tokens/s", rows, tokens,
+                     trainer.world_size, seconds, rows / max(seconds, 1e-9), tokens / max(seconds, 1e-9))
         self._close_shard()
         (self._shard_dir / f"rank{trainer.global_rank:05d}.done").touch()
         trainer.strategy.barrier("lit_fast_writer_shards")
