@@ -24,6 +24,7 @@ from typing import Any, Optional
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from lit_fast import sharding
 from lit_fast.data import TextDataModule
 from lit_fast.errors import ConfigError, LitFastError, OutputExistsError
 from lit_fast.module import LitTransformer
@@ -169,25 +170,37 @@ def train_main(args: Any = None) -> int:
         trainer, model, data = cli.trainer, cli.model, cli.datamodule
         trainer.fit(model, datamodule=data)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        fsdp = sharding.is_fsdp(trainer.strategy)
         if best:
-            model.load_weights(best)  # weights_only=True; the best model by the monitored metric
+            if fsdp:  # sharded or full FSDP checkpoints: the strategy knows how to load its own format
+                trainer.strategy.load_model_state_dict(trainer.strategy.load_checkpoint(best), strict=True)
+            else:
+                model.load_weights(best)  # weights_only=True
             log.info("best checkpoint: %s (%s=%s)", best, trainer.checkpoint_callback.monitor,
                      trainer.checkpoint_callback.best_model_score)
         if "test" in data.splits:
             trainer.test(model, datamodule=data)
-        if cli.config.get("export_dir") and trainer.is_global_zero:
-            export(model, cli.config.export_dir)
-            print(f"exported the {'best' if best else 'last'} model to {cli.config.export_dir}")
+        if cli.config.get("export_dir"):
+            state = sharding.full_state_dict(trainer) if fsdp else None  # a collective: every rank takes part
+            if trainer.is_global_zero:
+                export(model, cli.config.export_dir, state)
+                print(f"exported the {'best' if best else 'last'} model to {cli.config.export_dir}")
 
     return _run("train", body, args)
 
 
-def export(model: LitTransformer, directory: str) -> None:
-    """Write into a temporary sibling folder, then swap it in: no half-written export."""
+def export(model: LitTransformer, directory: str, gathered: Optional[dict] = None) -> None:
+    """Write into a temporary sibling folder, then swap it in: no half-written export.
+
+    `gathered`: the full state dict of a sharded (FSDP) model, exported through a fresh unsharded copy.
+    """
     out = Path(directory).resolve()
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        model.export(str(tmp))
+        if gathered is not None:
+            sharding.export_consolidated(model, str(tmp), gathered)
+        else:
+            model.export(str(tmp))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 import lightning as L
 import torch
 
+from lit_fast import sharding
 from lit_fast.errors import ConfigError, LitFastError, UnsupportedModelError
 from lit_fast.loading import load_pretrained, load_tokenizer, parse_dtype, resolve_pretrained
 
@@ -43,6 +44,7 @@ class LitTransformer(L.LightningModule):
         fast_path: FastPath = "auto",
         quantization: Optional[str] = None,
         max_length: Optional[int] = None,
+        gradient_checkpointing: bool = False,
         lr: float = 5e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.06,
@@ -89,9 +91,27 @@ class LitTransformer(L.LightningModule):
             **self.model_kwargs(),
         )
 
+    def build_empty_model(self) -> torch.nn.Module:
+        """The same architecture without loading weights (for ranks that receive them from rank 0)."""
+        from lit_fast.loading import load_config
+
+        hp = self.hparams
+        config = load_config(hp.pretrained, revision=hp.revision, trust_remote_code=hp.trust_remote_code,
+                             **self.model_kwargs())
+        return self.auto_model_class.from_config(config, attn_implementation=hp.attention,
+                                                 trust_remote_code=hp.trust_remote_code)
+
     def configure_model(self) -> None:
-        if self.model is None:
+        if self.model is not None:
+            return
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if sharding.is_fsdp(strategy):
+            self.model = sharding.build_for_fsdp(self.build_model, self.build_empty_model, strategy)
+        else:
             self.model = self.build_model()
+        if self.hparams.gradient_checkpointing:
+            # recompute each block's activations in backward: much less memory for ~30% more compute
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ---- task hooks (subclasses) ---------------------------------------------------------------------------
     def prepare_data_splits(self, splits: dict[str, list[dict]]) -> None:

@@ -166,6 +166,7 @@ class Classifier(_EncoderTask):
         *,
         labels: Optional[list[str]] = None,
         max_length: Optional[int] = None,
+        gradient_checkpointing: bool = False,
         lr: float = 5e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.06,
@@ -181,6 +182,7 @@ class Classifier(_EncoderTask):
             labels: the label names in order; default: the model's id2label when it has real names, else the
                 sorted labels of the training data.
             max_length: longer texts are truncated to this many tokens (default: the tokenizer's limit, at most 512).
+            gradient_checkpointing: recompute activations in backward (less memory, more compute).
             lr: peak learning rate (AdamW, linear warm-up and decay).
             weight_decay: AdamW weight decay (not on biases and norms).
             warmup_ratio: share of the steps spent warming up.
@@ -194,7 +196,7 @@ class Classifier(_EncoderTask):
         super().__init__(
             pretrained, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, attention=attention,
             fast_path=fast_path, quantization=quantization, max_length=max_length, lr=lr,
-            weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+            weight_decay=weight_decay, warmup_ratio=warmup_ratio, gradient_checkpointing=gradient_checkpointing,
         )
         self.labels: Optional[list[str]] = list(labels) if labels else self._labels_of_checkpoint()
 

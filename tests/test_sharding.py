@@ -1,0 +1,84 @@
+"""FSDP pieces that run without several GPUs: block discovery, LoRA-aware wrapping, consolidated export."""
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def test_block_classes_come_from_the_model():
+    from transformers import BertConfig, BertModel
+    from transformers.models.bert.modeling_bert import BertLayer
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lit_fast.sharding import block_classes
+
+    assert block_classes(_tiny_llama()) == {LlamaDecoderLayer}
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
+    assert BertLayer in block_classes(bert)
+
+
+def test_lora_wrap_policy_puts_trainable_leaves_in_units_of_their_own():
+    from peft import LoraConfig, get_peft_model
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lit_fast.sharding import wrap_policy
+
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    policy = wrap_policy(model)
+    wrapped = {name for name, m in model.named_modules() if policy(module=m, recurse=False, nonwrapped_numel=10**9)}
+    lora = {name for name, m in model.named_modules() if "lora_A.default" in name or "lora_B.default" in name}
+    blocks = {name for name, m in model.named_modules() if isinstance(m, LlamaDecoderLayer)}
+    assert lora and blocks and lora | blocks == wrapped
+    for name in wrapped - blocks:  # every extra unit holds only trainable weights
+        assert all(p.requires_grad for p in model.get_submodule(name).parameters())
+    # without frozen weights: blocks only
+    full = _tiny_llama()
+    policy = wrap_policy(full)
+    assert {n for n, m in full.named_modules() if policy(module=m, recurse=False, nonwrapped_numel=10**9)} == \
+        {n for n, m in full.named_modules() if isinstance(m, LlamaDecoderLayer)}
+
+
+def test_consolidated_export_writes_the_gathered_weights(tmp_path, tiny_bert_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from lit_fast import Classifier
+    from lit_fast.sharding import export_consolidated
+
+    module = Classifier(tiny_bert_dir, labels=["a", "b"])
+    module.configure_model()
+    with torch.no_grad():  # "train": the gathered weights differ from the pretrained ones
+        for p in module.model.parameters():
+            p.add_(0.5)
+    gathered = {k: v.clone() for k, v in module.state_dict().items()}
+    export_consolidated(module, str(tmp_path / "out"), gathered)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    for name, value in reloaded.state_dict().items():
+        torch.testing.assert_close(value, gathered["model." + name])
+    assert reloaded.config.id2label == {0: "a", 1: "b"}
+
+
+@pytest.mark.gpu
+def test_fsdp_finetune_and_export_on_one_gpu(tmp_path, tiny_bert_dir):
+    """The FSDP code path end to end on the one GPU we have: wrap by block, bf16-mixed, checkpoint, export."""
+    from conftest import run_script
+
+    export = tmp_path / "clf"
+    proc = run_script("train.py", "--config", str(ROOT / "configs/classify-rotten.yaml"), "--model.pretrained",
+                      tiny_bert_dir, "--model.gradient_checkpointing", "true", "--data.max_rows", "300",
+                      "--trainer.max_steps", "6", "--trainer.accelerator", "gpu", "--trainer.devices", "1",
+                      "--trainer.strategy", "fsdp", "--trainer.precision", "bf16-mixed",
+                      "--trainer.default_root_dir", str(tmp_path / "runs"), "--export_dir", str(export))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "FSDP: one unit per BertLayer" in proc.stderr
+    from transformers import AutoModelForSequenceClassification
+
+    assert AutoModelForSequenceClassification.from_pretrained(export).config.id2label == {0: "fresh", 1: "rotten"}
