@@ -307,3 +307,13 @@ def test_cpu_autocast_bf16_stays_close_to_hf():
         to_fast_path(model, "packed")
         out = model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert_close_on_tokens(out, ref, mask, atol=5e-2)
+
+
+def test_auto_leaves_batches_without_padding_to_hf_where_that_was_measured_faster():
+    from lit_fast.fastpath import policy
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not policy.pays_off("packed", cuda, 0.0) and policy.pays_off("packed", cuda, 0.43)
+    assert policy.pays_off("packed", cpu, 0.0)  # oneDNN GEMMs beat HF's even without padding
+    assert policy.resolve("auto", cuda, torch.float32, fused_ok=True) is None
+    assert policy.resolve("auto", cuda, torch.bfloat16, fused_ok=True) == ("packed" if policy.varlen_attn else None)

@@ -32,12 +32,14 @@ log = logging.getLogger(__name__)
 class FastStack:
     """Replaces `owner.forward`; runs the owner's encoder layers on tokens without padding in inference."""
 
-    def __init__(self, owner: nn.Module, adapter: Adapter, config, backend: str, cuda_graphs: bool = True) -> None:
+    def __init__(self, owner: nn.Module, adapter: Adapter, config, backend: str, cuda_graphs: bool = False,
+                 compiled: bool = False) -> None:
         self.owner = owner
         self.adapter = adapter
         self.config = config
         self.backend = backend  # "auto" | "fused" | "packed"
         self.graphed = GraphedLayers() if cuda_graphs else None  # packed layers on CUDA in fp16/bf16
+        self.compiled = compiled  # torch.compile the packed layers' add + LayerNorm steps on CUDA
         self.fused_ok = policy.fused_unsupported(config, adapter, self.layer_parts()[0]) is None
         self.last_path: str | None = None  # what the latest call ran: a backend, or "hf: <why>"
 
@@ -67,7 +69,7 @@ class FastStack:
         valid = padding.valid_tokens(mask, batch, seq_len)
         packing = padding.plan(valid, batch, seq_len, hidden.device)
         if self.backend == "auto" and not policy.pays_off(backend, hidden.device, packing.padding_fraction):
-            self.last_path = "hf: no padding to remove, and HF was as fast here"
+            self.last_path = "hf: too little padding to remove for the fast path to pay off here"
             return self.hf_forward(*args, **kwargs)
 
         self.last_path = backend
@@ -85,7 +87,7 @@ class FastStack:
             tokens = self._run_graphed(tokens, packing, layers)
         elif backend == "packed":
             for parts in layers:
-                tokens = packed_layer(tokens, parts, packing)
+                tokens = packed_layer(tokens, parts, packing, self.compiled)
         else:
             tokens = self._run_fused(tokens, packing, layers)
         if self.adapter.epilogue is not None:
@@ -117,13 +119,13 @@ class FastStack:
 
     def _run_graphed(self, tokens: torch.Tensor, packing: padding.Packing, layers: list[LayerParts]) -> torch.Tensor:
         try:
-            return self.graphed(tokens, packing, layers)
+            return self.graphed(tokens, packing, layers, self.compiled)
         except RuntimeError as failure:  # a capture this torch/driver cannot do: keep going without graphs
             log.warning("fast path: CUDA graph capture failed (%s); running the packed layers without graphs",
                         failure)
             self.graphed = None
         for parts in layers:
-            tokens = packed_layer(tokens, parts, packing)
+            tokens = packed_layer(tokens, parts, packing, self.compiled)
         return tokens
 
     def layer_parts(self) -> list[LayerParts]:
