@@ -109,7 +109,7 @@ class LitTransformer(L.LightningModule):
             self.model = sharding.build_for_fsdp(self.build_model, self.build_empty_model, strategy)
         else:
             self.model = self.build_model()
-        if self.hparams.gradient_checkpointing:
+        if self.hparams.get("gradient_checkpointing"):
             # recompute each block's activations in backward: much less memory for ~30% more compute
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

@@ -47,6 +47,21 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _to_arrow(rows: list[dict]):
+    """Rows -> an Arrow table; equal-shaped vectors (embeddings) go in as one float32 block, not as Python floats."""
+    import pyarrow as pa
+
+    columns = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if hasattr(values[0], "shape") and len(values[0].shape) == 1 and all(v.shape == values[0].shape for v in values):
+            block = np.stack([np.asarray(v, dtype=np.float32) for v in values])
+            columns[key] = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), block.shape[1])
+        else:
+            columns[key] = pa.array([_jsonable(v) for v in values])
+    return pa.table(columns)
+
+
 class PredictionWriter(BasePredictionWriter):
     """Writes the rows returned by `predict_step` (a list of dicts with "index") to `output` in input order."""
 
@@ -82,7 +97,7 @@ class PredictionWriter(BasePredictionWriter):
             out = {"index": index}
             if ids is not None:
                 out["id"] = _jsonable(ids[k])
-            out.update({k: _jsonable(v) for k, v in row.items() if k != "index"})
+            out.update({k: v for k, v in row.items() if k != "index"})  # tensors stay tensors until written
             rows.append(out)
         return rows
 
@@ -91,7 +106,7 @@ class PredictionWriter(BasePredictionWriter):
         rows = self._rows(trainer, prediction)
         if self.format == ".jsonl":
             for row in rows:
-                data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+                data = (json.dumps({k: _jsonable(v) for k, v in row.items()}, ensure_ascii=False) + "\n").encode("utf-8")
                 self._offsets.append((row["index"], self._file.tell(), len(data)))
                 self._file.write(data)
         else:
@@ -100,12 +115,11 @@ class PredictionWriter(BasePredictionWriter):
                 self._flush_parquet()
 
     def _flush_parquet(self) -> None:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         if not self._parquet_rows:
             return
-        table = pa.Table.from_pylist(self._parquet_rows)
+        table = _to_arrow(self._parquet_rows)
         if self._parquet_writer is None:
             self._parquet_writer = pq.ParquetWriter(self._shard, table.schema)
         self._parquet_writer.write_table(table.cast(self._parquet_writer.schema))
