@@ -72,6 +72,7 @@ def prepare_qlora(model: torch.nn.Module, lora_settings: Any, *, task_type: str 
                           "int8), or use plain LoRA on the full-precision model.")
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    _keep_trainable_cpu_layout(model)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
@@ -81,6 +82,48 @@ def prepare_qlora(model: torch.nn.Module, lora_settings: Any, *, task_type: str 
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("QLoRA: %d trainable parameters on a %s", trainable, weight_footprint(model))
     return peft_model
+
+
+def _keep_trainable_cpu_layout(model: torch.nn.Module) -> None:
+    """Keep 4-bit layers on bitsandbytes' autograd path on CPU.
+
+    On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight at its first eval-mode forward (a validation pass) and
+    from then on calls a kernel that has no backward: gradients through the frozen base would silently be wrong in
+    the training steps that follow. Undo any repacking and switch it off for the model being trained.
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            nested = state.original_nested
+            data, state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+            if not nested:
+                # bitsandbytes 0.50 leaves these scales in the packed layout ([K / block, N], bf16): put them back
+                # in row-major block order (their bf16 rounding stays: ~0.4% per block scale)
+                state.absmax = state.absmax.T.reshape(-1).to(torch.float32).contiguous()
+            module.weight.data, module.weight.quant_state = data, state
+            module.quant_state = state
+
+
+def load_trainable_state(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load a checkpoint's trainable tensors (adapters, trained heads) into a QLoRA module.
+
+    A Lightning checkpoint of a quantized model also holds the frozen packed base with its bitsandbytes scales,
+    which ``load_state_dict`` cannot take back (unexpected ``weight.absmax`` keys); the base never changes during
+    QLoRA, so only the trainable tensors are restored - every one of them must be in the checkpoint.
+    """
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - set(state_dict))
+    if missing:
+        raise ConfigError(f"the checkpoint lacks {len(missing)} trainable tensors of this QLoRA model "
+                          f"(e.g. {missing[0]}): was it written for another LoRA configuration?")
+    result = module.load_state_dict({k: v for k, v in state_dict.items() if k in trainable}, strict=False)
+    assert not result.unexpected_keys  # only names of this module's own parameters were passed
 
 
 def _export_dtype(model: torch.nn.Module, dtype: str | torch.dtype | None) -> torch.dtype:

@@ -121,3 +121,43 @@ def test_merge_from_int8(llama_dir):
     with torch.inference_mode():
         cos = torch.nn.functional.cosine_similarity(merged(IDS).logits.flatten(0, 1), model(IDS).logits.flatten(0, 1))
     assert cos.min() > 0.99  # int8 layers compute with int8 activations, the merged model in fp32
+
+
+def _lora_grads(path: str, mode: str, infer_first: bool) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q.bnb_config(mode, "bf16", "cpu"))
+    if infer_first:  # an eval-mode forward: on AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights (no backward)
+        with torch.inference_mode():
+            model(IDS[:2])
+    torch.manual_seed(0)
+    peft_model = qlora.prepare_qlora(model, {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0})
+    with torch.no_grad():
+        for i, (name, p) in enumerate(peft_model.named_parameters()):
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+    peft_model.train()
+    peft_model(input_ids=IDS[:2], labels=IDS[:2]).loss.backward()
+    return {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("mode", ["nf4", "nf4-dq"])
+def test_gradients_stay_right_after_inference(llama_dir, mode):
+    """Without undoing bitsandbytes' CPU repacking, the gradients below are ~100% off (and torch warns)."""
+    want, got = _lora_grads(llama_dir, mode, False), _lora_grads(llama_dir, mode, True)
+    worst = max(float((got[n] - want[n]).norm() / want[n].norm()) for n in want)
+    assert worst < 0.05, worst  # the repacked scales keep their bf16 rounding (~0.4% each)
+
+
+def test_load_trainable_state(trained):
+    model, _ = trained
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # like a Lightning checkpoint: base + adapters
+    assert any(k.endswith("weight.absmax") for k in state)  # the packed base's scales, which load_state_dict rejects
+    name = next(n for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        model.get_parameter(name).zero_()
+    qlora.load_trainable_state(model, state)
+    torch.testing.assert_close(model.get_parameter(name), state[name])
+    del state[name]
+    with pytest.raises(ConfigError, match="lacks 1 trainable tensors"):
+        qlora.load_trainable_state(model, state)
