@@ -69,11 +69,13 @@ def test_consolidated_export_writes_the_gathered_weights(tmp_path, tiny_bert_dir
 @pytest.mark.gpu
 def test_fsdp_finetune_and_export_on_one_gpu(tmp_path, tiny_bert_dir):
     """The FSDP code path end to end on the one GPU we have: wrap by block, bf16-mixed, checkpoint, export."""
-    from conftest import run_script
+    from conftest import run_script, write_jsonl
 
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"review {i} " + ("good " if i % 2 else "bad ") * (i % 5 + 1),
+                                                "category": "fresh" if i % 2 else "rotten"} for i in range(300)])
     export = tmp_path / "clf"
     proc = run_script("train.py", "--config", str(ROOT / "configs/classify-rotten.yaml"), "--model.pretrained",
-                      tiny_bert_dir, "--model.gradient_checkpointing", "true", "--data.max_rows", "300",
+                      tiny_bert_dir, "--model.gradient_checkpointing", "true", "--data.path", str(data),
                       "--trainer.max_steps", "6", "--trainer.accelerator", "gpu", "--trainer.devices", "1",
                       "--trainer.strategy", "fsdp", "--trainer.precision", "bf16-mixed",
                       "--trainer.default_root_dir", str(tmp_path / "runs"), "--export_dir", str(export))
