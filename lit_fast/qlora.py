@@ -73,6 +73,7 @@ def prepare_qlora(model: torch.nn.Module, lora_settings: Any, *, task_type: str 
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     _keep_trainable_cpu_layout(model)
+    _accept_own_quant_state(model)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
@@ -108,6 +109,46 @@ def _keep_trainable_cpu_layout(model: torch.nn.Module) -> None:
                 state.absmax = state.absmax.T.reshape(-1).to(torch.float32).contiguous()
             module.weight.data, module.weight.quant_state = data, state
             module.quant_state = state
+
+
+def _accept_own_quant_state(model: torch.nn.Module) -> None:
+    """Let ``load_state_dict`` take back a checkpoint of this model (e.g. Lightning's best checkpoint).
+
+    bitsandbytes' 4-bit layers write their scales into the state dict (``weight.absmax``, ``weight.quant_map``...)
+    but do not read them back ("unexpected keys"), and int8 layers refuse theirs after the first forward ("call
+    module.cuda() before module.load_state_dict()"). The frozen base does not
+    change during QLoRA: the hook checks that the checkpoint's scales are this layer's own and drops them; a
+    checkpoint of another base is refused instead of being half-loaded.
+    """
+    import bitsandbytes as bnb
+
+    def scales(module) -> tuple[torch.Tensor | None, str, list[str]]:
+        """This layer's own scales, the state-dict key of the checkpoint's, and every key to drop."""
+        if isinstance(module, bnb.nn.Linear8bitLt):  # row scales: on the weight, or on the state after a forward
+            own = module.weight.SCB if getattr(module.weight, "SCB", None) is not None else module.state.SCB
+            return own, "SCB", ["SCB", "weight_format"]
+        state = module.weight.quant_state
+        nested = bool(getattr(state, "nested", False))
+        own = state.state2.absmax if nested else state.absmax
+        return own, "weight.nested_absmax" if nested else "weight.absmax", []
+
+    def hook(module, state_dict, prefix, *args) -> None:
+        own, key, extra = scales(module)
+        drop = [k for k in state_dict if k.startswith(prefix + "weight.")] + [prefix + k for k in extra]
+        drop = [k for k in drop if k in state_dict]
+        if not drop:
+            return
+        theirs = state_dict.get(prefix + key)
+        if own is None or theirs is None or theirs.shape != own.shape or \
+                not torch.equal(theirs.to(own.device, own.dtype), own):
+            raise ConfigError(f"{prefix}weight: the checkpoint holds a different quantized base than this model; "
+                              "load it into a model built from the same pretrained weights and quantization mode")
+        for k in drop:
+            del state_dict[k]
+
+    for module in model.modules():
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            module._register_load_state_dict_pre_hook(hook, with_module=True)
 
 
 def load_trainable_state(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -161,3 +161,24 @@ def test_load_trainable_state(trained):
     del state[name]
     with pytest.raises(ConfigError, match="lacks 1 trainable tensors"):
         qlora.load_trainable_state(model, state)
+
+
+@pytest.mark.parametrize("mode", ["nf4", "nf4-dq", "int8"])
+def test_checkpoint_of_a_qlora_model_loads_back(llama_dir, mode):
+    """What Lightning does with the best checkpoint: module.load_state_dict(its own earlier state_dict)."""
+    torch.manual_seed(0)
+    model = qlora.prepare_qlora(_base(llama_dir, mode), {"r": 4, "lora_alpha": 8})
+    _train(model, steps=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    name = next(n for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        model.get_parameter(name).zero_()
+    model.load_state_dict(state)  # strict
+    torch.testing.assert_close(model.get_parameter(name), state[name])
+    model.eval()
+    with torch.inference_mode():
+        assert torch.isfinite(model(IDS).logits).all()
+    # a checkpoint of another base is refused, not half-loaded
+    other = {k: (v * 2 if k.endswith(("absmax", "SCB")) else v) for k, v in state.items()}
+    with pytest.raises(ConfigError, match="different quantized base"):
+        model.load_state_dict(other)
