@@ -227,38 +227,49 @@ class FastDecoder:
     """Generation with a static KV cache of ``batch_size`` rows x ``max_len`` slots for one HF causal LM.
 
     Build once, call :meth:`generate` many times: batches up to ``batch_size`` rows and prompt + new tokens up to
-    ``max_len`` reuse the cache and the captured graph (smaller batches are filled with idle rows).
+    ``max_len`` reuse the cache and the captured graphs (smaller batches are filled with idle rows).
+    ``fuse_qkv`` (default: on for CUDA) runs the q/k/v projections as one matmul; ``compile`` runs the decode step
+    through ``torch.compile`` before capturing it, which fuses its small element-wise kernels.
     """
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, *, cuda_graph: bool | None = None,
-                 compile: bool = False, fuse_qkv: bool = False, sdpa_backends: list[str] | None = None) -> None:
+                 compile: bool = False, fuse_qkv: bool | None = None, sdpa_backends: list[str] | None = None) -> None:
         reason = unsupported_reason(model, max_len)
         if reason:
             raise UnsupportedModelError(f"fast decoding: {reason}; use decoding: hf (transformers generate)")
         model = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.model, self.batch_size = model, batch_size
-        self.max_len = math.ceil(max_len / 64) * 64  # whole 64-slot tiles keep the attention kernels aligned
-        self.arch = _ADAPTERS[model.config.model_type](model, self.max_len, fuse_qkv)
-        self.sdpa_backends = sdpa_backends
         weight = model.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
-        if cuda_graph is None:
-            cuda_graph = self.device.type == "cuda"
-        if cuda_graph and self.device.type != "cuda":
+        on_gpu = self.device.type == "cuda"
+        if cuda_graph and not on_gpu:
             raise ConfigError("cuda_graph=True needs the model on a CUDA device")
-        a, shape = self.arch, (batch_size, self.arch.kv_heads, self.max_len, self.arch.head_dim)
+        self.model, self.batch_size, self.sdpa_backends = model, batch_size, sdpa_backends
+        self.max_len = math.ceil(max_len / 64) * 64  # whole 64-slot tiles keep the attention kernels aligned
+        self.arch = _ADAPTERS[model.config.model_type](model, self.max_len, on_gpu if fuse_qkv is None else fuse_qkv)
+        self.use_graph = on_gpu if cuda_graph is None else cuda_graph
+
+        # The generation state lives in fixed buffers, so that a captured step can read and update it in place.
+        B, S, dev = batch_size, self.max_len, self.device
+        shape = (B, self.arch.kv_heads, S, self.arch.head_dim)
         # zeros, not empty: masked slots still enter the attention matmul (with weight 0), and 0 * NaN is NaN
-        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in a.layers]
-        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in a.layers]
-        self.pad = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # left-padding per row
-        self.slots = torch.arange(self.max_len, device=self.device)
-        # the decode step's inputs: fixed buffers, overwritten in place before each replay
-        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._step = torch.compile(self._decode, fullgraph=True, dynamic=False) if compile else self._decode
-        self.graph: torch.cuda.CUDAGraph | None = None
-        if cuda_graph:
-            self._capture()
+        self.k = [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in self.arch.layers]
+        self.v = [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in self.arch.layers]
+        self.slots = torch.arange(S, device=dev)
+        self.pad = torch.zeros(B, dtype=torch.long, device=dev)  # left-padding slots per row
+        self.tokens = torch.zeros(B, S, dtype=torch.long, device=dev)  # the token in each slot
+        self.token = torch.zeros(B, 1, dtype=torch.long, device=dev)  # the newest token of each row...
+        self.slot = torch.zeros(1, dtype=torch.long, device=dev)  # ...and its slot
+        self.done = torch.zeros(B, dtype=torch.bool, device=dev)  # rows that produced a stop token
+        self.eos = torch.full((8,), -1, dtype=torch.long, device=dev)  # stop tokens; -1 never matches
+        self.pad_id = torch.zeros((), dtype=torch.long, device=dev)
+
+        self.steps = {"logits": self._logits_step, "greedy": self._greedy_step}
+        if compile:
+            self.steps = {k: torch.compile(f, fullgraph=True, dynamic=False) for k, f in self.steps.items()}
+        self.graphs: dict[str, tuple[torch.cuda.CUDAGraph, Tensor | None]] = {}
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}  # by prompt width
+        if self.use_graph:
+            self._capture("greedy")
 
     # -- the model, over the cache ------------------------------------------------------------------------
 
@@ -292,27 +303,74 @@ class FastDecoder:
             x = self.arch.block(i, x, pos, attend)
         return self.arch.head(x[:, -1])
 
-    def _decode(self) -> Tensor:
+    def advance(self, choice: Tensor) -> None:
+        """Append each row's chosen token (padding once the row is done) in the next slot; mark stop tokens."""
+        token = torch.where(self.done, self.pad_id, choice)
+        self.slot.add_(1)
+        self.tokens.index_copy_(1, self.slot, token[:, None])
+        self.done.logical_or_((token[:, None] == self.eos).any(dim=1))
+        self.token.copy_(token[:, None])
+
+    def _logits_step(self) -> Tensor:
+        """The newest token through the model at its slot: the next token's logits (B, V)."""
         return self.forward(self.token, self.slot)
 
-    def _capture(self) -> None:
-        """Warm up (and compile) on a side stream, then record one decode step; its logits live in a fixed buffer."""
+    def _greedy_step(self) -> None:
+        """A whole greedy step - model, argmax, bookkeeping - so that one graph replay is all a step costs."""
+        self.advance(self.forward(self.token, self.slot).argmax(dim=-1))
+
+    def _capture(self, kind: str) -> None:
+        """Warm up (and compile) on a side stream, then record one step as a CUDA graph.
+
+        The warm-up runs change the generation state (cache slots 0-2, slot counter): every generate() resets it.
+        """
+        self.slot.zero_()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode(), sdpa_policy(self.sdpa_backends), torch.cuda.stream(stream):
-            for _ in range(3):  # the warm-up writes garbage into slot 0; every prefill overwrites slot 0
-                self._step()
+            for _ in range(3):
+                self.steps[kind]()
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), sdpa_policy(self.sdpa_backends), torch.cuda.graph(self.graph):
-            self.logits = self._step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), sdpa_policy(self.sdpa_backends), torch.cuda.graph(graph):
+            out = self.steps[kind]()
+        self.graphs[kind] = (graph, out)
 
-    def step(self) -> Tensor:
-        """One decode step for the token in ``self.token`` at slot ``self.slot``: the next logits (B, V)."""
-        if self.graph is not None:
-            self.graph.replay()
-            return self.logits
-        return self._step()
+    def prefill(self, ids: Tensor) -> Tensor:
+        """The prompt (batch_size, T) through the model into slots 0..T-1; the next token's logits.
+
+        With CUDA graphs, one graph per prompt width T (a multiple of 64, see generate): launching a few hundred
+        kernels from Python costs milliseconds, a replay does not.
+        """
+        zero = torch.zeros(1, dtype=torch.long, device=self.device)
+        if not self.use_graph:
+            return self.forward(ids, zero)
+        T = ids.shape[1]
+        if T not in self.prefill_graphs:
+            buffer = ids.clone()
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self.forward(buffer, zero)  # warm-up; the replay below overwrites the cache slots it wrote
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self.forward(buffer, zero)
+            self.prefill_graphs[T] = (graph, buffer, logits)
+        graph, buffer, logits = self.prefill_graphs[T]
+        buffer.copy_(ids)
+        graph.replay()
+        return logits
+
+    def step(self, kind: str = "greedy") -> Tensor | None:
+        """One decode step: a graph replay on CUDA, the plain (or compiled) function elsewhere."""
+        if not self.use_graph:
+            return self.steps[kind]()
+        if kind not in self.graphs:
+            self._capture(kind)
+        graph, out = self.graphs[kind]
+        graph.replay()
+        return out
 
     # -- the generation loop ---------------------------------------------------------------------------------
 
@@ -322,38 +380,49 @@ class FastDecoder:
         B, T = input_ids.shape
         if self.model.training:
             raise ConfigError("fast decoding runs the model as it is: call model.eval() first (dropout is on)")
+        if self.use_graph and math.ceil(T / 64) * 64 + cfg.max_new_tokens <= self.max_len:
+            T = math.ceil(T / 64) * 64  # more left padding: prompt widths in steps of 64 share prefill graphs
         if B > self.batch_size or T + cfg.max_new_tokens > self.max_len:
             raise ConfigError(f"batch {B} x {T}+{cfg.max_new_tokens} tokens does not fit this decoder "
                               f"({self.batch_size} x {self.max_len}); build a larger FastDecoder")
         if bool((attention_mask[:, -1] == 0).any()):
             raise ConfigError("fast decoding needs left padding (the last prompt column must be real tokens)")
-        # idle rows fill the batch up to the captured size: one all-padding token each
+        if len(cfg.eos_token_ids) > self.eos.numel():
+            raise ConfigError(f"at most {self.eos.numel()} stop token ids, got {len(cfg.eos_token_ids)}")
+        kind = "logits" if cfg.do_sample else "greedy"
+        if self.use_graph and kind not in self.graphs:
+            self._capture(kind)  # before the prefill: the warm-up writes into the cache
+        # reset the state; idle rows fill the batch up to the captured size (all padding, done from the start)
         ids = torch.full((self.batch_size, T), cfg.pad_token_id, dtype=torch.long, device=self.device)
-        ids[:B] = input_ids
+        ids[:B, T - input_ids.shape[1]:] = input_ids
         self.pad.fill_(T)
         self.pad[:B] = T - attention_mask.sum(dim=1)
+        self.done.fill_(False)
+        self.done[B:] = True
+        self.eos.fill_(-1)
+        self.eos[: len(cfg.eos_token_ids)] = torch.tensor(cfg.eos_token_ids, dtype=torch.long)
+        self.pad_id.fill_(cfg.pad_token_id)
+        self.tokens.fill_(cfg.pad_token_id)
         generator = None
         if cfg.do_sample:
             generator = torch.Generator(self.device)
             generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-        eos = torch.tensor(cfg.eos_token_ids or [-1], device=self.device)
+
         with sdpa_policy(self.sdpa_backends):
-            logits = self.forward(ids, torch.zeros(1, dtype=torch.long, device=self.device))  # prefill, eager
-            done = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
-            done[B:] = True
-            out = torch.full((self.batch_size, cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long,
-                             device=self.device)
-            for i in range(cfg.max_new_tokens):
-                token = torch.where(done, cfg.pad_token_id, pick_token(logits, cfg, generator))
-                out[:, i] = token
-                done |= torch.isin(token, eos)
-                # asking the GPU whether all rows are done waits for it; do it every 16 steps, not every step
-                if i + 1 == cfg.max_new_tokens or (i % 16 == 15 and bool(done.all())):
+            logits = self.prefill(ids)
+            self.slot.fill_(T - 1)
+            self.advance(pick_token(logits, cfg, generator))
+            n = 1
+            while n < cfg.max_new_tokens:
+                # asking the GPU whether all rows are done waits for it: every 16 steps, not every step
+                if n % 16 == 0 and bool(self.done.all()):
                     break
-                self.token.copy_(token[:, None])
-                self.slot.fill_(T + i)
-                logits = self.step()
-        return out[:B, : i + 1]
+                if cfg.do_sample:
+                    self.advance(pick_token(self.step("logits"), cfg, generator))
+                else:
+                    self.step("greedy")
+                n += 1
+        return self.tokens[:B, T: T + n].clone()
 
 
 def pick_token(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> Tensor:

@@ -135,11 +135,14 @@ def test_smollm2_greedy_equals_hf_generate():
 def test_gpu_graph_greedy_equals_hf_fp32(kind, compile):
     model = causal_model(kind).cuda()
     ids, mask = (t.cuda() for t in left_padded_batch())
-    decoder = FastDecoder(model, 4, 64, compile=compile, fuse_qkv=True)
-    assert decoder.graph is not None
+    decoder = FastDecoder(model, 4, 192, compile=compile, fuse_qkv=True)
+    assert "greedy" in decoder.graphs
     cfg = _greedy(32)
     assert torch.equal(decoder.generate(ids, mask, cfg), hf_generate(model, ids, mask, cfg))
     assert torch.equal(decoder.generate(ids[1:], mask[1:], cfg), hf_generate(model, ids[1:], mask[1:], cfg))
+    long_ids, long_mask = (t.cuda() for t in left_padded_batch(seed=1, lengths=(70, 20)))  # a second prefill graph
+    assert torch.equal(decoder.generate(long_ids, long_mask, cfg), hf_generate(model, long_ids, long_mask, cfg))
+    assert sorted(decoder.prefill_graphs) == [64, 128]
 
 
 @cuda
@@ -149,7 +152,7 @@ def test_gpu_graph_replay_equals_eager_bf16_and_sampling_is_seeded():
     ids, mask = (t.cuda() for t in left_padded_batch())
     graphed = FastDecoder(model, 3, 64)
     eager = FastDecoder(model, 3, 64, cuda_graph=False)
-    assert graphed.graph is not None and eager.graph is None
+    assert graphed.graphs and not eager.graphs
     cfg = _greedy(32)
     assert torch.equal(graphed.generate(ids, mask, cfg), eager.generate(ids, mask, cfg))
     sample = SamplingConfig(max_new_tokens=32, do_sample=True, top_p=0.95, seed=7)
