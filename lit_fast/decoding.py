@@ -259,6 +259,7 @@ class FastDecoder:
         self.tokens = torch.zeros(B, S, dtype=torch.long, device=dev)  # the token in each slot
         self.token = torch.zeros(B, 1, dtype=torch.long, device=dev)  # the newest token of each row...
         self.slot = torch.zeros(1, dtype=torch.long, device=dev)  # ...and its slot
+        self.first_slot = torch.zeros(1, dtype=torch.long, device=dev)  # where a prompt starts: slot 0
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)  # rows that produced a stop token
         self.eos = torch.full((8,), -1, dtype=torch.long, device=dev)  # stop tokens; -1 never matches
         self.pad_id = torch.zeros((), dtype=torch.long, device=dev)
@@ -340,22 +341,23 @@ class FastDecoder:
         """The prompt (batch_size, T) through the model into slots 0..T-1; the next token's logits.
 
         With CUDA graphs, one graph per prompt width T (a multiple of 64, see generate): launching a few hundred
-        kernels from Python costs milliseconds, a replay does not.
+        kernels from Python costs milliseconds, a replay does not. Every tensor a graph reads from outside must
+        outlive it (hence ``self.first_slot``, not a temporary zero: a freed temporary's memory gets reused and
+        the replay would read whatever lands there).
         """
-        zero = torch.zeros(1, dtype=torch.long, device=self.device)
         if not self.use_graph:
-            return self.forward(ids, zero)
+            return self.forward(ids, self.first_slot)
         T = ids.shape[1]
         if T not in self.prefill_graphs:
             buffer = ids.clone()
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                self.forward(buffer, zero)  # warm-up; the replay below overwrites the cache slots it wrote
+                self.forward(buffer, self.first_slot)  # warm-up; the replay below overwrites the cache slots it wrote
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                logits = self.forward(buffer, zero)
+                logits = self.forward(buffer, self.first_slot)
             self.prefill_graphs[T] = (graph, buffer, logits)
         graph, buffer, logits = self.prefill_graphs[T]
         buffer.copy_(ids)
