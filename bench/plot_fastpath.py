@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402
 
-LINES = {"auto": "-o", "packed+compile": "--s", "fused": ":^", "hf_eager": "-.x"}
+LINES = {"auto": "-o", "packed+graphs": "--s", "fused": ":^", "hf_eager": "-.x"}
 
 
 def main() -> None:

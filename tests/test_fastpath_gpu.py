@@ -75,8 +75,10 @@ def test_vision_audio_and_seq2seq_in_half_precision(dtype):
     with torch.inference_mode():
         ref = reference(pixel_values=pixels).last_hidden_state
         hf_half = model(pixel_values=pixels.to(dtype)).last_hidden_state
-        out = to_fast_path(model)(pixel_values=pixels.to(dtype)).last_hidden_state
-    assert paths_run(model) == {"packed"}
+        out = to_fast_path(model, "packed")(pixel_values=pixels.to(dtype)).last_hidden_state
+        assert paths_run(model) == {"packed"}
+        to_fast_path(model)(pixel_values=pixels.to(dtype))  # images have no padding: auto leaves them to HF
+        assert paths_run(model) == {"hf: too little padding to remove for the fast path to pay off here"}
     assert_half_close(out, ref, hf_half, every)
 
     for stable in (False, True):
@@ -137,18 +139,6 @@ def test_cuda_graphs_match_eager_reuse_their_capture_and_follow_the_weights():
         assert_close_on_tokens(graphed(input_ids=ids, attention_mask=mask).last_hidden_state,
                                eager(input_ids=ids, attention_mask=mask).last_hidden_state, mask, atol=1e-3)
         assert len(stack.graphed.graphs) == 3
-
-
-@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
-def test_compiled_add_norm_matches_the_eager_packed_layers(dtype):
-    model = tiny_text_model("bert").cuda().to(dtype)
-    eager = to_fast_path(copy.deepcopy(model), "packed")
-    compiled = to_fast_path(model, "packed", compile=True)
-    with torch.inference_mode():
-        for padding in ("right", "left", "one"):
-            ids, mask = (t.cuda() for t in text_batch(padding))
-            assert_close_on_tokens(compiled(input_ids=ids, attention_mask=mask).last_hidden_state,
-                                   eager(input_ids=ids, attention_mask=mask).last_hidden_state, mask, atol=HALF_ATOL)
 
 
 def test_choose_backend_on_cuda():

@@ -25,23 +25,19 @@ def fast_path_architectures() -> list[str]:
     return sorted(ADAPTERS)
 
 
-def to_fast_path(
-    model: nn.Module, backend: str = "auto", *, compile: bool = False, cuda_graphs: bool = False
-) -> nn.Module:
+def to_fast_path(model: nn.Module, backend: str = "auto", *, cuda_graphs: bool = False) -> nn.Module:
     """Convert `model` in place to the encoder fast path and return it.
 
     backend: "auto" (per device and dtype, what measured fastest; HF where nothing beats it), "fused" (PyTorch's
     fused encoder-layer kernel over nested tensors) or "packed" (packed tokens, varlen flash attention on CUDA).
     Raises UnsupportedModelError for architectures without an adapter and for quantized or adapter-wrapped
     layers, ConfigError for an unknown backend or a "fused" request the kernel cannot serve exactly.
-    compile: on CUDA, fuse the packed layers' residual add + LayerNorm with torch.compile (W1 on the H100:
-    5-12% faster; the first batch waits for the compile).
     cuda_graphs: replay the packed layers as CUDA graphs on CUDA in fp16/bf16 (one capture per batch-shape
     bucket; for small repeated batches, see graphs.py).
     """
     if backend not in policy.BACKENDS:
         raise ConfigError(f"fast-path backend {backend!r} is unknown; use one of {policy.BACKENDS}.")
-    stacks = _plan(model, backend, cuda_graphs, compile)
+    stacks = _plan(model, backend, cuda_graphs)
     revert_fast_path(model)  # converting again switches the backend
     for stack in stacks:
         stack.owner.forward = stack
@@ -87,7 +83,7 @@ def choose_backend(
     return backend, policy.describe(backend, device, dtype)
 
 
-def _plan(model: nn.Module, backend: str, cuda_graphs: bool = False, compiled: bool = False) -> list[FastStack]:
+def _plan(model: nn.Module, backend: str, cuda_graphs: bool = False) -> list[FastStack]:
     """Check the model and build (not install) its fast stacks; raises when the model cannot be converted."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", type(model).__name__)
@@ -104,7 +100,7 @@ def _plan(model: nn.Module, backend: str, cuda_graphs: bool = False, compiled: b
         )
     _refuse_quantized(model, model_type)
     owners = _stack_owners(model, adapter, model_type)
-    stacks = [FastStack(owner, adapter, config, backend, cuda_graphs, compiled) for owner in owners]
+    stacks = [FastStack(owner, adapter, config, backend, cuda_graphs) for owner in owners]
     if backend == "fused" and not stacks[0].fused_ok:
         why = policy.fused_unsupported(config, adapter, stacks[0].layer_parts()[0])
         raise ConfigError(
@@ -125,7 +121,7 @@ def _stack_owners(model: nn.Module, adapter: Adapter, model_type: str) -> list[n
         ) from missing
     owners = list(target) if adapter.per_layer else [target]
     for owner in owners:  # resolves every layer's parts now, so a wrapped or quantized one is refused up front
-        FastStack(owner, adapter, model.config, "auto", cuda_graphs=False).layer_parts()
+        FastStack(owner, adapter, model.config, "auto").layer_parts()
     return owners
 
 

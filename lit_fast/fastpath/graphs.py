@@ -3,8 +3,9 @@ a layer.
 
 Eager PyTorch spends a few microseconds of host time per kernel launch; a CUDA graph replays all kernels of the
 stack with one launch. On W1 (batch 128) this bought nothing measurable on the H100 (the GPU, not the host, is
-the bottleneck there) while every new batch shape costs a capture, so it is off by default:
-`to_fast_path(model, cuda_graphs=True)` is for small, repeated batch shapes (online inference).
+the bottleneck there) at 0-43% padding, 1.3-1.4x at 75% padding and 2.2-2.7x for a batch of 8 over the
+packed path without graphs; every new batch shape costs a capture (two forwards), so it is off by default:
+`to_fast_path(model, cuda_graphs=True)` is for small or repeated batch shapes (online inference).
 
 A graph is fixed to its shapes, so batches are bucketed: the packed tokens are padded up to a bucket size
 (steps of 1/32 of the next lower power of two, at least 64: under 3% more tokens past 2048) and the filler tokens form one extra
@@ -58,20 +59,19 @@ class GraphedLayers:
         self.graphs: dict[tuple, _Graph] = {}
         self.pool = None  # one memory pool for all graphs of this stack
 
-    def __call__(self, tokens: torch.Tensor, packing: Packing, layers: list[LayerParts],
-                 compiled: bool = False) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, packing: Packing, layers: list[LayerParts]) -> torch.Tensor:
         count = packing.num_tokens
         bucket, bound = bucket_tokens(count + 1), bucket_max_len(packing.max_len)  # >= 1 filler token
         weights = tuple(t.data_ptr() for parts in layers for t in _weights(parts))
-        key = (packing.batch, bucket, bound, tokens.dtype, tokens.shape[-1], tokens.device, compiled, weights)
-        entry = self.graphs.get(key) or self._capture(key, tokens, packing, layers, bucket, bound, compiled)
+        key = (packing.batch, bucket, bound, tokens.dtype, tokens.shape[-1], tokens.device, weights)
+        entry = self.graphs.get(key) or self._capture(key, tokens, packing, layers, bucket, bound)
         entry.tokens[:count].copy_(tokens)
         entry.cu_seqlens[: packing.batch + 1].copy_(packing.cu_seqlens)
         entry.graph.replay()
         return entry.out[:count].clone()  # the next replay of any graph in the pool may overwrite `out`
 
     def _capture(self, key: tuple, tokens: torch.Tensor, packing: Packing, layers: list[LayerParts],
-                 bucket: int, bound: int, compiled: bool) -> _Graph:
+                 bucket: int, bound: int) -> _Graph:
         if len(self.graphs) >= MAX_GRAPHS:
             self.graphs.pop(next(iter(self.graphs)))
         static_tokens = tokens.new_zeros(bucket, tokens.shape[-1])
@@ -83,7 +83,7 @@ class GraphedLayers:
         def run() -> torch.Tensor:
             x = static_tokens
             for parts in layers:
-                x = packed_layer(x, parts, static_packing, compiled)
+                x = packed_layer(x, parts, static_packing)
             return x
 
         stream = torch.cuda.current_stream(tokens.device)

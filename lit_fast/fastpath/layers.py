@@ -62,38 +62,18 @@ class LayerParts:
     exact_gelu: bool  # the activation is erf GELU (HF "gelu"), which the CPU GEMM can apply in its epilogue
 
 
-def packed_layer(x: torch.Tensor, parts: LayerParts, packing: Packing, compiled: bool = False) -> torch.Tensor:
-    """One encoder layer over packed tokens `x` (tokens, hidden) -> (tokens, hidden).
-
-    compiled: on CUDA, run the post-LN "add, then LayerNorm" steps as one torch.compile'd kernel (W1 on the H100:
-    5-12% faster; the first batch pays the compile).
-    """
+def packed_layer(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:
+    """One encoder layer over packed tokens `x` (tokens, hidden) -> (tokens, hidden)."""
     if parts.norm_first:
         x = x + self_attention(parts.attn_norm(x), parts, packing)
         return x + feed_forward(parts.ffn_norm(x), parts)
-    residual_norm = compiled_add_norm if compiled and x.is_cuda else add_norm
-    x = residual_norm(x, self_attention(x, parts, packing), parts.attn_norm)
-    return residual_norm(x, feed_forward(x, parts), parts.ffn_norm)
+    x = add_norm(x, self_attention(x, parts, packing), parts.attn_norm)
+    return add_norm(x, feed_forward(x, parts), parts.ffn_norm)
 
 
 def add_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     """LayerNorm(x + y), the post-LN residual step."""
     return F.layer_norm(x + y, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
-def compiled_add_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    """`add_norm` as one generated kernel: reads x and y once, writes once (and keeps x + y in fp32)."""
-    global _add_norm_kernel
-    if _add_norm_kernel is None:
-        _add_norm_kernel = torch.compile(_add_norm_tensors, dynamic=True)
-    return _add_norm_kernel(x, y, norm.weight, norm.bias, norm.eps)
-
-
-def _add_norm_tensors(x, y, weight, bias, eps: float):
-    return F.layer_norm(x + y, (x.shape[-1],), weight, bias, eps)
-
-
-_add_norm_kernel = None
 
 
 def self_attention(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:

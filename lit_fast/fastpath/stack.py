@@ -32,14 +32,12 @@ log = logging.getLogger(__name__)
 class FastStack:
     """Replaces `owner.forward`; runs the owner's encoder layers on tokens without padding in inference."""
 
-    def __init__(self, owner: nn.Module, adapter: Adapter, config, backend: str, cuda_graphs: bool = False,
-                 compiled: bool = False) -> None:
+    def __init__(self, owner: nn.Module, adapter: Adapter, config, backend: str, cuda_graphs: bool = False) -> None:
         self.owner = owner
         self.adapter = adapter
         self.config = config
         self.backend = backend  # "auto" | "fused" | "packed"
         self.graphed = GraphedLayers() if cuda_graphs else None  # packed layers on CUDA in fp16/bf16
-        self.compiled = compiled  # torch.compile the packed layers' add + LayerNorm steps on CUDA
         self.fused_ok = policy.fused_unsupported(config, adapter, self.layer_parts()[0]) is None
         self.last_path: str | None = None  # what the latest call ran: a backend, or "hf: <why>"
 
@@ -87,7 +85,7 @@ class FastStack:
             tokens = self._run_graphed(tokens, packing, layers)
         elif backend == "packed":
             for parts in layers:
-                tokens = packed_layer(tokens, parts, packing, self.compiled)
+                tokens = packed_layer(tokens, parts, packing)
         else:
             tokens = self._run_fused(tokens, packing, layers)
         if self.adapter.epilogue is not None:
@@ -119,13 +117,13 @@ class FastStack:
 
     def _run_graphed(self, tokens: torch.Tensor, packing: padding.Packing, layers: list[LayerParts]) -> torch.Tensor:
         try:
-            return self.graphed(tokens, packing, layers, self.compiled)
+            return self.graphed(tokens, packing, layers)
         except RuntimeError as failure:  # a capture this torch/driver cannot do: keep going without graphs
             log.warning("fast path: CUDA graph capture failed (%s); running the packed layers without graphs",
                         failure)
             self.graphed = None
         for parts in layers:
-            tokens = packed_layer(tokens, parts, packing, self.compiled)
+            tokens = packed_layer(tokens, parts, packing)
         return tokens
 
     def layer_parts(self) -> list[LayerParts]:
