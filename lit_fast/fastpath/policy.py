@@ -20,18 +20,19 @@ BACKENDS = ("auto", "fused", "packed")
 # The fused kernel implements these activations exactly (`use_gelu` switches between them).
 FUSED_ACTIVATIONS = ("gelu", "relu")
 
-# Measured winners per device (bench/results/w1_*.json, bench/results/w6_*.json).
-#  - CUDA fp16/bf16: packed tokens + varlen flash attention, replayed as CUDA graphs (the fused kernel over nested
-#    tensors reached 1.1-1.6x HF SDPA at W1's 43% padding, packed 1.45-1.6x before graphs).
+# Measured winners per device (bench/results/w1_h100*.json, bench/results/w6_cpu*.json).
+#  - CUDA fp16/bf16: packed tokens + varlen flash attention: 1.5-1.7x HF sdpa at W1's 43% padding, 2.0-2.2x at
+#    75%; the fused kernel over nested tensors 1.4-1.65x and 1.1-2.5x (bf16 nested is erratic).
 #  - CUDA fp32: HF. Varlen flash attention has no fp32 kernel; the fused kernel was 1.65x faster at 43% padding
-#    but off by 1.3e-3 (its attention runs fp32 on TF32 tensor cores) and no faster without padding.
-#  - CPU: packed tokens, oneDNN GEMMs, one SDPA call per sequence (the fused kernel: 1.3x at best, and it falls
-#    apart when the two cores are shared).
+#    but 1.3e-3 off (its fp32 attention is not IEEE-exact there, likely TF32) and no faster without padding.
+#  - CPU fp32: packed tokens, oneDNN GEMMs, one SDPA call per sequence: 1.9-3.9x at 47% padding; with none,
+#    1.9x (OMP_WAIT_POLICY=PASSIVE) and 0.92-1.11x (default spin-waiting on a loaded machine, noisy); the fused
+#    kernel 0.46-1.28x (its many small parallel regions fall apart when the two cores are shared).
 CPU_BACKEND = "packed"
 
 # The least padding at which `auto` runs a backend instead of HF, per device type. On the H100 (W1, batch 128)
-# packed was 0.96-0.98x HF sdpa with no padding and 1.31-1.33x at 24%; below 5% it is left to HF. On the CPU
-# packed won even without padding (oneDNN GEMMs), so it always runs there.
+# packed was 0.96-1.01x HF sdpa with no padding and 1.31-1.57x at 24%; below 5% it is left to HF. On the CPU
+# packed is not slower without padding (oneDNN GEMMs; see above), so it always runs there.
 MIN_PADDING = {
     ("cuda", "packed"): 0.05,
     ("cpu", "packed"): 0.0,
