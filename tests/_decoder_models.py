@@ -76,3 +76,40 @@ def left_padded_batch(seed: int = 0, lengths=(10, 6, 3), pad: int = 0) -> tuple[
         ids[row, width - n:] = torch.randint(3, VOCAB, (n,), generator=g)
         mask[row, width - n:] = 1
     return ids, mask
+
+
+def save_tiny(kind: str, directory, tokenizer_dir: str, *, chat_template: bool = True, max_positions: int = 256,
+              seed: int = 0) -> str:
+    """A tiny random model of `kind` (gpt2, opt, llama, t5, bart) with a real tokenizer (SmolLM2's, vocabulary
+    49152), saved like any HF model directory; returns the directory."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if not chat_template:
+        tokenizer.chat_template = None
+    vocab, pad, eos, bos = len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
+    torch.manual_seed(seed)
+    ids = dict(vocab_size=vocab, pad_token_id=pad, eos_token_id=eos, bos_token_id=bos)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=max_positions, **ids))
+    elif kind == "opt":
+        model = OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                                         max_position_embeddings=max_positions, word_embed_proj_dim=32, **ids))
+    elif kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=max_positions, **ids))
+    elif kind == "t5":
+        model = T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                    num_heads=4, pad_token_id=pad, eos_token_id=eos,
+                                                    decoder_start_token_id=pad))
+    elif kind == "bart":
+        model = BartForConditionalGeneration(BartConfig(
+            vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=max_positions,
+            pad_token_id=pad, bos_token_id=bos, eos_token_id=eos, decoder_start_token_id=eos, forced_eos_token_id=eos))
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
