@@ -13,6 +13,7 @@ from lit_fast.errors import (
 )
 
 from lit_fast.data import TextDataModule
+from lit_fast.fastpath import fast_path_architectures, is_fast_path, revert_fast_path, to_fast_path
 from lit_fast.module import LitTransformer
 from lit_fast.tasks import Classifier, Embedder
 from lit_fast.writers import PredictionWriter
@@ -25,6 +26,10 @@ __all__ = [
     "LitTransformer",
     "PredictionWriter",
     "TextDataModule",
+    "fast_path_architectures",
+    "is_fast_path",
+    "revert_fast_path",
+    "to_fast_path",
     "ConfigError",
     "InputDataError",
     "LitFastError",

@@ -204,6 +204,13 @@ class LitTransformer(L.LightningModule):
                 raise ConfigError(f"model.fast_path={requested} is not available in this build; use auto or off")
             log.info("fast path: not available; using %s attention", self.hparams.attention)
             return
+        if sharding.is_fsdp(self.trainer.strategy) or type(self.trainer.strategy).__name__ == "ModelParallelStrategy":
+            # the fast path calls layers' weights directly, around the hooks that sharded strategies rely on
+            if requested != "auto":
+                raise ConfigError(f"model.fast_path={requested} does not combine with sharded strategies; use ddp or auto")
+            log.info("fast path: not used under %s; using %s attention", type(self.trainer.strategy).__name__,
+                     self.hparams.attention)
+            return
         device = next(self.model.parameters()).device
         dtype = self._compute_dtype()
         try:
@@ -216,7 +223,9 @@ class LitTransformer(L.LightningModule):
         if backend is None:
             log.info("fast path: not used (%s); using %s attention", reason, self.hparams.attention)
             return
-        fastpath.to_fast_path(self.model, backend=backend)
+        # the requested mode, not the resolved backend: under "auto" the fast path still hands a batch back to HF
+        # where it would not be faster (e.g. almost no padding)
+        fastpath.to_fast_path(self.model, backend=requested)
         self.fast_path_used = backend
         log.info("fast path: %s (%s)", backend, reason)
 
