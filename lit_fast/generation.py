@@ -1,4 +1,4 @@
-"""Decoder tasks: causal LMs (GPT-2, OPT, Llama-family, SmolLM2) and seq2seq models (T5, BART).
+"""Decoder tasks: causal LMs (GPT-2, OPT, Llama-family, SmolLM2); seq2seq models (T5, BART) in seq2seq.py.
 
 Training rows are a prompt (``data.text_column``) and, optionally, a completion (``data.target_column``): the loss
 counts the completion tokens only; without a target column the whole text is the target (plain LM training).
@@ -14,7 +14,7 @@ import logging
 from typing import Literal, Optional, Union
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoModelForCausalLM
 
 from lit_fast.attention import check_attention_implementation, check_sdpa_backends, parse_sdpa_backends, sdpa_policy
 from lit_fast.decoding import FastDecoder, SamplingConfig, hf_generate, unsupported_reason
@@ -56,19 +56,17 @@ class _Generator(LitTransformer):
     def build_model(self) -> torch.nn.Module:
         model = super().build_model()
         if self.sdpa_backends and self.hparams.attention == "sdpa":
-            cfg = model.config
-            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads if hasattr(
-                cfg, "num_attention_heads") else 64
             device = next(model.parameters()).device
             if torch.cuda.is_available() and device.type == "cpu":
                 device = torch.device("cuda")  # Lightning moves the model later; check for where it will run
             self.sdpa_backends = check_sdpa_backends(self.sdpa_backends, device=device, dtype=model.dtype,
-                                                     head_dim=int(head_dim), strict=self.hparams.attention_strict)
+                                                     head_dim=_head_dim(model.config),
+                                                     strict=self.hparams.attention_strict)
         if self.lora is not None:
             if self.hparams.quantization:
                 from lit_fast.quantization import prepare_qlora
 
-                model = prepare_qlora(model, self.lora)
+                model = prepare_qlora(model, self.lora, task_type=self.peft_task_type)
             else:
                 model = apply_lora(model, self.lora, self.peft_task_type)
         return model
@@ -111,7 +109,12 @@ class _Generator(LitTransformer):
     def export(self, directory: str) -> None:
         if self.lora is None:
             return super().export(directory)
-        export_lora(self.model, directory, self.lora.export)
+        if self.hparams.quantization:  # QLoRA: merged = adapters folded into the dequantized base, full precision
+            from lit_fast.qlora import export_qlora
+
+            export_qlora(self.model, directory, self.lora.export)
+        else:
+            export_lora(self.model, directory, self.lora.export)
         self.tokenizer.save_pretrained(directory)
 
 
@@ -299,20 +302,17 @@ class CausalLM(_Generator):
                 log.info("generation: transformers generate (fast decoding does not apply: %s)", reason)
                 self._told.add(reason)
             return None
-        d = self.decoder
-        if d is None or batch_size > d.batch_size or length > d.max_len:
-            size = max(batch_size, d.batch_size if d else 0)
-            self.decoder = d = None  # free the old cache first
-            self.decoder = FastDecoder(self.model, size, max(length, self.decoder_len_hint(length)),
-                                       compile=self.hparams.compile, sdpa_backends=self.sdpa_backends)
+        old = self.decoder
+        if old is None or batch_size > old.batch_size or length > old.max_len:
+            # grow to cover every batch seen so far: batches come longest first, so this rarely happens twice
+            size = (max(batch_size, old.batch_size), max(length, old.max_len)) if old else (batch_size, length)
+            self.decoder = old = None  # free the old cache before allocating the new one
+            self.decoder = FastDecoder(self.model, *size, compile=self.hparams.compile,
+                                       sdpa_backends=self.sdpa_backends)
             log.info("generation: fast decoding loop (static KV cache %d x %d%s%s)", self.decoder.batch_size,
                      self.decoder.max_len, ", CUDA graphs" if self.decoder.use_graph else "",
                      ", compiled" if self.hparams.compile else "")
         return self.decoder
-
-    def decoder_len_hint(self, length: int) -> int:
-        """Cache length for a new decoder: at least the longest batch seen, to avoid re-capturing per batch."""
-        return max(length, self.decoder.max_len if self.decoder else 0)
 
     def input_device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
@@ -323,122 +323,6 @@ class CausalLM(_Generator):
     def on_fit_start(self) -> None:
         self.decoder = None  # training changes the weights the fused projections copied
         super().on_fit_start()
-
-
-class Seq2SeqLM(_Generator):
-    """An encoder-decoder model (T5, BART): fine-tune on source/target pairs; generate targets in predict.
-
-    Generation runs transformers ``generate`` (the fast loop covers decoder-only models).
-    """
-
-    auto_model_class = AutoModelForSeq2SeqLM
-    needs_target = True
-    peft_task_type = "SEQ_2_SEQ_LM"
-
-    def __init__(
-        self,
-        pretrained: str,
-        *,
-        max_new_tokens: int = 128,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: Optional[float] = None,
-        top_k: Optional[int] = None,
-        seed: Optional[int] = None,
-        stop_strings: Optional[list[str]] = None,
-        prefix: str = "",
-        max_length: Optional[int] = None,
-        max_target_length: int = 128,
-        truncation: Literal["left", "error"] = "left",
-        lora: Optional[LoraSettings] = None,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.03,
-        revision: Optional[str] = None,
-        trust_remote_code: bool = False,
-        dtype: Optional[str] = None,
-        attention: Attention = "sdpa",
-        sdpa_backends: Optional[list[str]] = None,
-        attention_strict: bool = True,
-        quantization: Optional[str] = None,
-    ):
-        """Args:
-            pretrained: a local model directory or a hub id (e.g. google-t5/t5-small, facebook/bart-base).
-            max_new_tokens: target tokens to generate (at most; stops at EOS).
-            do_sample: sample instead of greedy decoding.
-            temperature: sampling temperature (> 0).
-            top_p: nucleus sampling threshold.
-            top_k: keep only the k most likely tokens when sampling.
-            seed: makes sampling reproducible.
-            stop_strings: cut each output before the first of these strings.
-            prefix: text put before every source (T5 task prefixes such as "summarize: ").
-            max_length: longest source in tokens; default: the model's.
-            max_target_length: longest training target in tokens (longer ones are cut).
-            truncation: sources too long: left (keep their end, with a warning) or error.
-            lora: LoRA settings; none: full fine-tune.
-            lr: peak learning rate.
-            weight_decay: AdamW weight decay.
-            warmup_ratio: share of the steps spent warming up.
-            revision: hub revision for hub ids.
-            trust_remote_code: run code shipped with the model (off unless you trust it).
-            dtype: weights dtype.
-            attention: sdpa, eager or flash_attention_2.
-            sdpa_backends: SDPA kernels allowed (flash, efficient, cudnn, math).
-            attention_strict: when no allowed SDPA kernel fits, stop (true) or add math (false).
-            quantization: bitsandbytes weights; with lora: QLoRA.
-        """
-        super().__init__(
-            pretrained, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, stop_strings=stop_strings, truncation=truncation, lora=lora,
-            sdpa_backends=sdpa_backends, attention_strict=attention_strict, revision=revision,
-            trust_remote_code=trust_remote_code, dtype=dtype, attention=attention, quantization=quantization,
-            max_length=max_length, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-        )
-        self._told_hf = False
-
-    def encode(self, records: list[dict], stage: str) -> list[dict]:
-        examples = []
-        for r in records:
-            if not r["text"].strip():
-                raise InputDataError(f"row {r['index']}: empty source text")
-            ids = self.tokenizer(self.hparams.prefix + r["text"])["input_ids"]
-            if len(ids) > self.max_length:
-                if self.hparams.truncation == "error":
-                    raise InputDataError(f"row {r['index']}: {len(ids)} tokens, more than max_length "
-                                         f"{self.max_length}; shorten it or set model.truncation: left")
-                log.warning("row %d: source of %d tokens truncated from the left to %d", r["index"], len(ids),
-                            self.max_length)
-                ids = ids[: 1 if ids[0] == self.tokenizer.bos_token_id else 0] + ids[-(self.max_length - 1):]
-            example = {"index": r["index"], "input_ids": ids, "length": len(ids)}
-            if "target" in r:
-                labels = self.tokenizer(text_target=r["target"], truncation=True,
-                                        max_length=self.hparams.max_target_length)["input_ids"]
-                if not labels or labels[-1] != self.tokenizer.eos_token_id:  # the model must learn to stop
-                    labels = labels[: self.hparams.max_target_length - 1] + [self.tokenizer.eos_token_id]
-                example["labels"] = labels
-            examples.append(example)
-        return examples
-
-    def collate(self, examples: list[dict]) -> dict:
-        batch = dict(self.tokenizer.pad({"input_ids": [e["input_ids"] for e in examples]}, return_tensors="pt"))
-        batch["index"] = torch.tensor([e["index"] for e in examples])
-        if "labels" in examples[0]:
-            width = max(len(e["labels"]) for e in examples)
-            batch["labels"] = torch.tensor([e["labels"] + [IGNORE] * (width - len(e["labels"])) for e in examples])
-        return batch
-
-    def compute_loss(self, batch: dict) -> torch.Tensor:
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"]).loss
-
-    def predict_rows(self, batch: dict) -> list[dict]:
-        if not self._told_hf:
-            log.info("generation: transformers generate (the fast decoding loop covers decoder-only models)")
-            self._told_hf = True
-        cfg = self._sampling(batch)
-        extra = {"stop_strings": self.stop_strings, "tokenizer": self.tokenizer} if self.stop_strings else {}
-        new = hf_generate(self.model, batch["input_ids"], batch["attention_mask"], cfg, **extra)
-        return self._rows(batch, new)
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:
@@ -454,6 +338,11 @@ def _truncate_for_training(prompt: list[int], completion: list[int], limit: int)
         prompt = prompt[len(prompt) - keep_prompt:] if keep_prompt else []
         completion = completion[: limit - len(prompt)]
     return prompt + completion, [IGNORE] * len(prompt) + completion
+
+
+def _head_dim(config) -> int:
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None)
+    return int(getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads)
 
 
 def _as_list(value) -> list:
