@@ -210,3 +210,16 @@ def test_prompt_longer_than_context(tiny, tmp_path, run_predict, caplog):
     assert code == 0, err
     assert len(read_jsonl(out)) == 2
     assert "truncated from the left" in caplog.text
+
+
+def test_sdpa_backends_policy_through_the_module(tiny, tmp_path, run_predict, caplog):
+    code, out, err = _predict(run_predict, tmp_path, tiny("llama"), ["hi"], "--model.sdpa_backends", "[efficient]",
+                              "--model.max_new_tokens", "4")
+    assert code == 2 and "efficient: the efficient kernel exists only on CUDA GPUs" in err and not out.exists()
+    code, out, err = _predict(run_predict, tmp_path, tiny("llama"), ["hi"], "--model.sdpa_backends", "[efficient]",
+                              "--model.attention_strict", "false", "--model.max_new_tokens", "4")
+    assert code == 0, err
+    assert "Falling back to adding 'math'" in caplog.text
+    code, out, err = _predict(run_predict, tmp_path, tiny("llama"), ["hi"], "--model.attention", "flash_attention_2")
+    if importlib.util.find_spec("flash_attn") is None:
+        assert code == 2 and "pip install flash-attn" in err

