@@ -11,6 +11,7 @@ to the answer, and logs a warning naming the row; ``truncation: error`` stops wi
 from __future__ import annotations
 
 import logging
+import math
 from typing import Literal, Optional, Union
 
 import torch
@@ -277,7 +278,8 @@ class CausalLM(_Generator):
     def predict_rows(self, batch: dict) -> list[dict]:
         cfg = self._sampling(batch)
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        decoder = self._fast_decoder(ids.shape[0], ids.shape[1] + cfg.max_new_tokens)
+        # room for the prompt rounded up to 64 columns: prompts of similar width then share one prefill graph
+        decoder = self._fast_decoder(ids.shape[0], math.ceil(ids.shape[1] / 64) * 64 + cfg.max_new_tokens)
         if decoder is not None:
             new = decoder.generate(ids, mask, cfg)
         else:

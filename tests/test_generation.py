@@ -223,3 +223,18 @@ def test_sdpa_backends_policy_through_the_module(tiny, tmp_path, run_predict, ca
     code, out, err = _predict(run_predict, tmp_path, tiny("llama"), ["hi"], "--model.attention", "flash_attention_2")
     if importlib.util.find_spec("flash_attn") is None:
         assert code == 2 and "pip install flash-attn" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_gpu_predict_fast_loop_equals_hf(kind, tiny, tmp_path, run_predict, caplog):
+    prompts = ["hello there", "a much longer prompt about the sea and the sky and more", "x"]
+    texts = {}
+    for decoding in ("auto", "hf"):
+        code, out, err = _predict(run_predict, tmp_path, tiny(kind), prompts, "--model.max_new_tokens", "16",
+                                  "--model.decoding", decoding, "--trainer.accelerator", "gpu")
+        assert code == 0, err
+        texts[decoding] = [r["generated_text"] for r in read_jsonl(out)]
+    assert "fast decoding loop (static KV cache" in caplog.text
+    assert texts["auto"] == texts["hf"]
