@@ -29,6 +29,7 @@ from lit_fast.data import TextDataModule
 from lit_fast.errors import ConfigError, LitFastError, OutputExistsError
 from lit_fast.module import LitTransformer
 from lit_fast.progress import ThroughputProgressBar
+from lit_fast.quantization import check_strategy_precision, explain_precision_errors
 from lit_fast.writers import PredictionWriter, check_output
 
 log = logging.getLogger("lit_fast")
@@ -72,9 +73,16 @@ class LitCLI(LightningCLI):
             out = Path(self.config.export_dir)
             if out.exists() and any(out.iterdir()) and not self.config.overwrite:
                 raise OutputExistsError(f"--export_dir {out} exists and is not empty; pass --overwrite true")
+        trainer, model = self.config.trainer, self.config.model
+        quantization = model.init_args.get("quantization") if model.get("init_args") else None
+        if quantization or trainer.get("plugins"):
+            # bitsandbytes with FSDP/DeepSpeed, two quantization routes, the plugin on CPU: say so before loading
+            check_strategy_precision(trainer.get("strategy"), trainer.get("plugins"), quantization,
+                                     trainer.get("accelerator"), trainer.get("precision"))
 
     def instantiate_trainer(self, **kwargs: Any):
-        trainer = super().instantiate_trainer(**kwargs)
+        with explain_precision_errors(getattr(self.model.hparams, "quantization", None)):
+            trainer = super().instantiate_trainer(**kwargs)
         if self.mode == "predict":
             trainer.callbacks.append(PredictionWriter(self.config.output, self.config.overwrite))
             bars = [c for c in trainer.callbacks if type(c) in (TQDMProgressBar, RichProgressBar)]

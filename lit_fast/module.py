@@ -52,6 +52,11 @@ class LitTransformer(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         parse_dtype(dtype)  # validate early: a wrong name should fail before any weights load
+        if quantization:
+            from lit_fast.quantization import check_fast_path, normalize_mode
+
+            normalize_mode(quantization)
+            check_fast_path(quantization, fast_path)
         self.source = resolve_pretrained(pretrained)
         self.tokenizer = load_tokenizer(pretrained, revision=revision, trust_remote_code=trust_remote_code)
         self.model: Optional[torch.nn.Module] = None
@@ -80,7 +85,7 @@ class LitTransformer(L.LightningModule):
 
     def build_model(self) -> torch.nn.Module:
         hp = self.hparams
-        return load_pretrained(
+        model = load_pretrained(
             hp.pretrained,
             self.auto_model_class,
             dtype=hp.dtype,
@@ -90,6 +95,11 @@ class LitTransformer(L.LightningModule):
             quantization_config=self.quantization_config(),
             **self.model_kwargs(),
         )
+        if hp.quantization:
+            from lit_fast.quantization import prepare_quantized_model
+
+            prepare_quantized_model(model, hp.quantization)  # CPU kernel guards, footprint log line
+        return model
 
     def build_empty_model(self) -> torch.nn.Module:
         """The same architecture without loading weights (for ranks that receive them from rank 0)."""
@@ -143,6 +153,9 @@ class LitTransformer(L.LightningModule):
     # ---- training ------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self._revert_fast_path()
+        # from_pretrained returns the model in eval mode and Lightning keeps a module's mode: without this,
+        # dropout would be off for the whole fine-tune
+        self.model.train()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
