@@ -88,10 +88,6 @@ class _Generator(LitTransformer):
     def on_predict_start(self) -> None:
         self.model.eval()
 
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        self.model.train()  # from_pretrained returns eval mode, and Lightning keeps the mode it finds (dropout off)
-
     def _sampling(self, batch: dict) -> SamplingConfig:
         """This batch's settings: a seed derived from its rows, so batches differ but reruns repeat."""
         eos = {self.tokenizer.eos_token_id} | set(_as_list(self.model.generation_config.eos_token_id))
