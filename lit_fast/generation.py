@@ -305,8 +305,16 @@ class CausalLM(_Generator):
             # grow to cover every batch seen so far: batches come longest first, so this rarely happens twice
             size = (max(batch_size, old.batch_size), max(length, old.max_len)) if old else (batch_size, length)
             self.decoder = old = None  # free the old cache before allocating the new one
-            self.decoder = FastDecoder(self.model, *size, compile=self.hparams.compile,
-                                       sdpa_backends=self.sdpa_backends)
+            try:
+                self.decoder = FastDecoder(self.model, *size, compile=self.hparams.compile,
+                                           sdpa_backends=self.sdpa_backends)
+            except RuntimeError as err:  # e.g. a quantized kernel that cannot be captured in a CUDA graph
+                if mode == "fast":
+                    raise
+                log.warning("generation: fast decoding failed to start (%s); using transformers generate",
+                            str(err).splitlines()[0] if str(err) else type(err).__name__)
+                self.hparams.decoding = "hf"
+                return None
             log.info("generation: fast decoding loop (static KV cache %d x %d%s%s)", self.decoder.batch_size,
                      self.decoder.max_len, ", CUDA graphs" if self.decoder.use_graph else "",
                      ", compiled" if self.hparams.compile else "")
