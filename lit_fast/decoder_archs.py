@@ -50,7 +50,9 @@ class _Llama:
         # The model's own rotary module computes the table, so every rope variant it knows (llama3, linear...) is
         # reproduced exactly; we only look rows up by position.
         positions = torch.arange(max_len, device=self.lm_head.weight.device)[None]
-        probe = torch.empty(0, device=positions.device, dtype=self.body.embed_tokens.weight.dtype)
+        emb = self.body.embed_tokens
+        dtype = emb.weight.dtype if emb.weight.is_floating_point() else emb.dtype  # 4-bit tables store uint8
+        probe = torch.empty(0, device=positions.device, dtype=dtype)
         cos, sin = self.body.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim)
 

@@ -77,8 +77,10 @@ class FastDecoder:
         if reason:
             raise UnsupportedModelError(f"fast decoding: {reason}; use decoding: hf (transformers generate)")
         model = model.get_base_model() if hasattr(model, "get_base_model") else model
-        weight = model.get_input_embeddings().weight
-        self.device, self.dtype = weight.device, weight.dtype
+        embeddings = model.get_input_embeddings()
+        weight = embeddings.weight
+        # 4-bit embedding tables (quantization.quantize_embeddings) store uint8: their module says the real dtype
+        self.device, self.dtype = weight.device, weight.dtype if weight.is_floating_point() else embeddings.dtype
         on_gpu = self.device.type == "cuda"
         if cuda_graph and not on_gpu:
             raise ConfigError("cuda_graph=True needs the model on a CUDA device")
