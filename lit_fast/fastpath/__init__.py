@@ -2,7 +2,7 @@
 
 `to_fast_path(model)` makes a Hugging Face encoder skip padding in inference: its layers run on the real tokens
 only, through PyTorch's fused encoder-layer kernel ("fused") or packed tokens with varlen flash attention
-("packed"). Training, autograd and `output_hidden_states` keep HF's own forward. See docs/fast_path.md.
+("packed"). Training, autograd and `output_hidden_states` keep HF's own forward. See README.md, "Fast path".
 """
 
 from lit_fast.fastpath.convert import (
