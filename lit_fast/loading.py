@@ -157,35 +157,33 @@ def _with_hub_errors(name: str, source: str, fn: Callable[[], Any]) -> Any:
         # transformers raises OSError for missing files and ValueError for unrecognized configs
         raise _load_error(name, source, err) from err
     except Exception as err:  # network errors from huggingface_hub/httpx are not OSError subclasses
-        if type(err).__module__.split(".")[0] in ("huggingface_hub", "httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3"):
+        network = ("huggingface_hub", "httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3")
+        if type(err).__module__.split(".")[0] in network:
             raise _load_error(name, source, err) from err
         raise
+
+
+def _from_pretrained(auto_class: Any, pretrained: str, revision: str | None, trust_remote_code: bool, **kw: Any):
+    source = resolve_pretrained(pretrained)
+    return _with_hub_errors(
+        pretrained,
+        source,
+        lambda: auto_class.from_pretrained(
+            source, revision=revision, trust_remote_code=trust_remote_code, **_hub_kwargs(source, revision), **kw
+        ),
+    )
 
 
 def load_config(pretrained: str, *, revision: str | None = None, trust_remote_code: bool = False, **kw: Any):
     from transformers import AutoConfig
 
-    source = resolve_pretrained(pretrained)
-    return _with_hub_errors(
-        pretrained,
-        source,
-        lambda: AutoConfig.from_pretrained(
-            source, revision=revision, trust_remote_code=trust_remote_code, **_hub_kwargs(source, revision), **kw
-        ),
-    )
+    return _from_pretrained(AutoConfig, pretrained, revision, trust_remote_code, **kw)
 
 
 def load_tokenizer(pretrained: str, *, revision: str | None = None, trust_remote_code: bool = False, **kw: Any):
     from transformers import AutoTokenizer
 
-    source = resolve_pretrained(pretrained)
-    return _with_hub_errors(
-        pretrained,
-        source,
-        lambda: AutoTokenizer.from_pretrained(
-            source, revision=revision, trust_remote_code=trust_remote_code, **_hub_kwargs(source, revision), **kw
-        ),
-    )
+    return _from_pretrained(AutoTokenizer, pretrained, revision, trust_remote_code, **kw)
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:

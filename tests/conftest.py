@@ -59,29 +59,29 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def _in_process(main, capsys):
+    def run(*args: str):
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
 @pytest.fixture
 def run_predict(capsys):
     """Run predict.py in this process; returns (exit code, stdout, stderr)."""
     from lit_fast.cli import predict_main
 
-    def run(*args: str):
-        code = predict_main(list(args))
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
+    return _in_process(predict_main, capsys)
 
 
 @pytest.fixture
 def run_train(capsys):
+    """Run train.py in this process; returns (exit code, stdout, stderr)."""
     from lit_fast.cli import train_main
 
-    def run(*args: str):
-        code = train_main(list(args))
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
+    return _in_process(train_main, capsys)
 
 
 def run_script(script: str, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
