@@ -121,7 +121,11 @@ class LitTransformer(L.LightningModule):
             self.model = self.build_model()
         if self.hparams.get("gradient_checkpointing"):
             # recompute each block's activations in backward: much less memory for ~30% more compute
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ---- task hooks (subclasses) ---------------------------------------------------------------------------
     def prepare_data_splits(self, splits: dict[str, list[dict]]) -> None:
