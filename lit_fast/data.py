@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from lit_fast import sharding
 from lit_fast.errors import ConfigError, InputDataError
 from lit_fast.readers import check_texts, read_columns, read_table, require_column
 
@@ -307,7 +308,7 @@ class TextDataModule(L.LightningDataModule):
         lengths = [e["length"] for e in examples]
         hp = self.hparams
         trainer = self.trainer
-        rank, world = trainer.global_rank, trainer.world_size
+        rank, world = sharding.data_parallel_rank(trainer.strategy)
         if len(examples) < world:
             raise InputDataError(f"{name} split has {len(examples)} rows, fewer than the {world} ranks; add rows")
 
@@ -343,6 +344,7 @@ class TextDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         model = self.trainer.lightning_module
+        rank, world = sharding.data_parallel_rank(self.trainer.strategy)
         dataset = _PredictBatches(self._texts, self._plan, model.encode, model.collate, self.hparams.max_tokens,
-                                  self.trainer.global_rank, self.trainer.world_size)
+                                  rank, world)
         return DataLoader(dataset, batch_size=None, num_workers=self.hparams.num_workers)

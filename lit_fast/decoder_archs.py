@@ -158,6 +158,8 @@ def unsupported_reason(model: nn.Module, max_len: int | None = None) -> str | No
     """Why the fast loop cannot run this model (``None`` when it can)."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers stay in place
     cfg = model.config
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return "the weights are sharded over devices (tensor parallel); transformers generate handles DTensors"
     if cfg.model_type not in ADAPTERS:
         return f"model type {cfg.model_type!r} has no fast-decoding adapter (supported: {', '.join(ADAPTERS)})"
     if cfg.model_type in ("mistral", "qwen2"):

@@ -75,6 +75,11 @@ class LitTransformer(L.LightningModule):
         """Extra `from_pretrained` arguments of a task (e.g. num_labels)."""
         return {}
 
+    def _strategy_kwargs(self) -> dict[str, Any]:
+        """`from_pretrained` arguments the strategy needs (tensor parallel: the plan and the device mesh)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return sharding.tensor_parallel_kwargs(strategy) if sharding.is_model_parallel(strategy) else {}
+
     def quantization_config(self) -> Any:
         mode = self.hparams.quantization
         if not mode:
@@ -94,6 +99,7 @@ class LitTransformer(L.LightningModule):
             trust_remote_code=hp.trust_remote_code,
             quantization_config=self.quantization_config(),
             **self.model_kwargs(),
+            **self._strategy_kwargs(),
         )
         if hp.quantization:
             from lit_fast.quantization import prepare_quantized_model

@@ -11,6 +11,11 @@
   model on the meta device and receive the weights when FSDP shards the model (`sync_module_states`).
 - Export: the full state dict is gathered (a collective on every rank) and rank 0 writes one ordinary
   Hugging Face model.
+
+Tensor parallel (Lightning's ModelParallelStrategy): transformers' own tensor-parallel plan for the architecture
+(`from_pretrained(tp_plan="auto", device_mesh=...)`) shards attention heads and MLP columns/rows over the
+"tensor_parallel" mesh dimension as DTensors. Every rank of a tensor-parallel group must see the same batches, so
+batches are dealt by data-parallel rank, and only the group's first rank writes predictions.
 """
 
 from __future__ import annotations
@@ -111,3 +116,33 @@ def export_consolidated(module: Any, directory: str, state: dict[str, torch.Tens
         module.export(directory)
     finally:
         module.model = original
+
+
+def is_model_parallel(strategy: Any) -> bool:
+    try:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def data_parallel_rank(strategy: Any) -> tuple[int, int]:
+    """(rank, size) over which batches are dealt: the data-parallel group under tensor parallelism, else all ranks."""
+    if is_model_parallel(strategy):
+        mesh = strategy.device_mesh["data_parallel"]
+        return mesh.get_local_rank(), mesh.size()
+    return strategy.global_rank, strategy.world_size
+
+
+def writes_predictions(strategy: Any) -> bool:
+    """Under tensor parallelism every rank of a group computes the same rows; the group's rank 0 writes them."""
+    if is_model_parallel(strategy):
+        return strategy.device_mesh["tensor_parallel"].get_local_rank() == 0
+    return True
+
+
+def tensor_parallel_kwargs(strategy: Any) -> dict[str, Any]:
+    """`from_pretrained` arguments that shard the model by transformers' tensor-parallel plan."""
+    mesh = strategy.device_mesh["tensor_parallel"]
+    log.info("tensor parallel: sharding over %d rank(s) with transformers' plan for this architecture", mesh.size())
+    return {"tp_plan": "auto", "device_mesh": mesh}

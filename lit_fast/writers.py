@@ -19,6 +19,7 @@ from typing import Any, Optional
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from lit_fast import sharding
 from lit_fast.errors import ConfigError, LitFastError, OutputExistsError
 from lit_fast.progress import Throughput
 
@@ -102,6 +103,8 @@ class PredictionWriter(BasePredictionWriter):
         return rows
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        if not sharding.writes_predictions(trainer.strategy):
+            return  # a tensor-parallel peer: its group's first rank writes these rows
         self.throughput.add(batch)
         rows = self._rows(trainer, prediction)
         if self.format == ".jsonl":

@@ -118,7 +118,8 @@ def test_every_rank_gets_rows_and_training_ranks_get_equal_steps():
             dm.examples = {"fit": [{"index": i, "length": 1 + i % 9} for i in range(37)],
                            "val": [{"index": i, "length": 1 + i % 5} for i in range(7)]}
             model = SimpleNamespace(collate=lambda ex: [e["index"] for e in ex])
-            dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, current_epoch=0, lightning_module=model)
+            dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, current_epoch=0, lightning_module=model,
+                                         strategy=SimpleNamespace(global_rank=rank, world_size=world))
             val = list(dm._loader("val", shuffle=False).dataset)
             assert val, "a rank without validation rows"
             seen += [i for b in val for i in b]

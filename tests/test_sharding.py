@@ -121,3 +121,39 @@ def test_finetune_fsdp_config_on_one_gpu(tmp_path, tiny_llama_dir):
     assert proc.returncode == 0, proc.stderr[-4000:]
     units = [line for line in proc.stderr.splitlines() if "FSDP: one unit per" in line]
     assert units and "LlamaDecoderLayer" in units[0]
+
+
+def test_tensor_parallel_generation_on_two_cpu_processes(tmp_path, tiny_llama_dir):
+    """configs/generate-tp.yaml: ModelParallelStrategy shards the decoder by transformers' tensor-parallel plan
+    (DTensor over gloo here); greedy text equals one process, each row written once."""
+    from conftest import read_jsonl, run_script, write_jsonl
+
+    prompts = ["hello there", "a much longer prompt about the sea and the sky and the", "x", "name three colors",
+               "what is two plus two"]
+    data = write_jsonl(tmp_path / "p.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(prompts)])
+    common = ["--config", str(ROOT / "configs/generate-tp.yaml"), "--model.pretrained", tiny_llama_dir,
+              "--model.dtype", "float32", "--model.max_new_tokens", "10", "--data.path", str(data),
+              "--data.batch_size", "2", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true"]
+    env = {"OMP_NUM_THREADS": "1"}
+    tp = run_script("predict.py", *common, "--trainer.devices", "2", "--output", str(tmp_path / "tp.jsonl"), env=env)
+    assert tp.returncode == 0, tp.stderr[-3000:]
+    assert tp.stderr.count("tensor parallel: sharding over 2 rank(s)") == 2
+    one = run_script("predict.py", *common, "--trainer.devices", "1", "--trainer.strategy", "auto",
+                     "--output", str(tmp_path / "one.jsonl"), env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    rows = read_jsonl(tmp_path / "tp.jsonl")
+    assert [r["index"] for r in rows] == list(range(5)) and all(r["generated_text"] for r in rows)
+    assert (tmp_path / "tp.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+
+
+def test_fast_decoding_declines_sharded_weights():
+    from torch.distributed.tensor import DTensor
+
+    from lit_fast.decoder_archs import unsupported_reason
+
+    model = _tiny_llama()
+    assert unsupported_reason(model) is None
+    fake = type("DTensor", (torch.nn.Parameter,), {})  # only the type name matters to the check
+    model.model.layers[0].mlp.down_proj.weight = fake(model.model.layers[0].mlp.down_proj.weight.data)
+    assert "tensor parallel" in unsupported_reason(model)
+    assert DTensor.__name__ == "DTensor"
