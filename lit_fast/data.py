@@ -193,11 +193,10 @@ class TextDataModule(L.LightningDataModule):
         targets = require_column(columns, hp.target_column, file, "target") if need_target else None
         ids = require_column(columns, hp.id_column, file, "id") if hp.id_column else None
         keep = set(hp.keep_labels) if (hp.keep_labels and labels is not None) else None
-        records, skipped = [], 0
+        records = []
         for i in range(n):
             if keep is not None and str(labels[i]) not in keep:
-                skipped += 1  # rows of other labels are not used at all (counted in the log below)
-                continue
+                continue  # rows of other labels are not used at all (counted in the log below)
             text = texts[i]
             if text is None or (isinstance(text, str) and not text.strip()):
                 if not hp.allow_empty_text:

@@ -86,16 +86,15 @@ class Embedder(_EncoderTask):
             fast_path: encoder fast path for predict (auto picks the fastest correct path; off keeps HF).
             quantization: bitsandbytes weights: nf4, nf4-dq, fp4, fp4-dq or int8.
         """
-        st = read_sentence_transformers_config(resolve_source(pretrained))
         super().__init__(
             pretrained, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, attention=attention,
             fast_path=fast_path, quantization=quantization, max_length=max_length,
         )
+        st = read_sentence_transformers_config(self.source)  # {} for a hub id or a plain HF directory
         self.default_max_length = st.get("max_length")
         self.pooling = pooling or st.get("pooling", "mean")
         self.normalize = st.get("normalize", False) if normalize is None else normalize
         self.lower_case = st.get("do_lower_case", False)
-        self.st_config = st
         log.info("embedder: pooling=%s normalize=%s max_length=%d", self.pooling, self.normalize, self.max_length)
 
     def embed(self, batch: dict) -> torch.Tensor:
@@ -124,12 +123,6 @@ class Embedder(_EncoderTask):
         (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling_cfg, indent=2))
         (out / "sentence_bert_config.json").write_text(
             json.dumps({"max_seq_length": self.max_length, "do_lower_case": self.lower_case}, indent=2))
-
-
-def resolve_source(pretrained: str) -> str:
-    from lit_fast.loading import resolve_pretrained
-
-    return resolve_pretrained(pretrained)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str, normalize: bool) -> torch.Tensor:
