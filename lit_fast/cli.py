@@ -156,7 +156,19 @@ def _run(mode: str, body, args: Any = None) -> int:
             print(f"error: invalid configuration: {_config_message(err)} (see --help)", file=sys.stderr)
         else:
             raise
+    finally:
+        _leave_process_group()
     return 2
+
+
+def _leave_process_group() -> None:
+    """Tear down torch.distributed before the interpreter exits. Left to the interpreter's exit, the process
+    group's threads were destroyed while still joinable and a rank aborted after its work was done
+    ("terminate called without an active exception"; seen with gloo under torchrun)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def predict_main(args: Any = None) -> int:
