@@ -133,12 +133,17 @@ def test_cuda_graphs_match_eager_reuse_their_capture_and_follow_the_weights():
         assert_close_on_tokens(graphed(input_ids=ids, attention_mask=mask).last_hidden_state,
                                eager(input_ids=ids, attention_mask=mask).last_hidden_state, mask, atol=1e-3)
         assert len(stack.graphed.graphs) == 2
+        for target in (graphed, eager):  # q/k/v are read as one concatenated copy: an update makes a new capture
+            target.encoder.layer[0].attention.self.key.weight.mul_(0.5)
+        assert_close_on_tokens(graphed(input_ids=ids, attention_mask=mask).last_hidden_state,
+                               eager(input_ids=ids, attention_mask=mask).last_hidden_state, mask, atol=1e-3)
+        assert len(stack.graphed.graphs) == 3
         for target in (graphed, eager):  # a replaced weight gets a new capture
             layer = target.encoder.layer[1].output.dense
             layer.weight = torch.nn.Parameter(layer.weight.detach() * 0.5)
         assert_close_on_tokens(graphed(input_ids=ids, attention_mask=mask).last_hidden_state,
                                eager(input_ids=ids, attention_mask=mask).last_hidden_state, mask, atol=1e-3)
-        assert len(stack.graphed.graphs) == 3
+        assert len(stack.graphed.graphs) == 4
 
 
 def test_choose_backend_on_cuda():
@@ -180,3 +185,31 @@ def test_real_minilm_sentence_embeddings_in_fp16_and_bf16():
             got = embed(model, batch)
             assert paths_run(model) == {"packed"}
             assert (got - expected).abs().max() <= HALF_ATOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("rows,width", [(0, 768), (1, 768), (333, 768), (70, 1000), (5, 4096)])
+def test_triton_add_layer_norm_equals_pytorch(dtype, rows, width):
+    """The fused residual + LayerNorm kernel computes LayerNorm(x + y) (in fp32 inside: at least as close to an
+    fp32 reference as PyTorch's two kernels, which round the sum to the input dtype first)."""
+    from lit_fast.fastpath import kernels
+
+    assert kernels.triton is not None, "Triton is part of the CUDA PyTorch install"
+    torch.manual_seed(rows + width)
+    norm = torch.nn.LayerNorm(width, eps=1e-12).cuda().to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+        norm.bias.normal_(0.0, 0.2)
+    x = torch.randn(rows, width, device="cuda", dtype=dtype) * 3 + 1
+    y = torch.randn(rows, width, device="cuda", dtype=dtype)
+    with torch.inference_mode():
+        assert kernels._kernel_fits(x, y, norm)
+        got = kernels.add_layer_norm(x, y, norm)
+        exact = torch.nn.functional.layer_norm(x.double() + y.double(), (width,), norm.weight.double(),
+                                               norm.bias.double(), norm.eps)
+        torch_way = torch.nn.functional.layer_norm(x + y, (width,), norm.weight, norm.bias, norm.eps)
+    assert got.shape == (rows, width) and got.dtype == dtype
+    if rows:
+        ours, theirs = ((t.double() - exact).abs().max().item() for t in (got, torch_way))
+        ulp = torch.finfo(dtype).eps * exact.abs().max().item()  # one unit in the last place at the largest output
+        assert ours <= theirs + ulp, f"fused kernel {ours:.3g} vs PyTorch {theirs:.3g} off the fp64 result"

@@ -15,6 +15,7 @@ from torch import nn
 from lit_fast.errors import ConfigError, UnsupportedModelError
 from lit_fast.fastpath import policy
 from lit_fast.fastpath.adapters import ADAPTERS, Adapter, adapter_for, unsupported_feature
+from lit_fast.fastpath.layers import drop_fused_qkv
 from lit_fast.fastpath.stack import FastStack
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def revert_fast_path(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module.__dict__.get("forward"), FastStack):
             del module.forward
+    drop_fused_qkv(model)
     return model
 
 

@@ -13,7 +13,8 @@ sequence at the end, which attention keeps to itself and which is cut off afterw
 power-of-two `max_len` bound. (The filler sequence may be longer than that bound; attention then leaves part of
 it unwritten, which only ever touches filler rows: every other op works row by row.) Graphs are keyed by (batch, bucket, max-len bound, dtype) and by the data
 pointers of every weight: in-place updates (optimizer steps, `load_state_dict`) are read by the next replay, and
-a weight that moved (`.to()`, a reassigned Parameter) makes a new graph. All graphs of a stack share one memory
+a weight that moved (`.to()`, a reassigned Parameter) makes a new graph; the q/k/v weights, which the layers read
+as one concatenated copy, are keyed by their version counters too, so an in-place update of them makes a new graph. All graphs of a stack share one memory
 pool; outputs are copied out before the next replay can overwrite them.
 """
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lit_fast.fastpath import layers as fast_layers
 from lit_fast.fastpath.layers import LayerParts, packed_layer
 from lit_fast.fastpath.padding import Packing
 
@@ -63,7 +65,8 @@ class GraphedLayers:
         count = packing.num_tokens
         bucket, bound = bucket_tokens(count + 1), bucket_max_len(packing.max_len)  # >= 1 filler token
         weights = tuple(t.data_ptr() for parts in layers for t in _weights(parts))
-        key = (packing.batch, bucket, bound, tokens.dtype, tokens.shape[-1], tokens.device, weights)
+        key = (packing.batch, bucket, bound, tokens.dtype, tokens.shape[-1], tokens.device, weights,
+               _qkv_versions(layers))
         entry = self.graphs.get(key) or self._capture(key, tokens, packing, layers, bucket, bound)
         entry.tokens[:count].copy_(tokens)
         entry.cu_seqlens[: packing.batch + 1].copy_(packing.cu_seqlens)
@@ -100,6 +103,20 @@ class GraphedLayers:
         entry = _Graph(graph, static_tokens, static_cu, out)
         self.graphs[key] = entry
         return entry
+
+
+def _qkv_versions(layers: list[LayerParts]) -> tuple[int, ...]:
+    """Version counters of the q/k/v tensors: a graph reads their concatenation (layers.fused_qkv), a copy that an
+    in-place update replaces, so such an update needs a new capture. Other weights are read in place."""
+    if not fast_layers.FUSE_QKV:
+        return ()
+    versions = []
+    for parts in layers:
+        for module in (parts.query, parts.key, parts.value):
+            for t in (module.weight, module.bias):
+                if t is not None:
+                    versions.append(0 if t.is_inference() else t._version)
+    return tuple(versions)
 
 
 def _weights(parts: LayerParts):

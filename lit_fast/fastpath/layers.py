@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_fast.fastpath import kernels
 from lit_fast.fastpath.padding import Packing
 
 try:  # flash-attention over packed sequences; torch >= 2.10 with CUDA
@@ -33,6 +34,13 @@ except ImportError:  # pragma: no cover - older torch
     varlen_attn = None
 
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+
+# q/k/v as one GEMM over concatenated weights (see fused_qkv); a switch for benchmarks, leave it on.
+FUSE_QKV = True
+QKV_CACHE = "_lit_fast_qkv"
+# Which kernel runs varlen attention on CUDA: "flash" (torch.nn.attention.varlen) or "cudnn" (explored in
+# bench/w1_profile.py; torch's varlen API keeps it off).
+VARLEN_KERNEL = "flash"  # the attribute of the query module that remembers the concatenation
 
 # oneDNN's linear (with its fused GELU) for CPU fp32. ONEDNN_LINEAR is a switch so that the CPU benchmark can
 # show what oneDNN contributes; leave it on.
@@ -72,23 +80,62 @@ def packed_layer(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.
 
 
 def add_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    """LayerNorm(x + y), the post-LN residual step."""
-    return F.layer_norm(x + y, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    """LayerNorm(x + y), the post-LN residual step (one fused kernel on CUDA, see kernels.py)."""
+    return kernels.add_layer_norm(x, y, norm)
 
 
 def self_attention(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:
     """Multi-head self-attention of every sequence with itself; (tokens, hidden) -> (tokens, hidden)."""
     heads = parts.num_heads
-    q = linear(x, parts.query).unflatten(-1, (heads, -1))
-    k = linear(x, parts.key).unflatten(-1, (heads, -1))
-    v = linear(x, parts.value).unflatten(-1, (heads, -1))
+    if FUSE_QKV and not torch.is_grad_enabled():
+        weight, bias = fused_qkv(parts)
+        q, k, v = matmul(x, weight, bias).unflatten(-1, (3, heads, -1)).unbind(1)
+    else:
+        q = linear(x, parts.query).unflatten(-1, (heads, -1))
+        k = linear(x, parts.key).unflatten(-1, (heads, -1))
+        v = linear(x, parts.value).unflatten(-1, (heads, -1))
     return linear(attend(q, k, v, packing).flatten(-2), parts.out)
+
+
+def fused_qkv(parts: LayerParts) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The q/k/v weights (and biases) concatenated, so that one GEMM computes all three projections.
+
+    One GEMM three times as wide keeps the GPU busier than three (fewer launches, fewer partial waves). The
+    concatenation is remembered on the query module, keyed by the address and the version counter of every
+    source tensor: any in-place update (an optimizer step, `load_state_dict`, `copy_`) bumps a version and `.to()`
+    moves an address, so a stale copy is never used. Tensors without a version counter (made under
+    `torch.inference_mode`) are concatenated on every call.
+    """
+    modules = (parts.query, parts.key, parts.value)
+    sources = [m.weight for m in modules] + [m.bias for m in modules if m.bias is not None]
+    try:
+        key = tuple((t.data_ptr(), t._version) for t in sources)
+    except RuntimeError:  # inference tensors track no versions
+        key = None
+    cached = parts.query.__dict__.get(QKV_CACHE)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    weight = torch.cat([m.weight for m in modules])
+    bias = None
+    if any(m.bias is not None for m in modules):
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules])
+    if key is not None:
+        parts.query.__dict__[QKV_CACHE] = (key, weight, bias)  # a plain attribute: not a parameter or buffer
+    return weight, bias
+
+
+def drop_fused_qkv(module: nn.Module) -> None:
+    """Forget every remembered q/k/v concatenation under `module` (revert_fast_path)."""
+    for sub in module.modules():
+        sub.__dict__.pop(QKV_CACHE, None)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) -> torch.Tensor:
     """Softmax attention within each packed sequence; q, k, v and the result are (tokens, heads, head_dim)."""
     if varlen_attn is not None and q.is_cuda and q.dtype in VARLEN_DTYPES:
         cu, longest = packing.cu_seqlens, packing.max_len
+        if VARLEN_KERNEL == "cudnn":
+            return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, longest, longest, False)[0]
         return varlen_attn(q, k, v, cu, cu, longest, longest)
     # Elsewhere (CPU, fp32): one SDPA call per sequence. Each call sees only its own tokens, so no mask is needed
     # and no FLOP is spent on padding; SDPA picks its fused CPU kernel.
@@ -121,13 +168,16 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
     far under bf16's (7.8e-3) there, and it saves a read and a write of the widest activation (W1: ~1 ms of 11).
     The weights are read as they are (no pre-packed copy to go stale).
     """
+    return matmul(x, layer.weight, layer.bias, gelu)
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """`x @ weight.T + bias` (then GELU when `gelu`) on the fastest kernel for the device, see `linear`."""
     if _onednn_fits(x):
-        return torch.ops.mkldnn._linear_pointwise(
-            x, layer.weight, layer.bias, "gelu" if gelu else "none", [], "none" if gelu else ""
-        )
-    if gelu and x.is_cuda and x.dtype in VARLEN_DTYPES and layer.bias is not None and not torch.is_grad_enabled():
-        return torch._addmm_activation(layer.bias, x, layer.weight.t(), use_gelu=True)
-    y = F.linear(x, layer.weight, layer.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+    if gelu and x.is_cuda and x.dtype in VARLEN_DTYPES and bias is not None and not torch.is_grad_enabled():
+        return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+    y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
 
 

@@ -75,7 +75,8 @@ def plan(valid: torch.Tensor | None, batch: int, seq_len: int, device: torch.dev
     longest = max(host_lengths, default=0)
     if all(length == seq_len for length in host_lengths):
         return Packing(batch, seq_len, None, cu_seqlens, host_lengths, longest)
-    indices = valid.reshape(-1).nonzero().squeeze(1)
+    # The host knows how many tokens there are, so the gather indices need no second wait for the device.
+    indices = torch.nonzero_static(valid.reshape(-1), size=sum(host_lengths)).squeeze(1)
     return Packing(batch, seq_len, indices, cu_seqlens, host_lengths, longest)
 
 

@@ -64,6 +64,7 @@ class FastStack:
             self.last_path = "hf: no backend measured faster on this device and dtype"
             return self.hf_forward(*args, **kwargs)
         batch, seq_len = hidden.shape[:2]
+        layers = self.layer_parts()  # host work before plan() waits for the device, not after it
         valid = padding.valid_tokens(mask, batch, seq_len)
         packing = padding.plan(valid, batch, seq_len, hidden.device)
         if self.backend == "auto" and not policy.pays_off(backend, hidden.device, packing.padding_fraction):
@@ -72,15 +73,15 @@ class FastStack:
 
         self.last_path = backend
 
-        out = self.run(hidden, valid, packing, backend)
+        out = self.run(hidden, valid, packing, backend, layers)
         return out if self.adapter.output is None else self.adapter.output(last_hidden_state=out)
 
-    def run(self, hidden: torch.Tensor, valid: torch.Tensor | None, packing: padding.Packing, backend: str):
+    def run(self, hidden: torch.Tensor, valid: torch.Tensor | None, packing: padding.Packing, backend: str,
+            layers: list[LayerParts]):
         """The fast path proper: prologue, pack, layers, epilogue, unpack."""
         if self.adapter.prologue is not None:
             hidden = self.adapter.prologue(self.owner, hidden, valid)
         tokens = padding.pack(hidden, packing)
-        layers = self.layer_parts()
         if backend == "packed" and self._graphs_apply(tokens):
             tokens = self._run_graphed(tokens, packing, layers)
         elif backend == "packed":

@@ -1,0 +1,123 @@
+"""W1 on the GPU, one step at a time: which kernel fusions of the packed path pay, and where the time goes.
+
+Same model, batch and protocol as bench/w1_encoder.py (BERT-base shape, batch 128, the W1 length mix, CUDA events,
+median of `--reps`), but only the W1 scenario, with the packed path's switches flipped one by one:
+
+  packed-3gemm     q/k/v as three GEMMs, residual add and LayerNorm as two PyTorch kernels (the old layer)
+  +fused_qkv       q/k/v as one GEMM over the concatenated weights (layers.FUSE_QKV)
+  +triton_norm     residual add + LayerNorm as one Triton kernel (kernels.TRITON_ADD_NORM): today's default
+  +graphs          the same, replayed as a CUDA graph (`cuda_graphs=True`)
+  +cudnn_attn      the default with cuDNN's varlen attention instead of flash (layers.VARLEN_KERNEL)
+
+then a torch.profiler table of today's default (self CUDA time per kernel, summed over 5 forwards). Correctness in
+the same run: max abs diff against HF eager in fp32 on the real tokens.
+
+    PYTHONPATH=$PWD python3 bench/w1_profile.py --out bench/results/w1_profile_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from w1_encoder import DTYPES, batch_for, bert_base, environment, matmul_peak_tflops, real_flops, time_ms  # noqa: E402
+
+from lit_fast.fastpath import kernels, layers, to_fast_path  # noqa: E402
+
+STEPS = {  # name -> (FUSE_QKV, TRITON_ADD_NORM, VARLEN_KERNEL, cuda_graphs)
+    "packed-3gemm": (False, False, "flash", False),
+    "+fused_qkv": (True, False, "flash", False),
+    "+triton_norm": (True, True, "flash", False),
+    "+graphs": (True, True, "flash", True),
+    "+cudnn_attn": (True, True, "cudnn", False),
+}
+DEFAULT = (True, True, "flash")
+
+
+def switches(fuse: bool, triton_norm: bool, varlen_kernel: str) -> None:
+    layers.FUSE_QKV, kernels.TRITON_ADD_NORM, layers.VARLEN_KERNEL = fuse, triton_norm, varlen_kernel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"])
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", default=str(ROOT / "bench/results/w1_profile.json"))
+    parser.add_argument("--trace", help="also write a chrome trace of the default path per dtype (path prefix)")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    peak = matmul_peak_tflops()
+    ids, mask = batch_for("w1")
+    real = mask.bool()
+    floor_ms = real_flops(mask) / (peak * 1e12) * 1e3
+    rows, profile_text = [], ""
+    reference_model = bert_base().cuda()
+    reference_model.config._attn_implementation = "eager"
+    with torch.inference_mode():
+        reference = reference_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    for name in args.dtypes:
+        base = bert_base().cuda().to(DTYPES[name])
+        variants = {"hf_sdpa": (base, None)}
+        for step, (*flags, graphs) in STEPS.items():
+            variants[step] = (to_fast_path(copy.deepcopy(base), "packed", cuda_graphs=graphs), tuple(flags))
+        times = {}
+        for step, (model, flags) in variants.items():
+            switches(*(flags or DEFAULT))
+            try:
+                with torch.inference_mode():
+                    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+                    samples = time_ms(lambda: model(input_ids=ids, attention_mask=mask), args.warmup, args.reps)
+            except RuntimeError as failure:  # an explored kernel this build cannot run
+                print(f"{name} {step}: failed: {failure}", flush=True)
+                continue
+            diff = (out[real].float() - reference[real]).abs().max().item()
+            times[step] = statistics.median(samples)
+            rows.append({"dtype": name, "variant": step, "median_ms": times[step], "times_ms": samples,
+                         "max_abs_diff_vs_fp32_eager": diff})
+            print(f"{name} {step}: {times[step]:.2f} ms, diff {diff:.1e}", flush=True)
+        for row in rows:
+            if row["dtype"] == name and "hf_sdpa" in times:
+                row["speedup_vs_hf_sdpa"] = times["hf_sdpa"] / row["median_ms"]
+                row["floor_percent"] = 100 * floor_ms / row["median_ms"]
+        switches(*DEFAULT)
+        model = variants["+triton_norm"][0]
+        if args.trace:  # host and device timeline of two forwards (chrome://tracing or ui.perfetto.dev)
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.inference_mode(), torch.profiler.profile(activities=activities) as prof:
+                for _ in range(2):
+                    model(input_ids=ids, attention_mask=mask)
+                torch.cuda.synchronize()
+            prof.export_chrome_trace(str(Path(args.trace).with_suffix(f".{name}.json")))
+        with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                model(input_ids=ids, attention_mask=mask)
+            torch.cuda.synchronize()
+        text = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+        profile_text += f"\n### {name} +triton_norm, 5 forwards\n{text}\n"
+        del variants, base
+        torch.cuda.empty_cache()
+    report = {"workload": "W1 (profile)", "environment": environment(peak), "floor_ms": floor_ms, "rows": rows,
+              "profile": profile_text}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(profile_text)
+    print(f"floor {floor_ms:.2f} ms")
+    print("| dtype | variant | median ms | vs HF sdpa | % of floor | max abs diff vs fp32 eager |\n|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['dtype']} | {row['variant']} | {row['median_ms']:.2f} | {row['speedup_vs_hf_sdpa']:.2f}x | "
+              f"{row['floor_percent']:.0f}% | {row['max_abs_diff_vs_fp32_eager']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
