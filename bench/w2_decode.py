@@ -86,8 +86,12 @@ def gpu_busy(fn) -> dict | None:
             fn()
             torch.cuda.synchronize()
             wall = time.perf_counter() - start
-        kernels = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
-        return {"kernel_s": round(kernels, 5), "wall_s": round(wall, 5), "pct": round(100 * kernels / wall, 1)}
+        events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        kernels = sum(e.self_device_time_total for e in events) / 1e6
+        top = sorted(events, key=lambda e: -e.self_device_time_total)[:16]  # where a call's device time goes
+        return {"kernel_s": round(kernels, 5), "wall_s": round(wall, 5), "pct": round(100 * kernels / wall, 1),
+                "launches": sum(e.count for e in events),
+                "top": [[e.key[:90], e.count, round(e.self_device_time_total)] for e in top]}
     except Exception as err:  # diagnostics only
         return {"error": str(err)[:200]}
 
@@ -156,7 +160,7 @@ def bench_shape(name: str, args, bandwidth: float, deadline: float) -> dict:
                     t, times = timed(lambda: decoder.generate(ids, mask, cfg), args.warmup, args.reps)
                     # one replay alone (the slot is reset so that 50 replays stay inside the cache)
                     step, _ = timed(lambda: (decoder.slot.fill_(PROMPT), decoder.step()), 3, 50)
-                    busy = gpu_busy(lambda: decoder.generate(ids, mask, cfg)) if variant == "graph+compile" else None
+                    busy = gpu_busy(lambda: decoder.generate(ids, mask, cfg)) if variant != "graph-unfused" else None
                 row[variant] = {"s": t, "tok_s": batch * NEW / t, "ratio_vs_hf": row["hf"]["s"] / t,
                                 "build_s": round(build, 1), "step_ms": round(step * 1e3, 3),
                                 "bf16_agreement": agreement(ours, hf_tokens),
@@ -168,7 +172,7 @@ def bench_shape(name: str, args, bandwidth: float, deadline: float) -> dict:
             except Exception as err:  # a benchmark records a failing variant and goes on with the others
                 row[variant] = {"error": f"{type(err).__name__}: {err}"[:500]}
         result[f"batch{batch}"] = row
-        print(json.dumps({name: {f"batch{batch}": {k: {kk: vv for kk, vv in v.items() if kk != "times"}
+        print(json.dumps({name: {f"batch{batch}": {k: {kk: vv for kk, vv in v.items() if kk not in ("times", "gpu_busy")}
                                                     for k, v in row.items()}}}), flush=True)
     del model
     if DEVICE == "cuda":

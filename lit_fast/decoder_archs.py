@@ -12,29 +12,61 @@ loop passes in (our static KV cache). The differences between families are writt
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-def _qkv(q: nn.Module, k: nn.Module, v: nn.Module, fuse: bool):
-    """A function h -> (q, k, v) projections.
+def _qkv(q: nn.Module, k: nn.Module, v: nn.Module, fuse: bool, q_scale: float = 1.0):
+    """A function h -> (q, k, v, kv) of projections, and whether q comes out already multiplied by ``q_scale``.
 
     With ``fuse`` and three plain ``nn.Linear`` layers, one matmul over concatenated weights: at batch 1 each matmul
-    costs a kernel launch worth more than its arithmetic. The concatenated weight is a copy made now; a
-    FastDecoder lives for one predict run, so training never leaves it stale. LoRA or quantized layers are called
-    as they are.
+    costs a kernel launch worth more than its arithmetic. Its k and v columns sit side by side, and ``kv`` is that
+    (…, 2 * kv_size) slice, a view (None when not fused), which `_pair_kv` turns into the cache's layout without a
+    copy. A ``q_scale`` that is a power of two is folded into the q rows of the concatenated weight and bias:
+    scaling by a power of two is exact in floating point, so this gives bit for bit what scaling the projection
+    afterwards gives, one kernel fewer. The concatenated weight is a copy made now; a FastDecoder lives for one
+    predict run, so training never leaves it stale. LoRA or quantized layers are called as they are.
     """
     if not (fuse and all(type(m) is nn.Linear for m in (q, k, v))):
-        return lambda h: (q(h), k(h), v(h))
-    weight = torch.cat([q.weight, k.weight, v.weight])
+        return (lambda h: (q(h), k(h), v(h), None)), False
+    fold = q_scale != 1.0 and math.frexp(q_scale)[0] == 0.5  # a power of two
+    factor = q_scale if fold else 1.0
+    weight = torch.cat([q.weight * factor, k.weight, v.weight])
     bias = None
     if q.bias is not None or k.bias is not None or v.bias is not None:
-        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in (q, k, v)])
-    sizes = [q.out_features, k.out_features, v.out_features]
-    return lambda h: F.linear(h, weight, bias).split(sizes, dim=-1)
+        biases = [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in (q, k, v)]
+        bias = torch.cat([biases[0] * factor, biases[1], biases[2]])
+    q_size, k_size = q.out_features, k.out_features
+
+    def project(h: Tensor):
+        out = F.linear(h, weight, bias)
+        return out[..., :q_size], out[..., q_size:q_size + k_size], out[..., q_size + k_size:], out[..., q_size:]
+
+    return project, fold
+
+
+def _pair_kv(k: Tensor, v: Tensor, kv: Tensor | None, kv_heads: int) -> Tensor:
+    """k and v (B, T, kv_heads * D) as one (B, T, 2, kv_heads, D) tensor, the layout of FastDecoder's cache: a view
+    of ``kv`` (k's and v's columns side by side in one buffer) when there is one, else a copy."""
+    if kv is not None:
+        return kv.unflatten(-1, (2, kv_heads, -1))
+    return torch.stack((k, v), dim=2).unflatten(-1, (kv_heads, -1))
+
+
+def _mlp_relu(fc1: nn.Module, fc2: nn.Module, h: Tensor) -> Tensor | None:
+    """fc2(relu(fc1(h))) with the ReLU in fc1's GEMM epilogue (one kernel fewer), for plain half-precision CUDA
+    linears; None where it does not apply. fp32 keeps the separate kernels so that greedy tokens stay exactly HF's."""
+    if not (type(fc1) is nn.Linear and fc1.bias is not None and h.is_cuda
+            and h.dtype in (torch.float16, torch.bfloat16) and fc1.weight.dtype == h.dtype):
+        return None
+    hidden = torch._addmm_activation(fc1.bias, h.reshape(-1, h.shape[-1]), fc1.weight.t())
+    return fc2(hidden.view(*h.shape[:-1], -1))
 
 # `positional(positions)` returns what blocks need about positions (rotary tables or nothing);
-# `attend(i, q, k, v, scale)` (ours, in FastDecoder.forward) stores k/v in layer i's cache and attends over it.
+# `attend(i, q, kv, scale)` (ours, in FastDecoder.forward) stores kv (B, T, 2, kv_heads, D) in layer i's cache and
+# attends q (B, heads, T, D) over it.
 
 
 class _Llama:
@@ -43,7 +75,7 @@ class _Llama:
     def __init__(self, model: nn.Module, max_len: int, fuse: bool) -> None:
         cfg, self.body, self.lm_head = model.config, model.model, model.lm_head
         self.layers = list(self.body.layers)
-        self.qkv = [_qkv(a.q_proj, a.k_proj, a.v_proj, fuse) for a in (layer.self_attn for layer in self.layers)]
+        self.qkv = [_qkv(a.q_proj, a.k_proj, a.v_proj, fuse)[0] for a in (layer.self_attn for layer in self.layers)]
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5
@@ -71,8 +103,11 @@ class _Llama:
     def block(self, i: int, x: Tensor, rope: tuple[Tensor, Tensor], attend) -> Tensor:
         layer, B, T = self.layers[i], x.shape[0], x.shape[1]
         attn = layer.self_attn
-        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.qkv[i](layer.input_layernorm(x)))
-        y = attend(i, self._rotate(q, rope), self._rotate(k, rope), v, self.scale)
+        q, k, v, _ = self.qkv[i](layer.input_layernorm(x))  # k is rotated below: no view of k and v together
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
+        cos, sin = rope  # (B, 1, T, D): heads before time; k stays time before heads, the cache's layout
+        k = self._rotate(k, (cos.transpose(1, 2), sin.transpose(1, 2)))
+        y = attend(i, self._rotate(q.transpose(1, 2), rope), torch.stack((k, v), dim=2), self.scale)
         x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
@@ -86,11 +121,14 @@ class _OPT:
     def __init__(self, model: nn.Module, max_len: int, fuse: bool) -> None:
         cfg, self.body, self.lm_head = model.config, model.model.decoder, model.lm_head
         self.layers = list(self.body.layers)
-        self.qkv = [_qkv(a.q_proj, a.k_proj, a.v_proj, fuse) for a in (layer.self_attn for layer in self.layers)]
         self.heads = self.kv_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.pre_norm = cfg.do_layer_norm_before
         self.scale = self.head_dim**-0.5
+        # HF scales q after its projection, then attends with scale 1; a power-of-two scale is folded into q's rows
+        self.qkv, self.q_scaled = zip(*(_qkv(a.q_proj, a.k_proj, a.v_proj, fuse, self.scale)
+                                        for a in (layer.self_attn for layer in self.layers)))
+        self.relu = isinstance(self.layers[0].activation_fn, nn.ReLU)
 
     def positional(self, positions: Tensor) -> None:
         return None
@@ -104,14 +142,16 @@ class _OPT:
     def block(self, i: int, x: Tensor, _: None, attend) -> Tensor:
         layer, B, T = self.layers[i], x.shape[0], x.shape[1]
         attn = layer.self_attn
-        q, k, v = self.qkv[i](layer.self_attn_layer_norm(x) if self.pre_norm else x)
-        q = q * self.scale  # HF scales q before attention, then attends with scale 1
-        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        x = x + attn.out_proj(attend(i, q, k, v, 1.0).transpose(1, 2).reshape(B, T, -1))
+        q, k, v, kv = self.qkv[i](layer.self_attn_layer_norm(x) if self.pre_norm else x)
+        if not self.q_scaled[i]:
+            q = q * self.scale  # HF scales q before attention, then attends with scale 1
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
+        x = x + attn.out_proj(attend(i, q, _pair_kv(k, v, kv, self.kv_heads), 1.0).transpose(1, 2).reshape(B, T, -1))
         if not self.pre_norm:
             x = layer.self_attn_layer_norm(x)
         h = layer.final_layer_norm(x) if self.pre_norm else x
-        x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
+        mlp = _mlp_relu(layer.fc1, layer.fc2, h) if self.relu else None
+        x = x + (mlp if mlp is not None else layer.fc2(layer.activation_fn(layer.fc1(h))))
         return x if self.pre_norm else layer.final_layer_norm(x)
 
     def head(self, x: Tensor) -> Tensor:
@@ -141,10 +181,12 @@ class _GPT2:
 
     def block(self, i: int, x: Tensor, _: None, attend) -> Tensor:
         layer, B, T = self.layers[i], x.shape[0], x.shape[1]
-        q, k, v = layer.attn.c_attn(layer.ln_1(x)).split(x.shape[-1], dim=2)
-        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        width = x.shape[-1]
+        qkv = layer.attn.c_attn(layer.ln_1(x))  # (B, T, 3 * width): q, k, v side by side
+        q = qkv[..., :width].view(B, T, -1, self.head_dim).transpose(1, 2)
+        kv = _pair_kv(None, None, qkv[..., width:], self.kv_heads)
         scale = self.scale / (i + 1) if self.by_layer else self.scale
-        x = x + layer.attn.c_proj(attend(i, q, k, v, scale).transpose(1, 2).reshape(B, T, -1))
+        x = x + layer.attn.c_proj(attend(i, q, kv, scale).transpose(1, 2).reshape(B, T, -1))
         return x + layer.mlp(layer.ln_2(x))
 
     def head(self, x: Tensor) -> Tensor:

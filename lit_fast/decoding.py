@@ -91,10 +91,11 @@ class FastDecoder:
 
         # The generation state lives in fixed buffers, so that a captured step can read and update it in place.
         B, S, dev = batch_size, self.max_len, self.device
-        shape = (B, self.arch.kv_heads, S, self.arch.head_dim)
+        # Keys and values of a layer share one tensor, (B, S, 2, kv_heads, head_dim), so that one kernel writes
+        # both (the fused projection's k and v columns are already side by side: no copy at all there).
         # zeros, not empty: masked slots still enter the attention matmul (with weight 0), and 0 * NaN is NaN
-        self.k = [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in self.arch.layers]
-        self.v = [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in self.arch.layers]
+        shape = (B, S, 2, self.arch.kv_heads, self.arch.head_dim)
+        self.kv = [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in self.arch.layers]
         self.slots = torch.arange(S, device=dev)
         self.pad = torch.zeros(B, dtype=torch.long, device=dev)  # left-padding slots per row
         self.tokens = torch.zeros(B, S, dtype=torch.long, device=dev)  # the token in each slot
@@ -131,12 +132,14 @@ class FastDecoder:
         visible = visible[:, None, None].expand(B, 1, group, T, self.max_len).reshape(B, 1, group * T, self.max_len)
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(~visible, float("-inf"))
 
-        def attend(i: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-            self.k[i].index_copy_(2, slots, k)
-            self.v[i].index_copy_(2, slots, v)
+        def attend(i: int, q: Tensor, kv: Tensor, scale: float) -> Tensor:
+            """q (B, heads, T, D) and the new keys/values kv (B, T, 2, kv_heads, D) -> (B, heads, T, D)."""
+            cache = self.kv[i]
+            cache.index_copy_(1, slots, kv)
             H, D = q.shape[1], q.shape[3]
             q = q.reshape(B, kv_heads, group * T, D)
-            y = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, scale=scale)
+            k, v = cache[:, :, 0].transpose(1, 2), cache[:, :, 1].transpose(1, 2)  # (B, kv_heads, S, D) views
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             return y.reshape(B, H, T, D)
 
         x = self.arch.embed(ids, positions)

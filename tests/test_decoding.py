@@ -4,6 +4,7 @@ import importlib.util
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _decoder_models import causal_model, left_padded_batch
 
 from lit_fast.decoding import FastDecoder, SamplingConfig, hf_generate, unsupported_reason
@@ -172,3 +173,20 @@ def test_gpu_graphs_survive_allocator_reuse():
     junk = [torch.full((1 << 16,), 10**9, dtype=torch.long, device="cuda") for _ in range(64)]
     assert torch.equal(decoder.generate(ids, mask, _greedy(32)), first)
     assert torch.equal(first, hf_generate(model, ids, mask, _greedy(32)))
+
+
+def test_fused_projection_folds_power_of_two_scale_exactly_and_pairs_kv_without_copy():
+    from lit_fast.decoder_archs import _pair_kv, _qkv
+
+    torch.manual_seed(0)
+    q, k, v = (torch.nn.Linear(64, 32) for _ in range(3))
+    h = torch.randn(3, 5, 64)
+    project, folded = _qkv(q, k, v, fuse=True, q_scale=0.25)
+    q_out, k_out, v_out, kv = project(h)
+    assert folded
+    assert torch.equal(q_out, F.linear(h, torch.cat([q.weight, k.weight, v.weight]),
+                                       torch.cat([q.bias, k.bias, v.bias]))[..., :32] * 0.25)
+    paired = _pair_kv(k_out, v_out, kv, kv_heads=4)
+    assert paired.shape == (3, 5, 2, 4, 8) and paired.data_ptr() == k_out.data_ptr()  # a view, no copy
+    assert torch.equal(paired, _pair_kv(k_out, v_out, None, kv_heads=4))  # the copying path agrees
+    assert not _qkv(q, k, v, fuse=True, q_scale=0.3)[1]  # not a power of two: scaled afterwards, as HF does
