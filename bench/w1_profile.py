@@ -7,7 +7,8 @@ median of `--reps`), but only the W1 scenario, with the packed path's switches f
   +fused_qkv       q/k/v as one GEMM over the concatenated weights (layers.FUSE_QKV)
   +triton_norm     residual add + LayerNorm as one Triton kernel (kernels.TRITON_ADD_NORM): today's default
   +graphs          the same, replayed as a CUDA graph (`cuda_graphs=True`)
-  +cudnn_attn      the default with cuDNN's varlen attention instead of flash (layers.VARLEN_KERNEL)
+  +flash_op        the same flash kernel called without torch's custom-op layer (layers.VARLEN_KERNEL)
+(cuDNN's varlen attention, tried 2026-11-25, ran 780 ms instead of 9: dropped.)
 
 then a torch.profiler table of today's default (self CUDA time per kernel, summed over 5 forwards). Correctness in
 the same run: max abs diff against HF eager in fp32 on the real tokens.
@@ -39,7 +40,8 @@ STEPS = {  # name -> (FUSE_QKV, TRITON_ADD_NORM, VARLEN_KERNEL, cuda_graphs)
     "+fused_qkv": (True, False, "flash", False),
     "+triton_norm": (True, True, "flash", False),
     "+graphs": (True, True, "flash", True),
-    "+cudnn_attn": (True, True, "cudnn", False),
+    "+flash_op": (True, True, "flash-op", False),
+    "+flash_op+graphs": (True, True, "flash-op", True),
 }
 DEFAULT = (True, True, "flash")
 

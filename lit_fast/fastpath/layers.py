@@ -18,8 +18,7 @@ packed QKV matrix is concatenated per call: a few MB per layer, small next to th
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +37,9 @@ VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 # q/k/v as one GEMM over concatenated weights (see fused_qkv); a switch for benchmarks, leave it on.
 FUSE_QKV = True
 QKV_CACHE = "_lit_fast_qkv"
-# Which kernel runs varlen attention on CUDA: "flash" (torch.nn.attention.varlen) or "cudnn" (explored in
-# bench/w1_profile.py; torch's varlen API keeps it off).
+# Which kernel runs varlen attention on CUDA: "flash" (torch.nn.attention.varlen.varlen_attn), "flash-op" (the same
+# kernel called directly, without the custom-op layer) or "cudnn" (W1: 50x slower; torch's varlen API keeps it off).
+# Explored in bench/w1_profile.py.
 VARLEN_KERNEL = "flash"  # the attribute of the query module that remembers the concatenation
 
 # oneDNN's linear (with its fused GELU) for CPU fp32. ONEDNN_LINEAR is a switch so that the CPU benchmark can
@@ -52,8 +52,7 @@ ONEDNN_LINEAR = ONEDNN_AVAILABLE
 warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
 
 
-@dataclass(frozen=True)
-class LayerParts:
+class LayerParts(NamedTuple):
     """The HF modules one encoder layer is made of, resolved by an adapter's `LayerMap` at call time."""
 
     query: nn.Linear
@@ -136,6 +135,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) 
         cu, longest = packing.cu_seqlens, packing.max_len
         if VARLEN_KERNEL == "cudnn":
             return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, longest, longest, False)[0]
+        if VARLEN_KERNEL == "flash-op":
+            # the kernel varlen_attn wraps, without its custom-op dispatch (~50 us of host time a call)
+            return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, longest, longest, 0.0, False, False)[0]
         return varlen_attn(q, k, v, cu, cu, longest, longest)
     # Elsewhere (CPU, fp32): one SDPA call per sequence. Each call sees only its own tokens, so no mask is needed
     # and no FLOP is spent on padding; SDPA picks its fused CPU kernel.

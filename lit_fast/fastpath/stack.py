@@ -148,22 +148,40 @@ class FastStack:
         return bool(getattr(self.config, flag, False) if value is None else value)
 
 
+PART_NAMES = ("query", "key", "value", "out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm")
+
+
 def resolve_parts(layer: nn.Module, adapter: Adapter, config) -> LayerParts:
-    """A layer's modules by the adapter's map; checks they are the plain modules the fast path reads."""
+    """A layer's modules by the adapter's map; checks they are the plain modules the fast path reads.
+
+    This runs on every forward, before the device has work queued (the GPU idles meanwhile), so it walks the
+    modules' `_modules` dicts directly: `get_submodule` cost ~35 us a layer on the 2-core machine.
+    """
     paths = adapter.layer
-    num_heads = getattr(config, adapter.num_heads)
     found = {}
-    for name in ("query", "key", "value", "out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm"):
-        module = layer.get_submodule(getattr(paths, name))
+    for name in PART_NAMES:
+        module = _child(layer, _split(getattr(paths, name)))
         expected = nn.LayerNorm if name.endswith("norm") else nn.Linear
         if type(module) is not expected:
             raise policy.unsupported_module(layer, getattr(paths, name), module, expected)
         found[name] = module
-    activation = functools.reduce(getattr, paths.activation.split("."), layer)  # a module or a plain function
+    activation = functools.reduce(getattr, _split(paths.activation), layer)  # a module or a plain function
     exact_gelu = getattr(config, adapter.activation, None) == "gelu"
-    return LayerParts(
-        activation=activation, num_heads=num_heads, norm_first=paths.norm_first, exact_gelu=exact_gelu, **found
-    )
+    return LayerParts(activation=activation, num_heads=getattr(config, adapter.num_heads), norm_first=paths.norm_first,
+                      exact_gelu=exact_gelu, **found)
+
+
+@functools.lru_cache(maxsize=None)
+def _split(path: str) -> tuple[str, ...]:
+    return tuple(path.split("."))
+
+
+def _child(module: nn.Module, names: tuple[str, ...]) -> nn.Module:
+    """`module.get_submodule(".".join(names))`, by dict lookups (falls back to getattr for anything unusual)."""
+    for name in names:
+        children = module._modules
+        module = children[name] if name in children else getattr(module, name)
+    return module
 
 
 def _any_requires_grad(module: nn.Module) -> bool:
