@@ -202,6 +202,9 @@ def unsupported_reason(model: nn.Module, max_len: int | None = None) -> str | No
     cfg = model.config
     if any(type(p).__name__ == "DTensor" for p in model.parameters()):
         return "the weights are sharded over devices (tensor parallel); transformers generate handles DTensors"
+    if any(type(m).__name__ == "Linear8bitLt" for m in model.modules()) and model.device.type == "cuda":
+        return ("bitsandbytes 8-bit layers cannot be captured in a CUDA graph (their matmul waits on the host); "
+                "int8 keeps transformers generate, 4-bit modes (nf4, fp4) run the fast loop")
     if cfg.model_type not in ADAPTERS:
         return f"model type {cfg.model_type!r} has no fast-decoding adapter (supported: {', '.join(ADAPTERS)})"
     if cfg.model_type in ("mistral", "qwen2"):

@@ -315,3 +315,12 @@ def test_decoder_on_gpu(llama_dir, mode):
             assert _cos(model(ids).logits, ref(ids).logits).mean() > 0.9
         assert model.generate(ids[:1], max_new_tokens=4, min_new_tokens=4, do_sample=False,
                               pad_token_id=0).shape == (1, 20)
+    from lit_fast.decoding import FastDecoder, SamplingConfig, unsupported_reason
+
+    if mode == "int8":  # declined up front (a capture would fail half-way), with the reason the log prints
+        assert "8-bit" in unsupported_reason(model, 64)
+        return
+    cfg, mask = SamplingConfig(max_new_tokens=8, pad_token_id=0), torch.ones_like(ids[:1])
+    graphed = FastDecoder(model, 1, 64).generate(ids[:1], mask, cfg)  # 4-bit layers replayed in a CUDA graph
+    eager = FastDecoder(model, 1, 64, cuda_graph=False).generate(ids[:1], mask, cfg)
+    assert graphed.shape == (1, 8) and torch.equal(graphed, eager)
