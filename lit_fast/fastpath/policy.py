@@ -20,23 +20,28 @@ BACKENDS = ("auto", "fused", "packed")
 # The fused kernel implements these activations exactly (`use_gelu` switches between them).
 FUSED_ACTIVATIONS = ("gelu", "relu")
 
-# Measured winners per device (bench/results/w1_h100*.json, bench/results/w6_cpu*.json).
-#  - CUDA fp16/bf16: packed tokens + varlen flash attention: 1.5-1.7x HF sdpa at W1's 43% padding, 2.0-2.2x at
-#    75%; the fused kernel over nested tensors 1.4-1.65x and 1.1-2.5x (bf16 nested is erratic).
+# Measured winners per device (bench/results/w1_h100.json, bench/results/w6_cpu*.json).
+#  - CUDA fp16/bf16: packed tokens + varlen flash attention, one q/k/v GEMM, Triton residual+LayerNorm:
+#    1.6-2.0x HF sdpa at W1's 43% padding, 3.0-3.1x at 75%, and 1.12-1.15x with no padding at all (the fused GEMM
+#    and the fused norm pay there too); the fused kernel over nested tensors 1.1-1.5x (bf16 nested is erratic).
 #  - CUDA fp32: HF. Varlen flash attention has no fp32 kernel; the fused kernel was 1.65x faster at 43% padding
 #    but 1.3e-3 off (its fp32 attention is not IEEE-exact there, likely TF32) and no faster without padding.
-#  - CPU fp32: packed tokens, oneDNN GEMMs, one SDPA call per sequence: 1.9-3.9x at 47% padding; with none,
-#    1.9x (OMP_WAIT_POLICY=PASSIVE) and 0.92-1.11x (default spin-waiting on a loaded machine, noisy); the fused
-#    kernel 0.46-1.28x (its many small parallel regions fall apart when the two cores are shared).
+#  - CPU fp32: packed tokens, oneDNN GEMMs, one SDPA call per sequence: 1.9-3.5x at 47% padding and 1.9x with
+#    none; the fused kernel 0.46-1.28x (its many small parallel regions fall apart when the two cores are shared).
 CPU_BACKEND = "packed"
 
-# The least padding at which `auto` runs a backend instead of HF, per device type. On the H100 (W1, batch 128)
-# packed was 0.96-1.01x HF sdpa with no padding and 1.31-1.57x at 24%; below 5% it is left to HF. On the CPU
-# packed is not slower without padding (oneDNN GEMMs; see above), so it always runs there.
+# The least padding at which `auto` runs a backend instead of HF, per device type and layer layout ("post": BERT
+# style post-LN, "pre": pre-LN). Packed post-LN layers (one fused residual+LayerNorm kernel) are faster than HF
+# SDPA without any padding on the H100 (W1 shape, pad0: 13.3 vs 14.8 ms bf16, 13.9 vs 16.1 ms fp16), so they
+# always run; pre-LN layers keep PyTorch's separate add and norm and were not measured without padding, so below
+# 5% padding they stay with HF. On the CPU packed always runs.
 MIN_PADDING = {
-    ("cuda", "packed"): 0.05,
-    ("cpu", "packed"): 0.0,
-    ("cpu", "fused"): 0.0,
+    ("cuda", "packed", "post"): 0.0,
+    ("cuda", "packed", "pre"): 0.05,
+    ("cpu", "packed", "post"): 0.0,
+    ("cpu", "packed", "pre"): 0.0,
+    ("cpu", "fused", "post"): 0.0,
+    ("cpu", "fused", "pre"): 0.0,
 }
 
 
@@ -51,9 +56,9 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype, fused_ok: 
     return None  # other accelerators: not measured, HF keeps running
 
 
-def pays_off(backend: str, device: torch.device, padding_fraction: float) -> bool:
+def pays_off(backend: str, device: torch.device, padding_fraction: float, norm_first: bool = False) -> bool:
     """Whether `auto` should run `backend` on a batch with this much padding rather than HF."""
-    threshold = MIN_PADDING.get((device.type, backend))
+    threshold = MIN_PADDING.get((device.type, backend, "pre" if norm_first else "post"))
     return threshold is not None and padding_fraction >= threshold
 
 
