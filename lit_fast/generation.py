@@ -180,7 +180,8 @@ class CausalLM(_Generator):
             attention: sdpa, eager or flash_attention_2 (needs the flash-attn package).
             sdpa_backends: SDPA kernels allowed (flash, efficient, cudnn, math); default: PyTorch's choice.
             attention_strict: when no allowed SDPA kernel fits, stop with an explanation (true) or add math (false).
-            quantization: bitsandbytes weights (nf4, nf4-dq, fp4, fp4-dq, int8); with lora: QLoRA.
+            quantization: bitsandbytes weights (nf4, nf4-dq, fp4, fp4-dq, int8; a 4-bit mode + "+emb": embedding
+                table and head in 4 bits too, inference only); with lora: QLoRA.
         """
         super().__init__(
             pretrained, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,

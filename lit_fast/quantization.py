@@ -26,6 +26,10 @@ from lit_fast.errors import ConfigError
 log = logging.getLogger(__name__)
 
 QUANTIZATION_MODES: tuple[str, ...] = ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8")
+# A 4-bit mode + "+emb": the input embedding table and the output head in 4 bits too (`quantize_embeddings`);
+# for inference (bitsandbytes can neither train nor save quantized embedding tables).
+EMBEDDINGS_SUFFIX = "+emb"
+EMBEDDING_MODES: tuple[str, ...] = tuple(m + EMBEDDINGS_SUFFIX for m in QUANTIZATION_MODES if m != "int8")
 
 # Task heads and poolers stay in full precision: they are small, often freshly initialised (a classifier about to
 # be fine-tuned), and the last layer before a softmax is the most sensitive to weight error. Passing any skip list
@@ -112,10 +116,26 @@ def normalize_mode(mode: str | None) -> str | None:
     if mode is None or str(mode).strip().lower() in ("", "none", "null", "false", "off"):
         return None
     name = str(mode).strip().lower().replace("_", "-")
-    if name not in QUANTIZATION_MODES:
+    if name == "int8" + EMBEDDINGS_SUFFIX:
+        raise ConfigError(f"--model.quantization {mode!r}: 4-bit embedding tables go with the 4-bit modes "
+                          f"({', '.join(EMBEDDING_MODES)}); int8 keeps its embeddings in full precision.")
+    if name not in QUANTIZATION_MODES + EMBEDDING_MODES:
         raise ConfigError(f"unknown quantization mode {mode!r} (--model.quantization): "
-                          f"choose one of {', '.join(QUANTIZATION_MODES)}, or leave it unset.")
+                          f"choose one of {', '.join(QUANTIZATION_MODES)} (4-bit modes + '{EMBEDDINGS_SUFFIX}': "
+                          "embedding tables in 4 bits too, for inference), or leave it unset.")
     return name
+
+
+def base_mode(mode: str | None) -> str | None:
+    """The bitsandbytes mode of the linear layers: `mode` without the 4-bit-embeddings suffix."""
+    name = normalize_mode(mode)
+    return name.removesuffix(EMBEDDINGS_SUFFIX) if name else None
+
+
+def quantizes_embeddings(mode: str | None) -> bool:
+    """Whether `mode` also puts the embedding tables in 4 bits (the "+emb" modes)."""
+    name = normalize_mode(mode)
+    return bool(name) and name.endswith(EMBEDDINGS_SUFFIX)
 
 
 def bnb_config(mode: str | None, compute_dtype: str | torch.dtype | None = None,
@@ -131,7 +151,7 @@ def bnb_config(mode: str | None, compute_dtype: str | torch.dtype | None = None,
         skip_modules: modules kept in full precision, added to DEFAULT_SKIP_MODULES (prefix or suffix of the module
             path, e.g. "encoder.layer.5" or "output.dense").
     """
-    name = normalize_mode(mode)
+    name = base_mode(mode)
     if name is None:
         return None
     device_type = resolve_device_type(device)
@@ -181,6 +201,9 @@ def prepare_quantized_model(model: torch.nn.Module, mode: str | None = None) -> 
     and in_features % blocksize == 0 (other layers, e.g. a hidden size of 32, fail with "shape '[32, 0]' is
     invalid"). Layers that compute in fp32 or do not fit keep the generic dequantize-and-matmul path.
     """
+    mode = normalize_mode(mode)
+    if quantizes_embeddings(mode):
+        quantize_embeddings(model, mode)
     names = quantized_module_names(model)
     if not names:
         return model
@@ -337,7 +360,7 @@ def quantize_embeddings(model: torch.nn.Module, mode: str = "nf4") -> torch.nn.M
     weights alone stay above 0.4x bf16 bytes. Inference only (bitsandbytes cannot save quantized embeddings).
     A tied head shares the embedding's packed table. Returns ``model``.
     """
-    name = normalize_mode(mode)
+    name = base_mode(mode)
     if name is None or name == "int8":
         raise ConfigError(f"quantize_embeddings supports the 4-bit modes, not {mode!r}.")
     bnb = require_bitsandbytes(resolve_device_type(next(model.parameters()).device))

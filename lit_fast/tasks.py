@@ -84,7 +84,8 @@ class Embedder(_EncoderTask):
             dtype: weights dtype (auto, float32, float16, bfloat16); default: as saved.
             attention: attention implementation for the HF model.
             fast_path: encoder fast path for predict (auto picks the fastest correct path; off keeps HF).
-            quantization: bitsandbytes weights: nf4, nf4-dq, fp4, fp4-dq or int8.
+            quantization: bitsandbytes weights: nf4, nf4-dq, fp4, fp4-dq or int8; a 4-bit mode + "+emb" puts the
+                embedding table in 4 bits too (inference only).
         """
         super().__init__(
             pretrained, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, attention=attention,
@@ -184,7 +185,8 @@ class Classifier(_EncoderTask):
             dtype: weights dtype (auto, float32, float16, bfloat16).
             attention: attention implementation for the HF model.
             fast_path: encoder fast path for predict (auto, fused, packed, off).
-            quantization: bitsandbytes weights: nf4, nf4-dq, fp4, fp4-dq or int8.
+            quantization: bitsandbytes weights: nf4, nf4-dq, fp4, fp4-dq or int8; a 4-bit mode + "+emb" puts the
+                embedding table in 4 bits too (inference only).
         """
         super().__init__(
             pretrained, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, attention=attention,

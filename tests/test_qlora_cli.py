@@ -105,7 +105,7 @@ def test_generate_with_quantized_weights(run_predict, tiny_llama_dir, tmp_path, 
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p, _ in PAIRS])
     outputs = {}
-    for mode in (None, "nf4", "int8"):
+    for mode in (None, "nf4", "int8", "nf4+emb"):  # nf4+emb: the W4 winner, embedding table and head in 4 bits
         out = tmp_path / f"{decoding}-{mode}.jsonl"
         code, _, err = run_predict(
             "--config", "configs/generate-smollm2.yaml", "--model.pretrained", tiny_llama_dir,

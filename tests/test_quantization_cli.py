@@ -118,3 +118,28 @@ def test_embedder_predict_quantized_on_gpu(run_predict, tiny_bert_dir, texts_fil
     assert code == 0, err
     gpu = torch.tensor([r["embedding"] for r in read_jsonl(tmp_path / "gpu.jsonl")])
     assert torch.nn.functional.cosine_similarity(gpu, cpu, dim=-1).min() > 0.99
+
+
+def test_embedder_with_4bit_embedding_table(run_predict, tiny_bert_dir, texts_file, tmp_path, caplog):
+    """`nf4+emb`: linears and the word-embedding table in 4 bits, one config switch; close to full precision."""
+    full = _embed(run_predict, tiny_bert_dir, texts_file, tmp_path / "full.jsonl", "--model.fast_path", "off")
+    with caplog.at_level("INFO"):
+        quant = _embed(run_predict, tiny_bert_dir, texts_file, tmp_path / "q.jsonl", "--model.quantization", "NF4+emb")
+    cos = torch.nn.functional.cosine_similarity(quant, full, dim=-1)
+    assert cos.min() > 0.95 and not torch.equal(quant, full)
+    footprint = [r.getMessage() for r in caplog.records if r.getMessage().startswith("quantization nf4+emb:")]
+    assert footprint, "the footprint line names the mode"
+
+
+def test_4bit_embeddings_are_refused_for_training_and_int8(run_train, tmp_path):
+    from lit_fast.errors import ConfigError
+    from lit_fast.quantization import base_mode, normalize_mode, quantizes_embeddings
+
+    assert normalize_mode("fp4-DQ+emb") == "fp4-dq+emb" and base_mode("fp4-dq+emb") == "fp4-dq"
+    assert quantizes_embeddings("nf4+emb") and not quantizes_embeddings("nf4") and not quantizes_embeddings(None)
+    with pytest.raises(ConfigError, match="4-bit modes"):
+        normalize_mode("int8+emb")
+    code, _, err = run_train("--config", "configs/qlora-causal.yaml", "--model.quantization", "nf4+emb",
+                             "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path))
+    assert code == 2 and "error: --model.quantization nf4+emb puts the embedding tables in 4 bits" in err
+    assert "Fine-tune with nf4 (QLoRA)" in err
