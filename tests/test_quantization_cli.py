@@ -107,7 +107,7 @@ def test_unknown_mode_is_one_line(run_predict, tiny_bert_dir, texts_file, tmp_pa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("mode", ["nf4", "int8"])
+@pytest.mark.parametrize("mode", ["nf4", "int8", "nf4+emb"])
 def test_embedder_predict_quantized_on_gpu(run_predict, tiny_bert_dir, texts_file, tmp_path, mode):
     """Lightning builds the model under the GPU's device context; bitsandbytes layers must end up on CUDA."""
     cpu = _embed(run_predict, tiny_bert_dir, texts_file, tmp_path / "cpu.jsonl", "--model.fast_path", "off")
@@ -117,7 +117,7 @@ def test_embedder_predict_quantized_on_gpu(run_predict, tiny_bert_dir, texts_fil
                                "--model.quantization", mode)
     assert code == 0, err
     gpu = torch.tensor([r["embedding"] for r in read_jsonl(tmp_path / "gpu.jsonl")])
-    assert torch.nn.functional.cosine_similarity(gpu, cpu, dim=-1).min() > 0.99
+    assert torch.nn.functional.cosine_similarity(gpu, cpu, dim=-1).min() > (0.95 if "+emb" in mode else 0.99)
 
 
 def test_embedder_with_4bit_embedding_table(run_predict, tiny_bert_dir, texts_file, tmp_path, caplog):
