@@ -29,7 +29,7 @@ from lit_fast.data import TextDataModule
 from lit_fast.errors import ConfigError, LitFastError, OutputExistsError
 from lit_fast.module import LitTransformer
 from lit_fast.progress import ThroughputProgressBar
-from lit_fast.quantization import base_mode, check_strategy_precision, explain_precision_errors, quantizes_embeddings
+from lit_fast.quantization import check_strategy_precision, explain_precision_errors, quantizes_embeddings, training_refused
 from lit_fast.writers import PredictionWriter, check_output
 
 log = logging.getLogger("lit_fast")
@@ -76,9 +76,7 @@ class LitCLI(LightningCLI):
         trainer, model = self.config.trainer, self.config.model
         quantization = model.init_args.get("quantization") if model.get("init_args") else None
         if self.mode == "train" and quantizes_embeddings(quantization):
-            raise ConfigError(f"--model.quantization {quantization} puts the embedding tables in 4 bits, which is for "
-                              "inference: bitsandbytes can neither train nor save them. Fine-tune with "
-                              f"{base_mode(quantization)} (QLoRA) and predict with {quantization}.")
+            raise training_refused(quantization)
         if quantization or trainer.get("plugins"):
             # bitsandbytes with FSDP/DeepSpeed, two quantization routes, the plugin on CPU: say so before loading
             check_strategy_precision(trainer.get("strategy"), trainer.get("plugins"), quantization,

@@ -162,12 +162,10 @@ class LitTransformer(L.LightningModule):
 
     # ---- training ------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        from lit_fast.quantization import base_mode, quantizes_embeddings
+        from lit_fast.quantization import quantizes_embeddings, training_refused
 
         if quantizes_embeddings(self.hparams.quantization):  # own training loops; the CLI says so before loading
-            raise ConfigError(f"quantization {self.hparams.quantization} puts the embedding tables in 4 bits, which is "
-                              "for inference: bitsandbytes can neither train nor save them. Fine-tune with "
-                              f"{base_mode(self.hparams.quantization)} (QLoRA) and predict with it.")
+            raise training_refused(self.hparams.quantization)
         self._revert_fast_path()
         # from_pretrained returns the model in eval mode and Lightning keeps a module's mode: without this,
         # dropout would be off for the whole fine-tune

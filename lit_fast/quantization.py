@@ -132,6 +132,13 @@ def base_mode(mode: str | None) -> str | None:
     return name.removesuffix(EMBEDDINGS_SUFFIX) if name else None
 
 
+def training_refused(mode: str | None) -> ConfigError:
+    """The error for training with a "+emb" mode (bitsandbytes can neither train nor save 4-bit embeddings)."""
+    return ConfigError(f"--model.quantization {mode} puts the embedding tables in 4 bits, which is for inference: "
+                       f"bitsandbytes can neither train nor save them. Fine-tune with {base_mode(mode)} (QLoRA) and "
+                       f"predict with {mode}.")
+
+
 def quantizes_embeddings(mode: str | None) -> bool:
     """Whether `mode` also puts the embedding tables in 4 bits (the "+emb" modes)."""
     name = normalize_mode(mode)
