@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "bench/results/w1_profile.json"))
     parser.add_argument("--trace", help="also write a chrome trace of the default path per dtype (path prefix)")
+    parser.add_argument("--trace-cpu", action="store_true", help="record host ops in the trace too")
+    parser.add_argument("--steps", nargs="+", default=list(STEPS), help="which variants to time (default: all)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     peak = matmul_peak_tflops()
@@ -72,6 +74,8 @@ def main() -> None:
         base = bert_base().cuda().to(DTYPES[name])
         variants = {"hf_sdpa": (base, None)}
         for step, (*flags, graphs) in STEPS.items():
+            if step not in args.steps and step != "+triton_norm":
+                continue
             variants[step] = (to_fast_path(copy.deepcopy(base), "packed", cuda_graphs=graphs), tuple(flags))
         times = {}
         for step, (model, flags) in variants.items():
@@ -94,10 +98,13 @@ def main() -> None:
                 row["floor_percent"] = 100 * floor_ms / row["median_ms"]
         switches(*DEFAULT)
         model = variants["+triton_norm"][0]
-        if args.trace:  # host and device timeline of two forwards (chrome://tracing or ui.perfetto.dev)
-            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        if args.trace:  # device timeline of three forwards (chrome://tracing or ui.perfetto.dev); with --trace-cpu
+            # the host ops too (which slows the host down and so overstates the device's idle time)
+            activities = [torch.profiler.ProfilerActivity.CUDA]
+            if args.trace_cpu:
+                activities.append(torch.profiler.ProfilerActivity.CPU)
             with torch.inference_mode(), torch.profiler.profile(activities=activities) as prof:
-                for _ in range(2):
+                for _ in range(3):
                     model(input_ids=ids, attention_mask=mask)
                 torch.cuda.synchronize()
             prof.export_chrome_trace(str(Path(args.trace).with_suffix(f".{name}.json")))
