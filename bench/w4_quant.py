@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -183,7 +184,9 @@ def main() -> None:
     import bitsandbytes
     import transformers
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    # the GPU machine's copy of the tree may carry a stale .git: the caller's LIT_FAST_COMMIT wins
+    commit = os.environ.get("LIT_FAST_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     bandwidth = measure_bandwidth(device)
     result = {"benchmark": "W4", "shape": "tiny" if args.tiny else "llama-1b", "config": shape,
               "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()})",
