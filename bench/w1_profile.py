@@ -8,6 +8,7 @@ median of `--reps`), but only the W1 scenario, with the packed path's switches f
   +triton_norm     residual add + LayerNorm as one Triton kernel (kernels.TRITON_ADD_NORM): today's default
   +graphs          the same, replayed as a CUDA graph (`cuda_graphs=True`)
   +flash_op        the same flash kernel called without torch's custom-op layer (layers.VARLEN_KERNEL)
+  +triton_attn     varlen attention in lit_fast's Triton kernel (64-token tiles, kernels.varlen_attention)
 (cuDNN's varlen attention, tried 2026-11-25, ran 780 ms instead of 9: dropped.)
 
 then a torch.profiler table of today's default (self CUDA time per kernel, summed over 5 forwards). Correctness in
@@ -42,6 +43,8 @@ STEPS = {  # name -> (FUSE_QKV, TRITON_ADD_NORM, VARLEN_KERNEL, cuda_graphs)
     "+graphs": (True, True, "flash", True),
     "+flash_op": (True, True, "flash-op", False),
     "+flash_op+graphs": (True, True, "flash-op", True),
+    "+triton_attn": (True, True, "triton", False),
+    "+triton_attn+graphs": (True, True, "triton", True),
 }
 DEFAULT = (True, True, "flash")
 

@@ -213,3 +213,62 @@ def test_triton_add_layer_norm_equals_pytorch(dtype, rows, width):
         ours, theirs = ((t.double() - exact).abs().max().item() for t in (got, torch_way))
         ulp = torch.finfo(dtype).eps * exact.abs().max().item()  # one unit in the last place at the largest output
         assert ours <= theirs + ulp, f"fused kernel {ours:.3g} vs PyTorch {theirs:.3g} off the fp64 result"
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_triton_varlen_attention_matches_fp32_like_flash(dtype, head_dim):
+    """lit_fast's Triton varlen attention on strided views of one fused projection (what the packed layer passes):
+    against fp32 SDPA per sequence it is as close as torch's flash varlen kernel (within 2x, or two units in the
+    last place of the largest output); a loose max_len bound (what CUDA graphs pass) changes nothing."""
+    import itertools
+
+    import torch.nn.functional as F
+
+    from lit_fast.fastpath import kernels
+    from lit_fast.fastpath.layers import varlen_attn
+
+    torch.manual_seed(head_dim)
+    lengths, heads = [1, 7, 64, 65, 130, 256, 33], 4
+    qkv = torch.randn(sum(lengths), 3, heads, head_dim, device="cuda", dtype=dtype)
+    q, k, v = qkv.unbind(1)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], device="cuda", dtype=torch.int32)
+    with torch.inference_mode():
+        ours = kernels.varlen_attention(q, k, v, cu, max(lengths))
+        assert torch.equal(ours, kernels.varlen_attention(q, k, v, cu, 512))
+        flash = varlen_attn(q, k, v, cu, cu, max(lengths), max(lengths))
+        ref = torch.empty(ours.shape, device="cuda")
+        for start, length in zip(cu[:-1].tolist(), lengths):
+            span = slice(start, start + length)
+            ref[span] = F.scaled_dot_product_attention(*(t[span].float().transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+    ours_err, flash_err = ((t.float() - ref).abs().max().item() for t in (ours, flash))
+    ulp = torch.finfo(dtype).eps * ref.abs().max().item()
+    assert ours_err <= max(2 * flash_err, 2 * ulp), f"triton {ours_err:.3g} vs flash {flash_err:.3g}"
+
+
+def test_packed_layers_with_triton_attention_match_hf(monkeypatch):
+    """The packed path end to end with the Triton attention kernel (head_dim 16) against HF in fp32."""
+    from transformers import BertConfig, BertModel
+
+    from lit_fast.fastpath import kernels, layers
+
+    calls = []
+    real = kernels.varlen_attention
+    monkeypatch.setattr(kernels, "varlen_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64)
+    reference = BertModel(config).cuda().eval()
+    model = to_fast_path(copy.deepcopy(reference).half(), "packed")
+    ids, mask = (t.cuda() for t in text_batch("right"))
+    saved, layers.VARLEN_KERNEL = layers.VARLEN_KERNEL, "triton"
+    try:
+        with torch.inference_mode():
+            ref = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+            hf_half = copy.deepcopy(reference).half()(input_ids=ids, attention_mask=mask).last_hidden_state
+            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        layers.VARLEN_KERNEL = saved
+    assert paths_run(model) == {"packed"} and len(calls) == 2  # one per layer: the Triton kernel ran
+    assert_half_close(out, ref, hf_half, mask)

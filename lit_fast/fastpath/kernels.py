@@ -81,3 +81,78 @@ if triton is not None:
         w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
         tl.store(Out + row * stride_out + cols, (centred * rstd * w + b).to(Out.dtype.element_ty), mask=inside)
+
+
+# ---- varlen attention (explored: layers.VARLEN_KERNEL = "triton") ---------------------------------------------
+# FA2's varlen kernel tiles queries and keys by 128: a 144-token sequence computes 256 x 256 scores for 144 x 144
+# useful ones (32%). 64 x 64 tiles compute 192 x 192 (56%). Same online-softmax algorithm, fp32 accumulation.
+ATTN_BLOCK_M, ATTN_BLOCK_N = 64, 64
+LOG2E = 1.4426950408889634
+
+
+def varlen_attention_fits(q: torch.Tensor) -> bool:
+    """Whether `varlen_attention` takes these queries (CUDA fp16/bf16, a power-of-two head size 16..256)."""
+    head_dim = q.shape[-1]
+    return (triton is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_len: int, scale: float | None = None) -> torch.Tensor:
+    """Softmax attention within each packed sequence (no mask, not causal).
+
+    q, k, v: (tokens, heads, head_dim), any token and head strides with the last dim contiguous (views of one
+    fused projection work as they are); cu_seqlens: (sequences + 1,) int32 offsets; max_len: a bound on the longest
+    sequence. Returns a contiguous (tokens, heads, head_dim) tensor.
+    """
+    tokens, heads, head_dim = q.shape
+    out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
+    sequences = cu_seqlens.numel() - 1
+    if tokens == 0 or sequences == 0:
+        return out
+    scale = head_dim**-0.5 if scale is None else scale
+    grid = (triton.cdiv(max_len, ATTN_BLOCK_M), sequences, heads)
+    _varlen_attention_kernel[grid](
+        q, k, v, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N, num_warps=4, num_stages=2,
+    )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _varlen_attention_kernel(Q, K, V, Out, CU, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, qk_scale,
+                                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        begin = tl.load(CU + seq)
+        length = tl.load(CU + seq + 1) - begin
+        if block * BLOCK_M >= length:
+            return
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, HEAD_DIM)
+        cols = tl.arange(0, BLOCK_N)
+        row_ok = rows < length
+        row_tok = (begin + rows).to(tl.int64)
+        q = tl.load(Q + row_tok[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for start in range(0, length, BLOCK_N):
+            n = start + cols
+            n_ok = n < length
+            tok = (begin + n).to(tl.int64)
+            k = tl.load(K + tok[:, None] * sk_t + head * sk_h + dims[None, :], mask=n_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + tok[:, None] * sv_t + head * sv_h + dims[None, :], mask=n_ok[:, None], other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(Out + row_tok[:, None] * so_t + head * so_h + dims[None, :], out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None])

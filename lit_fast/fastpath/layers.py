@@ -38,7 +38,8 @@ VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 FUSE_QKV = True
 QKV_CACHE = "_lit_fast_qkv"
 # Which kernel runs varlen attention on CUDA: "flash" (torch.nn.attention.varlen.varlen_attn), "flash-op" (the same
-# kernel called directly, without the custom-op layer) or "cudnn" (W1: 50x slower; torch's varlen API keeps it off).
+# kernel called directly, without the custom-op layer), "triton" (kernels.varlen_attention: 64-token tiles) or
+# "cudnn" (W1: 50x slower; torch's varlen API keeps it off).
 # Explored in bench/w1_profile.py.
 VARLEN_KERNEL = "flash"  # the attribute of the query module that remembers the concatenation
 
@@ -135,6 +136,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) 
         cu, longest = packing.cu_seqlens, packing.max_len
         if VARLEN_KERNEL == "cudnn":
             return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, longest, longest, False)[0]
+        if VARLEN_KERNEL == "triton" and kernels.varlen_attention_fits(q):
+            return kernels.varlen_attention(q, k, v, cu, longest)
         if VARLEN_KERNEL == "flash-op":
             # the kernel varlen_attn wraps, without its custom-op dispatch (~50 us of host time a call)
             return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, longest, longest, 0.0, False, False)[0]
