@@ -5,10 +5,11 @@ median of `--reps`), but only the W1 scenario, with the packed path's switches f
 
   packed-3gemm     q/k/v as three GEMMs, residual add and LayerNorm as two PyTorch kernels (the old layer)
   +fused_qkv       q/k/v as one GEMM over the concatenated weights (layers.FUSE_QKV)
-  +triton_norm     residual add + LayerNorm as one Triton kernel (kernels.TRITON_ADD_NORM): today's default
+  +triton_norm     residual add + LayerNorm as one Triton kernel (kernels.TRITON_ADD_NORM)
   +graphs          the same, replayed as a CUDA graph (`cuda_graphs=True`)
   +flash_op        the same flash kernel called without torch's custom-op layer (layers.VARLEN_KERNEL)
   +triton_attn     varlen attention in lit_fast's Triton kernel (64-token tiles, kernels.varlen_attention)
+  default          what the library runs (VARLEN_KERNEL "auto": the Triton kernel for head sizes 32/64/128)
 (cuDNN's varlen attention, tried 2026-11-25, ran 780 ms instead of 9: dropped.)
 
 then a torch.profiler table of today's default (self CUDA time per kernel, summed over 5 forwards). Correctness in
@@ -41,12 +42,13 @@ STEPS = {  # name -> (FUSE_QKV, TRITON_ADD_NORM, VARLEN_KERNEL, cuda_graphs)
     "+fused_qkv": (True, False, "flash", False),
     "+triton_norm": (True, True, "flash", False),
     "+graphs": (True, True, "flash", True),
+    "default": (True, True, "auto", False),
     "+flash_op": (True, True, "flash-op", False),
     "+flash_op+graphs": (True, True, "flash-op", True),
     "+triton_attn": (True, True, "triton", False),
     "+triton_attn+graphs": (True, True, "triton", True),
 }
-DEFAULT = (True, True, "flash")
+DEFAULT = (True, True, "auto")
 
 
 def switches(fuse: bool, triton_norm: bool, varlen_kernel: str) -> None:
@@ -77,7 +79,7 @@ def main() -> None:
         base = bert_base().cuda().to(DTYPES[name])
         variants = {"hf_sdpa": (base, None)}
         for step, (*flags, graphs) in STEPS.items():
-            if step not in args.steps and step != "+triton_norm":
+            if step not in args.steps and step != "default":
                 continue
             variants[step] = (to_fast_path(copy.deepcopy(base), "packed", cuda_graphs=graphs), tuple(flags))
         times = {}
@@ -100,7 +102,7 @@ def main() -> None:
                 row["speedup_vs_hf_sdpa"] = times["hf_sdpa"] / row["median_ms"]
                 row["floor_percent"] = 100 * floor_ms / row["median_ms"]
         switches(*DEFAULT)
-        model = variants["+triton_norm"][0]
+        model = variants["default"][0]
         if args.trace:  # device timeline of three forwards (chrome://tracing or ui.perfetto.dev); with --trace-cpu
             # the host ops too (which slows the host down and so overstates the device's idle time)
             activities = [torch.profiler.ProfilerActivity.CUDA]
@@ -116,7 +118,7 @@ def main() -> None:
                 model(input_ids=ids, attention_mask=mask)
             torch.cuda.synchronize()
         text = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
-        profile_text += f"\n### {name} +triton_norm, 5 forwards\n{text}\n"
+        profile_text += f"\n### {name} default, 5 forwards\n{text}\n"
         del variants, base
         torch.cuda.empty_cache()
     report = {"workload": "W1 (profile)", "environment": environment(peak), "floor_ms": floor_ms, "rows": rows,

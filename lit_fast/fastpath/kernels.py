@@ -8,6 +8,9 @@ as close to an fp32 reference as PyTorch's (which rounds the sum to the input dt
 
 Triton is optional: without it (CPU-only installs, other accelerators) or for inputs the kernel does not take,
 the PyTorch expression runs.
+
+`varlen_attention(q, k, v, cu_seqlens, max_len)` is softmax attention within each packed sequence (the packed
+layer's attention; see its notes below).
 """
 
 from __future__ import annotations
@@ -83,10 +86,14 @@ if triton is not None:
         tl.store(Out + row * stride_out + cols, (centred * rstd * w + b).to(Out.dtype.element_ty), mask=inside)
 
 
-# ---- varlen attention (explored: layers.VARLEN_KERNEL = "triton") ---------------------------------------------
+# ---- varlen attention (layers.VARLEN_KERNEL) -------------------------------------------------------------------
 # FA2's varlen kernel tiles queries and keys by 128: a 144-token sequence computes 256 x 256 scores for 144 x 144
 # useful ones (32%). 64 x 64 tiles compute 192 x 192 (56%). Same online-softmax algorithm, fp32 accumulation.
-ATTN_BLOCK_M, ATTN_BLOCK_N = 64, 64
+# bench/attn_sweep.py on the H100 (bf16, hidden 768, 128 sequences): with 64 x 64 tiles, 4 warps, 3 stages,
+# 1.2-1.7x flash at 32-256 tokens and 1.1-1.5x at 256-512 tokens for head sizes 32, 64 and 128; other tilings
+# were slower. Head sizes 16 and 256 work (tested) but were not timed, so `auto` leaves them to flash.
+ATTN_BLOCK_M, ATTN_BLOCK_N, ATTN_WARPS, ATTN_STAGES = 64, 64, 4, 3
+ATTN_MEASURED_HEAD_DIMS = (32, 64, 128)
 LOG2E = 1.4426950408889634
 
 
@@ -115,7 +122,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     _varlen_attention_kernel[grid](
         q, k, v, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N, num_warps=4, num_stages=2,
+        HEAD_DIM=head_dim, BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N, num_warps=ATTN_WARPS, num_stages=ATTN_STAGES,
     )
     return out
 

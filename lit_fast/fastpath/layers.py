@@ -37,11 +37,12 @@ VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 # q/k/v as one GEMM over concatenated weights (see fused_qkv); a switch for benchmarks, leave it on.
 FUSE_QKV = True
 QKV_CACHE = "_lit_fast_qkv"
-# Which kernel runs varlen attention on CUDA: "flash" (torch.nn.attention.varlen.varlen_attn), "flash-op" (the same
-# kernel called directly, without the custom-op layer), "triton" (kernels.varlen_attention: 64-token tiles) or
-# "cudnn" (W1: 50x slower; torch's varlen API keeps it off).
-# Explored in bench/w1_profile.py.
-VARLEN_KERNEL = "flash"  # the attribute of the query module that remembers the concatenation
+# Which kernel runs varlen attention on CUDA: "auto" (lit_fast's Triton kernel for the head sizes it was measured
+# faster on, kernels.ATTN_MEASURED_HEAD_DIMS, else flash), "triton" (kernels.varlen_attention wherever it fits),
+# "flash" (torch.nn.attention.varlen.varlen_attn), "flash-op" (the same kernel called directly, without the
+# custom-op layer) or "cudnn" (W1: 50x slower; torch's varlen API keeps it off). bench/w1_profile.py and
+# bench/attn_sweep.py compare them.
+VARLEN_KERNEL = "auto"  # the attribute of the query module that remembers the concatenation
 
 # oneDNN's linear (with its fused GELU) for CPU fp32. ONEDNN_LINEAR is a switch so that the CPU benchmark can
 # show what oneDNN contributes; leave it on.
@@ -136,7 +137,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) 
         cu, longest = packing.cu_seqlens, packing.max_len
         if VARLEN_KERNEL == "cudnn":
             return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, longest, longest, False)[0]
-        if VARLEN_KERNEL == "triton" and kernels.varlen_attention_fits(q):
+        triton_ok = kernels.varlen_attention_fits(q)
+        if (VARLEN_KERNEL == "triton" and triton_ok) or (
+                VARLEN_KERNEL == "auto" and triton_ok and q.shape[-1] in kernels.ATTN_MEASURED_HEAD_DIMS):
             return kernels.varlen_attention(q, k, v, cu, longest)
         if VARLEN_KERNEL == "flash-op":
             # the kernel varlen_attn wraps, without its custom-op dispatch (~50 us of host time a call)
