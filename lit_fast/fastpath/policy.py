@@ -21,9 +21,9 @@ BACKENDS = ("auto", "fused", "packed")
 FUSED_ACTIVATIONS = ("gelu", "relu")
 
 # Measured winners per device (bench/results/w1_h100.json, bench/results/w6_cpu*.json).
-#  - CUDA fp16/bf16: packed tokens + varlen flash attention, one q/k/v GEMM, Triton residual+LayerNorm:
-#    1.6-2.0x HF sdpa at W1's 43% padding, 3.0-3.1x at 75%, and 1.12-1.15x with no padding at all (the fused GEMM
-#    and the fused norm pay there too); the fused kernel over nested tensors 1.1-1.5x (bf16 nested is erratic).
+#  - CUDA fp16/bf16: packed tokens, one q/k/v GEMM, varlen attention (Triton or flash), Triton residual+LayerNorm:
+#    2.07-2.10x HF sdpa at W1's 43% padding, 3.8-4.0x at 75%, and 1.12-1.17x with no padding at all (the fused
+#    GEMM and kernels pay there too); the fused kernel over nested tensors 1.1-1.7x (bf16 nested is erratic).
 #  - CUDA fp32: HF. Varlen flash attention has no fp32 kernel; the fused kernel was 1.65x faster at 43% padding
 #    but 1.3e-3 off (its fp32 attention is not IEEE-exact there, likely TF32) and no faster without padding.
 #  - CPU fp32: packed tokens, oneDNN GEMMs, one SDPA call per sequence: 1.9-3.5x at 47% padding and 1.9x with
@@ -32,7 +32,7 @@ CPU_BACKEND = "packed"
 
 # The least padding at which `auto` runs a backend instead of HF, per device type and layer layout ("post": BERT
 # style post-LN, "pre": pre-LN). Packed post-LN layers (one fused residual+LayerNorm kernel) are faster than HF
-# SDPA without any padding on the H100 (W1 shape, pad0: 13.3 vs 14.8 ms bf16, 13.9 vs 16.1 ms fp16), so they
+# SDPA without any padding on the H100 (W1 shape, pad0, two runs: 1.12-1.16x bf16, 1.17x fp16), so they
 # always run; pre-LN layers keep PyTorch's separate add and norm and were not measured without padding, so below
 # 5% padding they stay with HF. On the CPU packed always runs.
 MIN_PADDING = {
