@@ -91,17 +91,18 @@ if triton is not None:
 # useful ones (32%). 64 x 64 tiles compute 192 x 192 (56%). Same online-softmax algorithm, fp32 accumulation.
 # bench/attn_sweep.py on the H100 (bf16, hidden 768, 128 sequences): with 64 x 64 tiles, 4 warps, 3 stages,
 # 1.2-1.7x flash at 32-256 tokens and 1.1-1.5x at 256-512 tokens for head sizes 32, 64 and 128; other tilings
-# were slower. Head sizes 16 and 256 work (tested) but were not timed, so `auto` leaves them to flash.
+# were slower. Head size 16 works (tested) but was not timed, so `auto` leaves it to flash.
 ATTN_BLOCK_M, ATTN_BLOCK_N, ATTN_WARPS, ATTN_STAGES = 64, 64, 4, 3
 ATTN_MEASURED_HEAD_DIMS = (32, 64, 128)
 LOG2E = 1.4426950408889634
 
 
 def varlen_attention_fits(q: torch.Tensor) -> bool:
-    """Whether `varlen_attention` takes these queries (CUDA fp16/bf16, a power-of-two head size 16..256)."""
+    """Whether `varlen_attention` takes these queries (CUDA fp16/bf16, a power-of-two head size 16..128: the sizes
+    tested; larger tiles could outgrow shared memory with 3 pipeline stages)."""
     head_dim = q.shape[-1]
     return (triton is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0)
+            and 16 <= head_dim <= 128 and head_dim & (head_dim - 1) == 0)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
