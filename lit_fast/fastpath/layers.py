@@ -1,8 +1,8 @@
 """One encoder layer on tokens without padding, in two flavours.
 
 `packed_layer` is the layer written out in plain PyTorch over a packed `(tokens, hidden)` matrix: the GEMMs only
-ever see real tokens, and attention runs per sequence (flash-attention's varlen kernel on CUDA in fp16/bf16, one
-SDPA call per sequence elsewhere). It computes exactly what the HF layer computes in eval mode: post-LN BERT style
+ever see real tokens (q/k/v as one GEMM), and attention runs per sequence (a varlen kernel on CUDA in fp16/bf16 -
+lit_fast's Triton kernel or flash-attention's - one SDPA call per sequence elsewhere). It computes exactly what the HF layer computes in eval mode: post-LN BERT style
 `x = LN(x + attn(x)); x = LN(x + ffn(x))` or pre-LN `x = x + attn(LN(x)); x = x + ffn(LN(x))`, with the HF
 activation module itself.
 
@@ -10,9 +10,10 @@ activation module itself.
 kernel (the one `nn.TransformerEncoderLayer` and BetterTransformer used), which takes nested tensors. It knows only
 exact GELU and ReLU, and one LayerNorm epsilon for both norms.
 
-Both read the weights from the HF modules on every call (`LayerParts`); nothing is copied at conversion, so
-training, `load_state_dict` or `.to()` between calls can never leave a stale fused copy behind. The fused kernel's
-packed QKV matrix is concatenated per call: a few MB per layer, small next to the layer's GEMMs.
+Both read the weights from the HF modules on every call (`LayerParts`); nothing is copied at conversion. The one
+derived tensor, the q/k/v weights concatenated for a single GEMM, is remembered per layer keyed by the address and
+version counter of its sources (`fused_qkv`), so training, `load_state_dict` or `.to()` between calls can never
+leave a stale copy behind.
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 
 # q/k/v as one GEMM over concatenated weights (see fused_qkv); a switch for benchmarks, leave it on.
 FUSE_QKV = True
-QKV_CACHE = "_lit_fast_qkv"
+QKV_CACHE = "_lit_fast_qkv"  # the attribute of the query module that remembers the concatenation
 # Which kernel runs varlen attention on CUDA: "auto" (lit_fast's Triton kernel for the head sizes it was measured
 # faster on, kernels.ATTN_MEASURED_HEAD_DIMS, else flash), "triton" (kernels.varlen_attention wherever it fits),
 # "flash" (torch.nn.attention.varlen.varlen_attn), "flash-op" (the same kernel called directly, without the
 # custom-op layer) or "cudnn" (W1: 50x slower; torch's varlen API keeps it off). bench/w1_profile.py and
 # bench/attn_sweep.py compare them.
-VARLEN_KERNEL = "auto"  # the attribute of the query module that remembers the concatenation
+VARLEN_KERNEL = "auto"
 
 # oneDNN's linear (with its fused GELU) for CPU fp32. ONEDNN_LINEAR is a switch so that the CPU benchmark can
 # show what oneDNN contributes; leave it on.
@@ -202,9 +203,10 @@ def _onednn_fits(x: torch.Tensor) -> bool:
 
 def fused_layer(x: torch.Tensor, parts: LayerParts, use_gelu: bool) -> torch.Tensor:
     """One encoder layer through PyTorch's fused kernel; `x` is nested (padding removed) or dense (no padding)."""
-    q, k, v = parts.query, parts.key, parts.value
-    qkv_weight = torch.cat([q.weight, k.weight, v.weight])
-    qkv_bias = torch.cat([_bias(q), _bias(k), _bias(v)])
+    q = parts.query
+    qkv_weight, qkv_bias = fused_qkv(parts)
+    if qkv_bias is None:  # the fused kernel always adds one
+        qkv_bias = qkv_weight.new_zeros(qkv_weight.shape[0])
     return torch._transformer_encoder_layer_fwd(
         x,
         q.in_features,

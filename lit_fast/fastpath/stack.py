@@ -67,8 +67,8 @@ class FastStack:
         layers = self.layer_parts()  # host work before plan() waits for the device, not after it
         valid = padding.valid_tokens(mask, batch, seq_len)
         packing = padding.plan(valid, batch, seq_len, hidden.device)
-        if self.backend == "auto" and not policy.pays_off(backend, hidden.device, packing.padding_fraction,
-                                                          layers[0].norm_first):
+        norm_first = bool(layers) and layers[0].norm_first
+        if self.backend == "auto" and not policy.pays_off(backend, hidden.device, packing.padding_fraction, norm_first):
             self.last_path = "hf: too little padding to remove for the fast path to pay off here"
             return self.hf_forward(*args, **kwargs)
 
