@@ -30,7 +30,7 @@ def to_fast_path(model: nn.Module, backend: str = "auto", *, cuda_graphs: bool =
     """Convert `model` in place to the encoder fast path and return it.
 
     backend: "auto" (per device and dtype, what measured fastest; HF where nothing beats it), "fused" (PyTorch's
-    fused encoder-layer kernel over nested tensors) or "packed" (packed tokens, varlen flash attention on CUDA).
+    fused encoder-layer kernel over nested tensors) or "packed" (packed tokens, varlen attention on CUDA).
     Raises UnsupportedModelError for architectures without an adapter and for quantized or adapter-wrapped
     layers, ConfigError for an unknown backend or a "fused" request the kernel cannot serve exactly.
     cuda_graphs: replay the packed layers as CUDA graphs on CUDA in fp16/bf16 (one capture per batch-shape

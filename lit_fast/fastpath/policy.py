@@ -67,7 +67,7 @@ def describe(backend: str | None, device: torch.device, dtype: torch.dtype) -> s
     where = f"{device.type}/{str(dtype).removeprefix('torch.')}"
     if backend == "packed":
         attention = (
-            "varlen flash attention"
+            "varlen attention (lit_fast's Triton kernel for head sizes 32/64/128, else flash)"
             if device.type == "cuda" and dtype in VARLEN_DTYPES and varlen_attn is not None
             else "one SDPA call per sequence"
         )
