@@ -7,11 +7,16 @@ configuration (BLOCK_M, BLOCK_N, warps, stages). bf16, hidden 768 (heads x head_
 from __future__ import annotations
 
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
-from lit_fast.fastpath import kernels
-from lit_fast.fastpath.layers import varlen_attn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from w1_encoder import time_ms  # noqa: E402
+
+from lit_fast.fastpath import kernels  # noqa: E402
+from lit_fast.fastpath.layers import varlen_attn  # noqa: E402
 
 CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2),
            (128, 128, 8, 2), (32, 64, 4, 2), (64, 128, 4, 2)]
@@ -19,18 +24,9 @@ CASES = {"w1": (32, 257), "short": (16, 129), "long": (256, 513)}  # lengths dra
 HEAD_DIMS = (64,)
 
 
-def median_ms(fn, reps: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def median_ms(fn) -> float:
+    """Median of 50 timed calls after 5 warm-ups (w1_encoder's CUDA-event timer)."""
+    return statistics.median(time_ms(fn, warmup=5, reps=50))
 
 
 def main() -> None:
