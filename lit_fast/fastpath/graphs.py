@@ -105,18 +105,10 @@ class GraphedLayers:
         return entry
 
 
-def _qkv_versions(layers: list[LayerParts]) -> tuple[int, ...]:
-    """Version counters of the q/k/v tensors: a graph reads their concatenation (layers.fused_qkv), a copy that an
+def _qkv_versions(layers: list[LayerParts]) -> tuple:
+    """The q/k/v concatenations' keys (layers.qkv_key): a graph reads the remembered concatenation, a copy that an
     in-place update replaces, so such an update needs a new capture. Other weights are read in place."""
-    if not fast_layers.FUSE_QKV:
-        return ()
-    versions = []
-    for parts in layers:
-        for module in (parts.query, parts.key, parts.value):
-            for t in (module.weight, module.bias):
-                if t is not None:
-                    versions.append(0 if t.is_inference() else t._version)
-    return tuple(versions)
+    return tuple(fast_layers.qkv_key(parts) for parts in layers) if fast_layers.FUSE_QKV else ()
 
 
 def _weights(parts: LayerParts):

@@ -109,11 +109,7 @@ def fused_qkv(parts: LayerParts) -> tuple[torch.Tensor, torch.Tensor | None]:
     `torch.inference_mode`) are concatenated on every call.
     """
     modules = (parts.query, parts.key, parts.value)
-    sources = [m.weight for m in modules] + [m.bias for m in modules if m.bias is not None]
-    try:
-        key = tuple((t.data_ptr(), t._version) for t in sources)
-    except RuntimeError:  # inference tensors track no versions
-        key = None
+    key = qkv_key(parts)
     cached = parts.query.__dict__.get(QKV_CACHE)
     if key is not None and cached is not None and cached[0] == key:
         return cached[1], cached[2]
@@ -124,6 +120,17 @@ def fused_qkv(parts: LayerParts) -> tuple[torch.Tensor, torch.Tensor | None]:
     if key is not None:
         parts.query.__dict__[QKV_CACHE] = (key, weight, bias)  # a plain attribute: not a parameter or buffer
     return weight, bias
+
+
+def qkv_key(parts: LayerParts) -> tuple | None:
+    """The address and version counter of every q/k/v weight and bias: what their concatenation is valid for. None
+    for tensors made under `torch.inference_mode`, which track no versions (they are concatenated on every call)."""
+    modules = (parts.query, parts.key, parts.value)
+    sources = [m.weight for m in modules] + [m.bias for m in modules if m.bias is not None]
+    try:
+        return tuple((t.data_ptr(), t._version) for t in sources)
+    except RuntimeError:  # inference tensors track no versions
+        return None
 
 
 def drop_fused_qkv(module: nn.Module) -> None:
