@@ -6,10 +6,13 @@ median of `--reps`), but only the W1 scenario, with the packed path's switches f
   packed-3gemm     q/k/v as three GEMMs, residual add and LayerNorm as two PyTorch kernels (the old layer)
   +fused_qkv       q/k/v as one GEMM over the concatenated weights (layers.FUSE_QKV)
   +triton_norm     residual add + LayerNorm as one Triton kernel (kernels.TRITON_ADD_NORM)
-  +graphs          the same, replayed as a CUDA graph (`cuda_graphs=True`)
-  +flash_op        the same flash kernel called without torch's custom-op layer (layers.VARLEN_KERNEL)
-  +triton_attn     varlen attention in lit_fast's Triton kernel (64-token tiles, kernels.varlen_attention)
-  default          what the library runs (VARLEN_KERNEL "auto": the Triton kernel for head sizes 32/64/128)
+  +triton_attn     varlen attention in lit_fast's Triton kernel for head sizes 32/64/128 (VARLEN_KERNEL "auto")
+  +front           the base model's FastFront plans before the embeddings and hands HF a mask view (front.FRONT)
+  default          what the library runs: + the embeddings of the real tokens only (front.PACKED_EMBEDDINGS)
+  default+graphs   the same, with the layers replayed as CUDA graphs (`cuda_graphs=True`)
+  +flash_op        the default with flash attention called without torch's custom-op layer (layers.VARLEN_KERNEL)
+  attn M,N,W,S     (--attn) the default with the Triton attention tiled BLOCK_M, BLOCK_N, warps, stages
+Each row also gives the host time of one call (`host ms`): where it nears the device time, the host is the limit.
 (cuDNN's varlen attention, tried 2026-11-25, ran 780 ms instead of 9: dropped.)
 
 then a torch.profiler table of today's default (self CUDA time per kernel, summed over 5 forwards). Correctness in
@@ -25,6 +28,7 @@ import copy
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,24 +39,41 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from w1_encoder import DTYPES, batch_for, bert_base, environment, matmul_peak_tflops, real_flops, time_ms  # noqa: E402
 
-from lit_fast.fastpath import kernels, layers, to_fast_path  # noqa: E402
+from lit_fast.fastpath import front, kernels, layers, to_fast_path  # noqa: E402
 
-STEPS = {  # name -> (FUSE_QKV, TRITON_ADD_NORM, VARLEN_KERNEL, cuda_graphs)
-    "packed-3gemm": (False, False, "flash", False),
-    "+fused_qkv": (True, False, "flash", False),
-    "+triton_norm": (True, True, "flash", False),
-    "+graphs": (True, True, "flash", True),
-    "default": (True, True, "auto", False),
-    "+flash_op": (True, True, "flash-op", False),
-    "+flash_op+graphs": (True, True, "flash-op", True),
-    "+triton_attn": (True, True, "triton", False),
-    "+triton_attn+graphs": (True, True, "triton", True),
+STEPS = {  # name -> (FUSE_QKV, TRITON_ADD_NORM, VARLEN_KERNEL, FRONT, PACKED_EMBEDDINGS, cuda_graphs)
+    "packed-3gemm": (False, False, "flash", False, False, False),
+    "+fused_qkv": (True, False, "flash", False, False, False),
+    "+triton_norm": (True, True, "flash", False, False, False),
+    "+triton_attn": (True, True, "auto", False, False, False),
+    "+front": (True, True, "auto", True, False, False),
+    "default": (True, True, "auto", True, True, False),
+    "default+graphs": (True, True, "auto", True, True, True),
+    "+flash_op": (True, True, "flash-op", True, True, False),
 }
-DEFAULT = (True, True, "auto")
+DEFAULT = (True, True, "auto", True, True)
 
 
-def switches(fuse: bool, triton_norm: bool, varlen_kernel: str) -> None:
+def switches(fuse: bool, triton_norm: bool, varlen_kernel: str, use_front: bool, packed_embeddings: bool) -> None:
     layers.FUSE_QKV, kernels.TRITON_ADD_NORM, layers.VARLEN_KERNEL = fuse, triton_norm, varlen_kernel
+    front.FRONT, front.PACKED_EMBEDDINGS = use_front, packed_embeddings
+
+
+def attention_tiling(spec: str) -> None:
+    """`--attn` values: BLOCK_M,BLOCK_N,WARPS,STAGES for the Triton varlen kernel (kernels.ATTN_*)."""
+    kernels.ATTN_BLOCK_M, kernels.ATTN_BLOCK_N, kernels.ATTN_WARPS, kernels.ATTN_STAGES = map(int, spec.split(","))
+
+
+def host_ms(fn, reps: int) -> float:
+    """Median host time of one call (it returns once its kernels are queued, or after its waits for the device)."""
+    samples = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(samples)
 
 
 def main() -> None:
@@ -64,6 +85,8 @@ def main() -> None:
     parser.add_argument("--trace", help="also write a chrome trace of the default path per dtype (path prefix)")
     parser.add_argument("--trace-cpu", action="store_true", help="record host ops in the trace too")
     parser.add_argument("--steps", nargs="+", default=list(STEPS), help="which variants to time (default: all)")
+    parser.add_argument("--attn", nargs="*", default=[],
+                        help="extra variants: the default with the Triton attention tiled BLOCK_M,BLOCK_N,WARPS,STAGES")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     peak = matmul_peak_tflops()
@@ -82,21 +105,29 @@ def main() -> None:
             if step not in args.steps and step != "default":
                 continue
             variants[step] = (to_fast_path(copy.deepcopy(base), "packed", cuda_graphs=graphs), tuple(flags))
+        for spec in args.attn:
+            variants[f"attn {spec}"] = (variants["default"][0], DEFAULT)
         times = {}
+        tiling = (kernels.ATTN_BLOCK_M, kernels.ATTN_BLOCK_N, kernels.ATTN_WARPS, kernels.ATTN_STAGES)
         for step, (model, flags) in variants.items():
             switches(*(flags or DEFAULT))
+            if step.startswith("attn "):
+                attention_tiling(step.removeprefix("attn "))
             try:
                 with torch.inference_mode():
                     out = model(input_ids=ids, attention_mask=mask).last_hidden_state
                     samples = time_ms(lambda: model(input_ids=ids, attention_mask=mask), args.warmup, args.reps)
+                    host = host_ms(lambda: model(input_ids=ids, attention_mask=mask), args.reps)
             except RuntimeError as failure:  # an explored kernel this build cannot run
                 print(f"{name} {step}: failed: {failure}", flush=True)
                 continue
+            finally:
+                kernels.ATTN_BLOCK_M, kernels.ATTN_BLOCK_N, kernels.ATTN_WARPS, kernels.ATTN_STAGES = tiling
             diff = (out[real].float() - reference[real]).abs().max().item()
             times[step] = statistics.median(samples)
             rows.append({"dtype": name, "variant": step, "median_ms": times[step], "times_ms": samples,
-                         "max_abs_diff_vs_fp32_eager": diff})
-            print(f"{name} {step}: {times[step]:.2f} ms, diff {diff:.1e}", flush=True)
+                         "host_ms": host, "max_abs_diff_vs_fp32_eager": diff})
+            print(f"{name} {step}: {times[step]:.2f} ms (host {host:.2f} ms), diff {diff:.1e}", flush=True)
         for row in rows:
             if row["dtype"] == name and "hf_sdpa" in times:
                 row["speedup_vs_hf_sdpa"] = times["hf_sdpa"] / row["median_ms"]
@@ -127,10 +158,11 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(profile_text)
     print(f"floor {floor_ms:.2f} ms")
-    print("| dtype | variant | median ms | vs HF sdpa | % of floor | max abs diff vs fp32 eager |\n|---|---|---|---|---|---|")
+    print("| dtype | variant | median ms | host ms | vs HF sdpa | % of floor | max abs diff vs fp32 eager |\n"
+          "|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['dtype']} | {row['variant']} | {row['median_ms']:.2f} | {row['speedup_vs_hf_sdpa']:.2f}x | "
-              f"{row['floor_percent']:.0f}% | {row['max_abs_diff_vs_fp32_eager']:.1e} |")
+        print(f"| {row['dtype']} | {row['variant']} | {row['median_ms']:.2f} | {row['host_ms']:.2f} | "
+              f"{row['speedup_vs_hf_sdpa']:.2f}x | {row['floor_percent']:.0f}% | {row['max_abs_diff_vs_fp32_eager']:.1e} |")
 
 
 if __name__ == "__main__":

@@ -272,3 +272,67 @@ def test_packed_layers_with_triton_attention_match_hf(monkeypatch):
         layers.VARLEN_KERNEL = saved
     assert paths_run(model) == {"packed"} and len(calls) == 2  # one per layer: the Triton kernel ran
     assert_half_close(out, ref, hf_half, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("packed,with_types", [(True, True), (True, False), (False, True)])
+def test_triton_embeddings_equal_pytorch_on_the_real_tokens(dtype, packed, with_types):
+    """The front's embedding kernel: word + position (+ token type) rows and the LayerNorm of the real tokens, read
+    through index grids with broadcast rows; at least as close to fp64 as PyTorch's kernels (plus one ulp)."""
+    import torch.nn.functional as F
+
+    from lit_fast.fastpath import kernels
+
+    torch.manual_seed(3)
+    batch, seq_len, width = 6, 40, 768
+    word = torch.randn(500, width, device="cuda", dtype=dtype)
+    position = torch.randn(64, width, device="cuda", dtype=dtype)
+    token_type = torch.randn(2, width, device="cuda", dtype=dtype) if with_types else None
+    norm = torch.nn.LayerNorm(width, eps=1e-12).cuda().to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+        norm.bias.normal_(0.0, 0.2)
+    ids = torch.randint(0, 500, (batch, seq_len), device="cuda")
+    positions = torch.arange(seq_len, device="cuda")[None].expand(batch, seq_len)  # a broadcast row, as HF's buffer
+    types = torch.randint(0, 2, (batch, seq_len), device="cuda") if with_types else None
+    valid = torch.rand(batch, seq_len, device="cuda") < (0.6 if packed else 2.0)
+    indices = torch.nonzero(valid.reshape(-1)).squeeze(1) if packed else None
+    count = int(valid.sum())
+    with torch.inference_mode():
+        assert kernels.embed_layer_norm_fits(word, [position] + ([token_type] if with_types else []), norm)
+        got = kernels.embed_layer_norm(indices, count, seq_len, ids, positions, types, word, position, token_type,
+                                       norm)
+        pick = (lambda grid: grid.reshape(-1)[indices]) if packed else (lambda grid: grid.reshape(-1))
+
+        def rows(table, grid, as_type):
+            return F.embedding(pick(grid), table.to(as_type))
+
+        def embed(as_type):
+            h = rows(word, ids, as_type)
+            if with_types:
+                h = h + rows(token_type, types, as_type)
+            h = h + rows(position, positions, as_type)
+            return F.layer_norm(h, (width,), norm.weight.to(as_type), norm.bias.to(as_type), norm.eps)
+
+        exact, torch_way = embed(torch.float64), embed(dtype)
+    assert got.shape == (count, width) and got.dtype == dtype
+    ours, theirs = ((t.double() - exact).abs().max().item() for t in (got, torch_way))
+    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
+    assert ours <= theirs + ulp, f"embedding kernel {ours:.3g} vs PyTorch {theirs:.3g} off the fp64 result"
+
+
+def test_half_precision_bert_embeds_real_tokens_with_the_triton_kernel(monkeypatch):
+    from lit_fast.fastpath import kernels
+
+    calls = []
+    real = kernels.embed_layer_norm
+    monkeypatch.setattr(kernels, "embed_layer_norm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    reference, model = reference_and_half(tiny_text_model("bert", attn="sdpa"), torch.bfloat16)
+    ids, mask = (t.cuda() for t in text_batch("left"))
+    with torch.inference_mode():
+        reference.config._attn_implementation = "eager"
+        ref = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+        hf_half = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = to_fast_path(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert calls == [1] and paths_run(model) == {"packed"}
+    assert_half_close(out, ref, hf_half, mask)

@@ -56,6 +56,13 @@ class Adapter:
     per_layer: bool = False
     prologue: Prologue | None = None
     epilogue: Epilogue | None = None
+    # front.py: the base model builds its mask from a 2-D token mask with `create_bidirectional_mask` and hands it
+    # to the stack, so a FastFront can plan before the embeddings and hand HF a mask it passes on as it is.
+    front: bool = False
+    # Under the base model, an embeddings module of word + position (+ token type) tables and a LayerNorm whose
+    # output goes straight to the stack, which the front can compute on packed tokens. Where set, the prologue
+    # (if any) must work row by row, since it then runs on packed tokens.
+    embeddings: str | None = None
 
 
 BERT_LAYER = LayerMap(
@@ -162,6 +169,8 @@ _BERT_LIKE = Adapter(
     num_heads="num_attention_heads",
     activation="hidden_act",
     output=BaseModelOutputWithPastAndCrossAttentions,
+    front=True,
+    embeddings="embeddings",  # ELECTRA's optional embeddings_project sits in between: convert.py checks for it
 )
 _WAV2VEC2 = Adapter(
     layer=WAV2VEC2_LAYER,
@@ -193,7 +202,8 @@ ADAPTERS: dict[str, Adapter] = {
     "camembert": _BERT_LIKE,
     "electra": _BERT_LIKE,
     "distilbert": Adapter(
-        layer=DISTILBERT_LAYER, stack="transformer", num_heads="n_heads", activation="activation"
+        layer=DISTILBERT_LAYER, stack="transformer", num_heads="n_heads", activation="activation", front=True,
+        embeddings="embeddings",
     ),
     "albert": Adapter(
         layer=ALBERT_LAYER,
@@ -201,7 +211,9 @@ ADAPTERS: dict[str, Adapter] = {
         num_heads="num_attention_heads",
         activation="hidden_act",
         layers=_albert_layers,
-        prologue=_albert_prologue,
+        prologue=_albert_prologue,  # a Linear: row by row
+        front=True,
+        embeddings="embeddings",
     ),
     "vit": Adapter(
         layer=VIT_LAYER,

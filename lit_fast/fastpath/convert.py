@@ -16,9 +16,12 @@ from lit_fast.errors import ConfigError, UnsupportedModelError
 from lit_fast.fastpath import policy
 from lit_fast.fastpath.adapters import ADAPTERS, Adapter, adapter_for, unsupported_feature
 from lit_fast.fastpath.layers import drop_fused_qkv
+from lit_fast.fastpath.front import FastEmbeddings, FastFront
 from lit_fast.fastpath.stack import FastStack
 
 log = logging.getLogger(__name__)
+
+INSTALLED = (FastStack, FastFront, FastEmbeddings)  # what to_fast_path sets as an instance `forward`
 
 
 def fast_path_architectures() -> list[str]:
@@ -42,6 +45,7 @@ def to_fast_path(model: nn.Module, backend: str = "auto", *, cuda_graphs: bool =
     revert_fast_path(model)  # converting again switches the backend
     for stack in stacks:
         stack.owner.forward = stack
+    _install_front(model, stacks)
     log.debug("fast path (%s) installed on %d module(s) of %s", backend, len(stacks), type(model).__name__)
     return model
 
@@ -49,7 +53,7 @@ def to_fast_path(model: nn.Module, backend: str = "auto", *, cuda_graphs: bool =
 def revert_fast_path(model: nn.Module) -> nn.Module:
     """Give `model` back its HF forwards (the weights never left); a model that is not converted is returned as is."""
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), FastStack):
+        if isinstance(module.__dict__.get("forward"), INSTALLED):
             del module.forward
     drop_fused_qkv(model)
     return model
@@ -125,6 +129,23 @@ def _stack_owners(model: nn.Module, adapter: Adapter, model_type: str) -> list[n
     for owner in owners:  # resolves every layer's parts now, so a wrapped or quantized one is refused up front
         FastStack(owner, adapter, model.config, "auto").layer_parts()
     return owners
+
+
+def _install_front(model: nn.Module, stacks: list[FastStack]) -> None:
+    """A FastFront on the base model (and FastEmbeddings on its embeddings) where the adapter allows (front.py)."""
+    adapter = stacks[0].adapter
+    if not adapter.front or adapter.per_layer or len(stacks) != 1:
+        return
+    base = getattr(model, "base_model", model)
+    embeddings = None
+    # ELECTRA with an embedding size below the hidden size projects the embeddings in its base model's forward,
+    # between the embeddings and the stack: those must stay padded HF embeddings.
+    if adapter.embeddings is not None and not hasattr(base, "embeddings_project"):
+        embeddings = base.get_submodule(adapter.embeddings)
+    front = FastFront(base, stacks[0], embeddings)
+    base.forward = front
+    if embeddings is not None:
+        embeddings.forward = FastEmbeddings(embeddings, front)
 
 
 def _refuse_quantized(model: nn.Module, model_type: str) -> None:

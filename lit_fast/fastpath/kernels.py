@@ -11,6 +11,9 @@ the PyTorch expression runs.
 
 `varlen_attention(q, k, v, cu_seqlens, max_len)` is softmax attention within each packed sequence (the packed
 layer's attention; see its notes below).
+
+`embed_layer_norm(...)` is a text encoder's embedding step (word + position (+ token type) rows, then LayerNorm)
+for the real tokens only, written straight into the packed matrix (front.py).
 """
 
 from __future__ import annotations
@@ -84,6 +87,84 @@ if triton is not None:
         w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
         tl.store(Out + row * stride_out + cols, (centred * rstd * w + b).to(Out.dtype.element_ty), mask=inside)
+
+
+# ---- embeddings of packed tokens (front.py) -----------------------------------------------------------------
+TRITON_EMBED = True  # a switch for benchmarks; leave it on
+
+
+def embed_layer_norm_fits(word: torch.Tensor, tables: list[torch.Tensor], norm: nn.LayerNorm) -> bool:
+    """Whether `embed_layer_norm` takes these tables: CUDA, one float dtype, contiguous rows, no autograd."""
+    width = word.shape[1]
+    return (
+        TRITON_EMBED
+        and triton is not None
+        and word.is_cuda
+        and word.dtype in KERNEL_DTYPES
+        and width <= MAX_WIDTH
+        and all(t.dtype == word.dtype and t.dim() == 2 and t.shape[1] == width and t.stride() == (width, 1)
+                for t in [word, *tables])
+        and norm.weight is not None
+        and norm.bias is not None
+        and norm.weight.dtype == word.dtype
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in [word, *tables, norm.weight]))
+    )
+
+
+def embed_layer_norm(indices: torch.Tensor | None, count: int, seq_len: int, ids: torch.Tensor,
+                     positions: torch.Tensor, types: torch.Tensor | None, word: torch.Tensor, position: torch.Tensor,
+                     token_type: torch.Tensor | None, norm: nn.LayerNorm) -> torch.Tensor:
+    """`norm(word[ids] (+ token_type[types]) + position[positions])` for the `count` packed tokens, in one pass.
+
+    ids, positions, types: `(batch, seq_len)` index grids (any strides, broadcast rows included) read at the flat
+    positions `indices` of the real tokens (all positions in order when `indices` is None). The three rows are
+    summed and normalised in fp32. The caller has checked every index against its table (the kernel does not).
+    """
+    width = word.shape[1]
+    out = torch.empty((count, width), dtype=word.dtype, device=word.device)
+    if count == 0:
+        return out
+    block = triton.next_power_of_2(width)
+    has_type = types is not None
+    types = types if has_type else ids
+    token_type = token_type if has_type else word
+    _embed_layer_norm_kernel[(count,)](
+        indices if indices is not None else ids, ids, ids.stride(0), ids.stride(1), positions, positions.stride(0),
+        positions.stride(1), types, types.stride(0), types.stride(1), word, position, token_type, norm.weight,
+        norm.bias, out, seq_len, width, norm.eps,
+        HAS_INDEX=indices is not None, HAS_TYPE=has_type, BLOCK=block, num_warps=min(max(block // 256, 1), 8),
+    )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _embed_layer_norm_kernel(Idx, Ids, s_ib, s_is, Pos, s_pb, s_ps, Typ, s_tb, s_ts, Word, Position, TokenType,
+                                 W, B, Out, seq_len, width, eps,
+                                 HAS_INDEX: tl.constexpr, HAS_TYPE: tl.constexpr, BLOCK: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        if HAS_INDEX:
+            flat = tl.load(Idx + token).to(tl.int64)
+        else:
+            flat = token
+        row = flat // seq_len
+        col = flat % seq_len
+        cols = tl.arange(0, BLOCK)
+        inside = cols < width
+        word_id = tl.load(Ids + row * s_ib + col * s_is).to(tl.int64)
+        pos_id = tl.load(Pos + row * s_pb + col * s_ps).to(tl.int64)
+        h = tl.load(Word + word_id * width + cols, mask=inside, other=0.0).to(tl.float32)
+        if HAS_TYPE:
+            type_id = tl.load(Typ + row * s_tb + col * s_ts).to(tl.int64)
+            h += tl.load(TokenType + type_id * width + cols, mask=inside, other=0.0).to(tl.float32)
+        h += tl.load(Position + pos_id * width + cols, mask=inside, other=0.0).to(tl.float32)
+        mean = tl.sum(h, axis=0) / width
+        centred = tl.where(inside, h - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / width + eps)
+        w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
+        tl.store(Out + token * width + cols, (centred * rstd * w + b).to(Out.dtype.element_ty), mask=inside)
 
 
 # ---- varlen attention (layers.VARLEN_KERNEL) -------------------------------------------------------------------

@@ -29,6 +29,7 @@ class Packing:
     cu_seqlens: torch.Tensor  # (batch + 1,) int32 offsets of each sequence in the packed matrix
     lengths: tuple[int, ...]  # tokens per sequence, on the host
     max_len: int  # the longest sequence (or an upper bound on it: all varlen attention needs)
+    checks: tuple[int, ...] = ()  # the `checks` values `plan` brought to the host in the same wait
 
     @property
     def num_tokens(self) -> int:
@@ -61,23 +62,31 @@ def valid_tokens(attention_mask: torch.Tensor | None, batch: int, seq_len: int) 
     return valid.expand(batch, seq_len)
 
 
-def plan(valid: torch.Tensor | None, batch: int, seq_len: int, device: torch.device) -> Packing:
-    """Where the real tokens are, from the `(batch, seq_len)` mask of `valid_tokens` (None: nothing is padded)."""
+def plan(valid: torch.Tensor | None, batch: int, seq_len: int, device: torch.device,
+         checks: torch.Tensor | None = None) -> Packing:
+    """Where the real tokens are, from the `(batch, seq_len)` mask of `valid_tokens` (None: nothing is padded).
+
+    `checks` is an optional 1-D integer tensor on the device (counts of bad input, say) that comes back to the host
+    in the same wait as the lengths; its values land in `Packing.checks`.
+    """
     if valid is None:
         lengths = torch.full((batch,), seq_len, dtype=torch.int32, device=device)
         cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        return Packing(batch, seq_len, None, cu_seqlens, (seq_len,) * batch, seq_len)
+        host_checks = tuple(checks.tolist()) if checks is not None else ()
+        return Packing(batch, seq_len, None, cu_seqlens, (seq_len,) * batch, seq_len, host_checks)
 
     lengths = valid.sum(dim=1, dtype=torch.int32)
     # The lengths on the host (the kernels' max_len, the CPU attention loop): one wait for the device per batch.
-    host_lengths = tuple(lengths.tolist())
+    on_host = lengths if checks is None else torch.cat([lengths, checks])  # int64 when checks are
+    values = on_host.tolist()
+    host_lengths, host_checks = tuple(values[:batch]), tuple(values[batch:])
     cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     longest = max(host_lengths, default=0)
     if all(length == seq_len for length in host_lengths):
-        return Packing(batch, seq_len, None, cu_seqlens, host_lengths, longest)
+        return Packing(batch, seq_len, None, cu_seqlens, host_lengths, longest, host_checks)
     # The host knows how many tokens there are, so the gather indices need no second wait for the device.
     indices = torch.nonzero_static(valid.reshape(-1), size=sum(host_lengths)).squeeze(1)
-    return Packing(batch, seq_len, indices, cu_seqlens, host_lengths, longest)
+    return Packing(batch, seq_len, indices, cu_seqlens, host_lengths, longest, host_checks)
 
 
 def pack(hidden: torch.Tensor, packing: Packing) -> torch.Tensor:

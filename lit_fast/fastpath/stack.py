@@ -23,6 +23,7 @@ from torch import nn
 from lit_fast.errors import ConfigError
 from lit_fast.fastpath import padding, policy
 from lit_fast.fastpath.adapters import Adapter
+from lit_fast.fastpath.front import hf_mask
 from lit_fast.fastpath.graphs import GraphedLayers
 from lit_fast.fastpath.layers import VARLEN_DTYPES, LayerParts, fused_layer, packed_layer, varlen_attn
 
@@ -40,6 +41,7 @@ class FastStack:
         self.graphed = GraphedLayers() if cuda_graphs else None  # packed layers on CUDA in fp16/bf16
         self.fused_ok = policy.fused_unsupported(config, adapter, self.layer_parts()[0]) is None
         self.last_path: str | None = None  # what the latest call ran: a backend, or "hf: <why>"
+        self.front = None  # the model's FastFront (front.py), when it has one
 
     def hf_forward(self, *args, **kwargs):
         """The owner's own HF forward (its class's method; the instance attribute is this object)."""
@@ -48,6 +50,9 @@ class FastStack:
     def __call__(self, *args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        call = self.front.call if self.front is not None else None
+        if call is not None and (mask is call.mask4d or call.backend is None):
+            return self._serve_front(call, hidden, mask, args, kwargs)
         if self._wants(kwargs, "output_attentions"):
             raise ConfigError(
                 "output_attentions=True cannot be served by the lit_fast fast path: its fused kernels never "
@@ -77,12 +82,38 @@ class FastStack:
         out = self.run(hidden, valid, packing, backend, layers)
         return out if self.adapter.output is None else self.adapter.output(last_hidden_state=out)
 
+    def _serve_front(self, call, hidden: torch.Tensor, mask, args: tuple, kwargs: dict):
+        """A call the model's `FastFront` planned (front.py): its packing, and its packed embeddings when `hidden`
+        is their placeholder."""
+        reason = call.hf_reason or self._hf_reason(hidden, kwargs)
+        if reason is not None:  # the front checks the same conditions, so this is the exception
+            self.last_path = f"hf: {reason}"
+            if mask is call.mask4d:
+                if hidden is call.placeholder:
+                    raise RuntimeError(f"lit_fast fast path: the HF layers must run ({reason}), but the embeddings "
+                                       "were made for the fast path only; call revert_fast_path(model) and retry.")
+                real_mask = hf_mask(self.config, hidden, call)
+                if len(args) > 1:
+                    args = args[:1] + (real_mask,) + args[2:]
+                else:
+                    kwargs = {**kwargs, "attention_mask": real_mask}
+            return self.hf_forward(*args, **kwargs)
+        self.last_path = call.backend
+        tokens = call.tokens if hidden is call.placeholder else None
+        out = self.run(hidden, call.valid, call.packing, call.backend, call.layers, tokens)
+        return out if self.adapter.output is None else self.adapter.output(last_hidden_state=out)
+
     def run(self, hidden: torch.Tensor, valid: torch.Tensor | None, packing: padding.Packing, backend: str,
-            layers: list[LayerParts]):
-        """The fast path proper: prologue, pack, layers, epilogue, unpack."""
-        if self.adapter.prologue is not None:
-            hidden = self.adapter.prologue(self.owner, hidden, valid)
-        tokens = padding.pack(hidden, packing)
+            layers: list[LayerParts], tokens: torch.Tensor | None = None):
+        """The fast path proper: prologue, pack, layers, epilogue, unpack. `tokens`: the input already packed
+        (the front's embeddings), which the prologue then maps row by row."""
+        if tokens is not None:
+            if self.adapter.prologue is not None:
+                tokens = self.adapter.prologue(self.owner, tokens, None)
+        else:
+            if self.adapter.prologue is not None:
+                hidden = self.adapter.prologue(self.owner, hidden, valid)
+            tokens = padding.pack(hidden, packing)
         if backend == "packed" and self._graphs_apply(tokens):
             tokens = self._run_graphed(tokens, packing, layers)
         elif backend == "packed":

@@ -1,0 +1,277 @@
+"""The front of a converted text encoder: one plan before the embeddings, no HF mask, embeddings of real tokens.
+
+A BERT-family base model runs three steps before its layers: the embeddings over the padded grid, a 4-D attention
+mask built from the 2-D one (transformers' `create_bidirectional_mask`, whose SDPA variant waits for the device to
+learn whether anything is padded), then the stack. With only the stack converted, every batch made the GPU idle
+through two host waits (HF's and the stack's own `padding.plan`) and embedded padding it then threw away.
+
+`FastFront` is installed as the `forward` of the base model (an instance attribute, like `FastStack`). On a call
+the fast path will serve it
+
+1. plans the packing from the 2-D mask before any kernel is queued: the batch's one wait, while the GPU is idle
+   anyway. The same wait brings back the range of the token ids, which are then checked on the host;
+2. embeds only the real tokens, straight into the packed matrix (`packed_embeddings`: one Triton kernel on CUDA,
+   HF's own op order elsewhere);
+3. calls the HF forward with the mask as a `(batch, 1, 1, seq_len)` bool view: transformers passes a 4-D mask on
+   as it is, so it builds nothing and waits for nothing.
+
+`FastEmbeddings`, installed on the embeddings module, then returns a placeholder instead of padded embeddings, and
+the stack, seeing the placeholder and the mask view, runs its layers on the front's packed tokens. Anything that
+does not line up (other arguments reaching the embeddings, a module in between that transforms their output)
+falls back step by step: the HF embeddings run and the stack packs them with the front's plan; where the stack
+must run the HF layers, it rebuilds HF's own mask first.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_fast.fastpath import kernels, padding, policy
+from lit_fast.fastpath.layers import LayerParts
+
+try:  # transformers >= 5: the mask the HF layers expect, for the rare call that falls back to them
+    from transformers.masking_utils import create_bidirectional_mask
+except ImportError:  # pragma: no cover - older transformers
+    create_bidirectional_mask = None
+
+
+# Switches for benchmarks (bench/w1_profile.py); leave them on. FRONT off: the stack plans alone, as before the
+# front existed; PACKED_EMBEDDINGS off: the front plans but the HF embeddings run on the padded grid.
+FRONT = True
+PACKED_EMBEDDINGS = True
+
+
+@dataclass
+class FrontCall:
+    """What the front decided for one forward call, read by the embeddings and the stack inside it."""
+
+    backend: str | None  # the fast-path backend, or None: the HF forward runs (`hf_reason` says why)
+    hf_reason: str | None
+    mask2d: torch.Tensor
+    mask4d: torch.Tensor | None  # the bool view handed to HF instead of the 2-D mask (None: not swapped)
+    valid: torch.Tensor | None
+    packing: padding.Packing | None
+    layers: list[LayerParts]
+    inputs: tuple | None = None  # (input_ids, token_type_ids, position_ids) the packed embeddings were made from
+    tokens: torch.Tensor | None = None  # the packed embeddings
+    placeholder: torch.Tensor | None = None  # what FastEmbeddings returned in their place
+
+
+class FastFront:
+    """Replaces `owner.forward` (the base model's); see the module docstring."""
+
+    def __init__(self, owner: nn.Module, stack, embeddings: nn.Module | None) -> None:
+        self.owner = owner
+        self.stack = stack  # the FastStack of this model's encoder stack
+        self.embeddings = embeddings  # the module whose output can be made on packed tokens, or None
+        self.names = _parameter_names(type(owner).forward)
+        self.call: FrontCall | None = None
+        self._nan: dict[tuple, torch.Tensor] = {}
+        stack.front = self
+
+    def hf_forward(self, *args, **kwargs):
+        return type(self.owner).forward(self.owner, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        if self.call is not None or not FRONT:  # re-entered (the HF forward calling itself): nothing to plan
+            return self.hf_forward(*args, **kwargs)
+        named = dict(zip(self.names, args))
+        named.update(kwargs)
+        call = self._prepare(named)
+        if call is None:
+            return self.hf_forward(*args, **kwargs)
+        if call.mask4d is not None:
+            args, kwargs = _replaced(args, kwargs, self.names, "attention_mask", call.mask4d)
+        self.call = call
+        try:
+            return self.hf_forward(*args, **kwargs)
+        finally:
+            self.call = None
+
+    def _prepare(self, named: dict) -> FrontCall | None:
+        """Plan the call when the fast path will serve it; None leaves everything to HF and the stack."""
+        mask, ids, embeds = named.get("attention_mask"), named.get("input_ids"), named.get("inputs_embeds")
+        first = ids if ids is not None else embeds
+        if (not isinstance(mask, torch.Tensor) or mask.dim() != 2 or first is None or mask.shape != first.shape[:2]
+                or mask.numel() == 0):
+            return None
+        if named.get("past_key_values") is not None or named.get("cache") is not None:
+            return None
+        stack = self.stack
+        if self.owner.training or stack.owner.training or any(stack._wants(named, flag) for flag in (
+                "output_hidden_states", "output_attentions")):
+            return None  # the stack serves or refuses these itself
+        if torch.is_grad_enabled() and ((embeds is not None and embeds.requires_grad)
+                                        or any(p.requires_grad for p in self.owner.parameters())):
+            return None
+        device = mask.device
+        layers = stack.layer_parts()
+        dtype = layers[0].query.weight.dtype if layers else torch.float32
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        backend = policy.resolve(stack.backend, device, dtype, stack.fused_ok)
+        if backend is None:
+            return None
+        batch, seq_len = mask.shape
+        valid = padding.valid_tokens(mask, batch, seq_len)
+        inputs = self._embedding_inputs(named, batch, seq_len) if embeds is None else None
+        packing = padding.plan(valid, batch, seq_len, device, inputs.checks if inputs is not None else None)
+        if inputs is not None:
+            inputs.raise_if_out_of_range(packing.checks)
+        norm_first = bool(layers) and layers[0].norm_first
+        if stack.backend == "auto" and not policy.pays_off(backend, device, packing.padding_fraction, norm_first):
+            reason = "too little padding to remove for the fast path to pay off here"
+            return FrontCall(None, reason, mask, None, valid, packing, layers)
+        call = FrontCall(backend, None, mask, valid[:, None, None, :], valid, packing, layers)
+        if inputs is not None:
+            call.inputs = (ids, named.get("token_type_ids"), named.get("position_ids"))
+            call.tokens = inputs.embed(packing)
+        return call
+
+    def _embedding_inputs(self, named: dict, batch: int, seq_len: int) -> EmbeddingInputs | None:
+        if self.embeddings is None or not PACKED_EMBEDDINGS:
+            return None
+        return EmbeddingInputs.of(self.embeddings, named["input_ids"], named.get("token_type_ids"),
+                                  named.get("position_ids"), batch, seq_len)
+
+    def placeholder(self, call: FrontCall, batch: int, seq_len: int) -> torch.Tensor:
+        """A `(batch, seq_len, width)` tensor of NaN that holds no memory: anything that computes with it shows."""
+        tokens = call.tokens
+        key = (tokens.device, tokens.dtype)
+        if key not in self._nan:
+            self._nan[key] = torch.full((), float("nan"), device=tokens.device, dtype=tokens.dtype)
+        return self._nan[key].expand(batch, seq_len, tokens.shape[-1])
+
+
+class FastEmbeddings:
+    """Replaces `owner.forward` (the embeddings module's): hands back a placeholder when the front embedded the
+    call's tokens itself, else runs the HF embeddings."""
+
+    def __init__(self, owner: nn.Module, front: FastFront) -> None:
+        self.owner = owner
+        self.front = front
+        self.names = _parameter_names(type(owner).forward)
+
+    def __call__(self, *args, **kwargs):
+        call = self.front.call
+        if call is not None and call.tokens is not None and call.placeholder is None:
+            named = dict(zip(self.names, args))
+            named.update(kwargs)
+            ids, types, positions = call.inputs
+            if (named.get("input_ids") is ids and named.get("inputs_embeds") is None
+                    and named.get("token_type_ids") is types and named.get("position_ids") is positions
+                    and not named.get("cache_length") and not named.get("past_key_values_length")):
+                call.placeholder = self.front.placeholder(call, *ids.shape)
+                return call.placeholder
+        return type(self.owner).forward(self.owner, *args, **kwargs)
+
+
+def hf_mask(config, hidden: torch.Tensor, call: FrontCall) -> torch.Tensor | None:
+    """The mask HF's own forward would have handed its layers (for a stack that must run them after all)."""
+    if create_bidirectional_mask is None:  # pragma: no cover
+        return call.mask2d
+    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=call.mask2d)
+
+
+@dataclass
+class EmbeddingInputs:
+    """The index grids one call's embeddings read, as the HF module would derive them, and their range checks."""
+
+    module: nn.Module
+    ids: torch.Tensor  # (batch, seq_len)
+    positions: torch.Tensor  # (batch or 1, seq_len)
+    types: torch.Tensor | None  # (batch or 1, seq_len); None for a model without token types
+    checks: torch.Tensor  # [min, max] of every grid read from the user: one device->host transfer with the plan
+    limits: list[tuple[str, int, str]]  # (what, table size, what to do) per [min, max] pair of `checks`
+
+    @classmethod
+    def of(cls, module: nn.Module, ids: torch.Tensor, token_type_ids, position_ids, batch: int, seq_len: int):
+        positions_table = module.position_embeddings.num_embeddings
+        tokenizer = "use the tokenizer that belongs to this model"
+        too_long = "truncate the inputs to the model's maximum length"
+        ranges, limits = [torch.aminmax(ids)], [("input_ids", module.word_embeddings.num_embeddings, tokenizer)]
+        if position_ids is not None:
+            positions = position_ids
+            ranges.append(torch.aminmax(position_ids))
+            limits.append(("position_ids", positions_table, "pass positions inside the table, or none"))
+        elif hasattr(module, "create_position_ids_from_input_ids"):  # RoBERTa family: offsets past padding_idx
+            positions = module.create_position_ids_from_input_ids(ids, module.padding_idx)
+            ranges.append(torch.aminmax(positions))
+            limits.append(("position ids (counted over the non-padding tokens)", positions_table, too_long))
+        else:
+            buffer = getattr(module, "position_ids", None)
+            _check_length(seq_len - 1, positions_table, "sequence length - 1")
+            positions = buffer[:, :seq_len] if buffer is not None else torch.arange(seq_len, device=ids.device)[None]
+        types = None
+        table = getattr(module, "token_type_embeddings", None)
+        if table is not None:
+            if token_type_ids is not None:
+                types = token_type_ids
+                ranges.append(torch.aminmax(token_type_ids))
+                limits.append(("token_type_ids", table.num_embeddings, tokenizer))
+            elif hasattr(module, "token_type_ids"):  # HF reads its all-zero buffer at the positions
+                buffer = module.token_type_ids.to(positions.device).expand(positions.shape[0], -1)
+                # (clamped: a position outside the table is reported by the range check, not by gather)
+                types = torch.gather(buffer, 1, positions.clamp(0, buffer.shape[1] - 1))
+            else:
+                types = torch.zeros_like(positions)
+        checks = torch.stack([value for pair in ranges for value in pair])
+        return cls(module, ids, positions.expand(batch, seq_len), None if types is None else types.expand(
+            batch, seq_len), checks, limits)
+
+    def raise_if_out_of_range(self, values: tuple[int, ...]) -> None:
+        for (what, size, fix), low, high in zip(self.limits, values[0::2], values[1::2]):
+            if low < 0 or high >= size:
+                raise ValueError(
+                    f"{what} hold values from {low} to {high}, outside the model's table of {size} entries "
+                    f"({type(self.module).__name__}): {fix}."
+                )
+
+    def embed(self, packing: padding.Packing) -> torch.Tensor:
+        """The embeddings of the real tokens, `(tokens, width)`, in the packing's order."""
+        module = self.module
+        word, position = module.word_embeddings.weight, module.position_embeddings.weight
+        token_type = module.token_type_embeddings.weight if self.types is not None else None
+        tables = [position] + ([token_type] if token_type is not None else [])
+        norm = module.LayerNorm
+        if kernels.embed_layer_norm_fits(word, tables, norm):
+            return kernels.embed_layer_norm(packing.indices, packing.num_tokens, packing.seq_len, self.ids,
+                                            self.positions, self.types, word, position, token_type, norm)
+
+        def real(grid: torch.Tensor) -> torch.Tensor:
+            flat = grid.reshape(-1)
+            return flat if packing.indices is None else flat.index_select(0, packing.indices)
+
+        # HF's own order of operations, on the real tokens only: (word + token type) + position, then the norm.
+        hidden = F.embedding(real(self.ids), word)
+        if token_type is not None:
+            hidden = hidden + F.embedding(real(self.types), token_type)
+        hidden = hidden + F.embedding(real(self.positions), position)
+        return norm(hidden)
+
+
+def _check_length(largest: int, table: int, what: str) -> None:
+    if largest >= table:
+        raise ValueError(
+            f"The batch needs position {largest} ({what}), but the model has {table} position embeddings: "
+            f"truncate the inputs to the model's maximum length."
+        )
+
+
+def _parameter_names(forward) -> list[str]:
+    """The names `forward` binds positional arguments to (after `self`)."""
+    return [name for name, p in inspect.signature(forward).parameters.items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+
+
+def _replaced(args: tuple, kwargs: dict, names: list[str], name: str, value) -> tuple[tuple, dict]:
+    """The call's arguments with `name` set to `value`, wherever it was passed."""
+    position = names.index(name) if name in names else len(args)
+    if position < len(args):
+        return args[:position] + (value,) + args[position + 1:], kwargs
+    return args, {**kwargs, name: value}
