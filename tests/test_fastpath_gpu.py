@@ -300,8 +300,8 @@ def test_triton_embeddings_equal_pytorch_on_the_real_tokens(dtype, packed, with_
     count = int(valid.sum())
     with torch.inference_mode():
         assert kernels.embed_layer_norm_fits(word, [position] + ([token_type] if with_types else []), norm)
-        got = kernels.embed_layer_norm(indices, count, seq_len, ids, positions, types, word, position, token_type,
-                                       norm)
+        got = kernels.embed_layer_norm(count, seq_len, ids, positions, types, word, position, token_type, norm,
+                                       indices=indices)
         pick = (lambda grid: grid.reshape(-1)[indices]) if packed else (lambda grid: grid.reshape(-1))
 
         def rows(table, grid, as_type):
@@ -336,3 +336,30 @@ def test_half_precision_bert_embeds_real_tokens_with_the_triton_kernel(monkeypat
         out = to_fast_path(model)(input_ids=ids, attention_mask=mask).last_hidden_state
     assert calls == [1] and paths_run(model) == {"packed"}
     assert_half_close(out, ref, hf_half, mask)
+
+
+@pytest.mark.parametrize("padding_kind", ["left", "right", "holes"])
+def test_front_plans_one_run_rows_in_one_kernel_and_rows_with_holes_by_index(monkeypatch, padding_kind):
+    """On CUDA the front plans with rows.row_plan; a mask with holes inside a row falls back to padding.plan. Both
+    give HF's result on the real tokens."""
+    from lit_fast.fastpath import padding
+
+    plans = []
+    real = padding.plan_rows
+    monkeypatch.setattr(padding, "plan_rows", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
+    reference, model = reference_and_half(tiny_text_model("bert", attn="sdpa"), torch.bfloat16)
+    ids, mask = text_batch("right" if padding_kind == "holes" else padding_kind)
+    if padding_kind == "holes":
+        mask[0, 3] = 0  # a hole inside the first row
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.inference_mode():
+        reference.config._attn_implementation = "eager"
+        ref = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+        hf_half = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = to_fast_path(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert paths_run(model) == {"packed"} and len(plans) == 1
+    assert (plans[0] is None) == (padding_kind == "holes")
+    if plans[0] is not None:
+        assert plans[0].starts is not None
+    assert_half_close(out, ref, hf_half, mask)
+    assert (out[~mask.bool()] == 0).all()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_fast.fastpath import kernels, padding, policy
+from lit_fast.fastpath import kernels, padding, policy, rows
 from lit_fast.fastpath.layers import LayerParts
 
 try:  # transformers >= 5: the mask the HF layers expect, for the rare call that falls back to them
@@ -44,6 +44,12 @@ except ImportError:  # pragma: no cover - older transformers
 # front existed; PACKED_EMBEDDINGS off: the front plans but the HF embeddings run on the padded grid.
 FRONT = True
 PACKED_EMBEDDINGS = True
+# ROW_PLAN: on CUDA, plan rows of one run each in one Triton kernel (rows.py) instead of padding.plan's ~10 launches.
+ROW_PLAN = True
+# The front runs the layers on its packed embeddings before calling the HF forward, so that the GPU starts on them
+# while the host is still in HF's Python (the stack then returns the result). Off: the stack runs them when HF
+# calls it. A switch for benchmarks; leave it on.
+EARLY_LAYERS = True
 
 
 @dataclass
@@ -53,13 +59,14 @@ class FrontCall:
     backend: str | None  # the fast-path backend, or None: the HF forward runs (`hf_reason` says why)
     hf_reason: str | None
     mask2d: torch.Tensor
-    mask4d: torch.Tensor | None  # the bool view handed to HF instead of the 2-D mask (None: not swapped)
-    valid: torch.Tensor | None
+    mask4d: torch.Tensor | None  # the 4-D view handed to HF instead of the 2-D mask (None: not swapped)
+    valid: torch.Tensor | None  # the bool mask, where the plan made one (None after `padding.plan_rows`)
     packing: padding.Packing | None
     layers: list[LayerParts]
     inputs: tuple | None = None  # (input_ids, token_type_ids, position_ids) the packed embeddings were made from
     tokens: torch.Tensor | None = None  # the packed embeddings
     placeholder: torch.Tensor | None = None  # what FastEmbeddings returned in their place
+    output: torch.Tensor | None = None  # the stack's padded output, computed from `tokens` ahead of the HF forward
 
 
 class FastFront:
@@ -118,19 +125,28 @@ class FastFront:
         if backend is None:
             return None
         batch, seq_len = mask.shape
-        valid = padding.valid_tokens(mask, batch, seq_len)
         inputs = self._embedding_inputs(named, batch, seq_len) if embeds is None else None
-        packing = padding.plan(valid, batch, seq_len, device, inputs.checks if inputs is not None else None)
+        packing, valid = None, None
+        if ROW_PLAN and rows.row_plan_fits(mask, ids):  # CUDA: one kernel, one wait
+            packing = padding.plan_rows(mask, ids if inputs is not None else None,
+                                        inputs.checks(with_ids=False) if inputs is not None else None)
+        if packing is None:  # elsewhere, or rows with holes in the mask
+            valid = padding.valid_tokens(mask, batch, seq_len)
+            packing = padding.plan(valid, batch, seq_len, device,
+                                   inputs.checks(with_ids=True) if inputs is not None else None)
         if inputs is not None:
             inputs.raise_if_out_of_range(packing.checks)
         norm_first = bool(layers) and layers[0].norm_first
         if stack.backend == "auto" and not policy.pays_off(backend, device, packing.padding_fraction, norm_first):
             reason = "too little padding to remove for the fast path to pay off here"
             return FrontCall(None, reason, mask, None, valid, packing, layers)
-        call = FrontCall(backend, None, mask, valid[:, None, None, :], valid, packing, layers)
+        # HF passes a 4-D mask on as it is; the stack knows this view by identity and never reads its values
+        call = FrontCall(backend, None, mask, mask[:, None, None, :], valid, packing, layers)
         if inputs is not None:
             call.inputs = (ids, named.get("token_type_ids"), named.get("position_ids"))
             call.tokens = inputs.embed(packing)
+            if EARLY_LAYERS:
+                call.output = stack.run(None, valid, packing, backend, layers, call.tokens)
         return call
 
     def _embedding_inputs(self, named: dict, batch: int, seq_len: int) -> EmbeddingInputs | None:
@@ -186,15 +202,15 @@ class EmbeddingInputs:
     ids: torch.Tensor  # (batch, seq_len)
     positions: torch.Tensor  # (batch or 1, seq_len)
     types: torch.Tensor | None  # (batch or 1, seq_len); None for a model without token types
-    checks: torch.Tensor  # [min, max] of every grid read from the user: one device->host transfer with the plan
-    limits: list[tuple[str, int, str]]  # (what, table size, what to do) per [min, max] pair of `checks`
+    ranges: list[torch.Tensor]  # [min, max] of every grid besides the ids that needs checking, on the device
+    limits: list[tuple[str, int, str]]  # (what, table size, what to do): the ids first, then one per `ranges`
 
     @classmethod
     def of(cls, module: nn.Module, ids: torch.Tensor, token_type_ids, position_ids, batch: int, seq_len: int):
         positions_table = module.position_embeddings.num_embeddings
         tokenizer = "use the tokenizer that belongs to this model"
         too_long = "truncate the inputs to the model's maximum length"
-        ranges, limits = [torch.aminmax(ids)], [("input_ids", module.word_embeddings.num_embeddings, tokenizer)]
+        ranges, limits = [], [("input_ids", module.word_embeddings.num_embeddings, tokenizer)]
         if position_ids is not None:
             positions = position_ids
             ranges.append(torch.aminmax(position_ids))
@@ -203,10 +219,11 @@ class EmbeddingInputs:
             positions = module.create_position_ids_from_input_ids(ids, module.padding_idx)
             ranges.append(torch.aminmax(positions))
             limits.append(("position ids (counted over the non-padding tokens)", positions_table, too_long))
-        else:
+        else:  # 0 .. seq_len - 1: the module's arange buffer (built in __init__, never loaded) or a new arange
             buffer = getattr(module, "position_ids", None)
             _check_length(seq_len - 1, positions_table, "sequence length - 1")
             positions = buffer[:, :seq_len] if buffer is not None else torch.arange(seq_len, device=ids.device)[None]
+        counting = position_ids is None and not hasattr(module, "create_position_ids_from_input_ids")
         types = None
         table = getattr(module, "token_type_embeddings", None)
         if table is not None:
@@ -215,14 +232,22 @@ class EmbeddingInputs:
                 ranges.append(torch.aminmax(token_type_ids))
                 limits.append(("token_type_ids", table.num_embeddings, tokenizer))
             elif hasattr(module, "token_type_ids"):  # HF reads its all-zero buffer at the positions
-                buffer = module.token_type_ids.to(positions.device).expand(positions.shape[0], -1)
-                # (clamped: a position outside the table is reported by the range check, not by gather)
-                types = torch.gather(buffer, 1, positions.clamp(0, buffer.shape[1] - 1))
+                buffer = module.token_type_ids.to(positions.device)
+                if counting:  # at positions 0 .. seq_len - 1: the same values as a view, without a kernel
+                    types = buffer[:, :seq_len]
+                else:  # (clamped: a position outside the table is reported by the range check, not by gather)
+                    buffer = buffer.expand(positions.shape[0], -1)
+                    types = torch.gather(buffer, 1, positions.clamp(0, buffer.shape[1] - 1))
             else:
                 types = torch.zeros_like(positions)
-        checks = torch.stack([value for pair in ranges for value in pair])
         return cls(module, ids, positions.expand(batch, seq_len), None if types is None else types.expand(
-            batch, seq_len), checks, limits)
+            batch, seq_len), ranges, limits)
+
+    def checks(self, with_ids: bool) -> torch.Tensor | None:
+        """The [min, max] pairs to bring to the host with the plan, in `limits` order (`with_ids`: the ids' own
+        pair too, which `padding.plan_rows` computes itself)."""
+        pairs = ([torch.aminmax(self.ids)] if with_ids else []) + self.ranges
+        return torch.stack([value.to(torch.int64) for pair in pairs for value in pair]) if pairs else None
 
     def raise_if_out_of_range(self, values: tuple[int, ...]) -> None:
         for (what, size, fix), low, high in zip(self.limits, values[0::2], values[1::2]):
@@ -240,12 +265,14 @@ class EmbeddingInputs:
         tables = [position] + ([token_type] if token_type is not None else [])
         norm = module.LayerNorm
         if kernels.embed_layer_norm_fits(word, tables, norm):
-            return kernels.embed_layer_norm(packing.indices, packing.num_tokens, packing.seq_len, self.ids,
-                                            self.positions, self.types, word, position, token_type, norm)
+            return kernels.embed_layer_norm(packing.num_tokens, packing.seq_len, self.ids, self.positions, self.types,
+                                            word, position, token_type, norm, packing.indices, packing.starts,
+                                            packing.cu_seqlens, packing.max_len)
+        indices = padding.flat_indices(packing)
 
         def real(grid: torch.Tensor) -> torch.Tensor:
             flat = grid.reshape(-1)
-            return flat if packing.indices is None else flat.index_select(0, packing.indices)
+            return flat if indices is None else flat.index_select(0, indices)
 
         # HF's own order of operations, on the real tokens only: (word + token type) + position, then the norm.
         hidden = F.embedding(real(self.ids), word)

@@ -111,13 +111,15 @@ def embed_layer_norm_fits(word: torch.Tensor, tables: list[torch.Tensor], norm: 
     )
 
 
-def embed_layer_norm(indices: torch.Tensor | None, count: int, seq_len: int, ids: torch.Tensor,
-                     positions: torch.Tensor, types: torch.Tensor | None, word: torch.Tensor, position: torch.Tensor,
-                     token_type: torch.Tensor | None, norm: nn.LayerNorm) -> torch.Tensor:
+def embed_layer_norm(count: int, seq_len: int, ids: torch.Tensor, positions: torch.Tensor, types: torch.Tensor | None,
+                     word: torch.Tensor, position: torch.Tensor, token_type: torch.Tensor | None, norm: nn.LayerNorm,
+                     indices: torch.Tensor | None = None, starts: torch.Tensor | None = None,
+                     cu_seqlens: torch.Tensor | None = None, max_len: int = 0) -> torch.Tensor:
     """`norm(word[ids] (+ token_type[types]) + position[positions])` for the `count` packed tokens, in one pass.
 
-    ids, positions, types: `(batch, seq_len)` index grids (any strides, broadcast rows included) read at the flat
-    positions `indices` of the real tokens (all positions in order when `indices` is None). The three rows are
+    ids, positions, types: `(batch, seq_len)` index grids (any strides, broadcast rows included). The real tokens
+    are the flat positions `indices`, or (rows of one run each) row b's `cu_seqlens[b+1] - cu_seqlens[b]` tokens
+    from `starts[b]` on (`max_len` bounds them), or, with neither, every position in order. The three rows are
     summed and normalised in fp32. The caller has checked every index against its table (the kernel does not).
     """
     width = word.shape[1]
@@ -128,11 +130,16 @@ def embed_layer_norm(indices: torch.Tensor | None, count: int, seq_len: int, ids
     has_type = types is not None
     types = types if has_type else ids
     token_type = token_type if has_type else word
-    _embed_layer_norm_kernel[(count,)](
-        indices if indices is not None else ids, ids, ids.stride(0), ids.stride(1), positions, positions.stride(0),
-        positions.stride(1), types, types.stride(0), types.stride(1), word, position, token_type, norm.weight,
-        norm.bias, out, seq_len, width, norm.eps,
-        HAS_INDEX=indices is not None, HAS_TYPE=has_type, BLOCK=block, num_warps=min(max(block // 256, 1), 8),
+    if starts is not None:
+        mode, grid, where, offsets = 2, (max_len, ids.shape[0]), starts, cu_seqlens
+    elif indices is not None:
+        mode, grid, where, offsets = 1, (count, 1), indices, indices
+    else:
+        mode, grid, where, offsets = 0, (count, 1), ids, ids
+    _embed_layer_norm_kernel[grid](
+        where, offsets, ids, ids.stride(0), ids.stride(1), positions, positions.stride(0), positions.stride(1),
+        types, types.stride(0), types.stride(1), word, position, token_type, norm.weight, norm.bias, out, seq_len,
+        width, norm.eps, MODE=mode, HAS_TYPE=has_type, BLOCK=block, num_warps=min(max(block // 256, 1), 8),
     )
     return out
 
@@ -140,16 +147,25 @@ def embed_layer_norm(indices: torch.Tensor | None, count: int, seq_len: int, ids
 if triton is not None:
 
     @triton.jit
-    def _embed_layer_norm_kernel(Idx, Ids, s_ib, s_is, Pos, s_pb, s_ps, Typ, s_tb, s_ts, Word, Position, TokenType,
-                                 W, B, Out, seq_len, width, eps,
-                                 HAS_INDEX: tl.constexpr, HAS_TYPE: tl.constexpr, BLOCK: tl.constexpr):
-        token = tl.program_id(0).to(tl.int64)
-        if HAS_INDEX:
-            flat = tl.load(Idx + token).to(tl.int64)
+    def _embed_layer_norm_kernel(Where, Offsets, Ids, s_ib, s_is, Pos, s_pb, s_ps, Typ, s_tb, s_ts, Word, Position,
+                                 TokenType, W, B, Out, seq_len, width, eps,
+                                 MODE: tl.constexpr, HAS_TYPE: tl.constexpr, BLOCK: tl.constexpr):
+        if MODE == 2:  # program (j, b): token j of row b, which starts at Where[b] and packs at Offsets[b]
+            j = tl.program_id(0)
+            row = tl.program_id(1).to(tl.int64)
+            begin = tl.load(Offsets + row)
+            if j >= tl.load(Offsets + row + 1) - begin:
+                return
+            col = (tl.load(Where + row) + j).to(tl.int64)
+            token = (begin + j).to(tl.int64)
         else:
-            flat = token
-        row = flat // seq_len
-        col = flat % seq_len
+            token = tl.program_id(0).to(tl.int64)
+            if MODE == 1:
+                flat = tl.load(Where + token).to(tl.int64)
+            else:
+                flat = token
+            row = flat // seq_len
+            col = flat % seq_len
         cols = tl.arange(0, BLOCK)
         inside = cols < width
         word_id = tl.load(Ids + row * s_ib + col * s_is).to(tl.int64)

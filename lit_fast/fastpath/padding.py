@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lit_fast.fastpath import rows
+
 
 @dataclass(frozen=True)
 class Packing:
@@ -30,6 +32,14 @@ class Packing:
     lengths: tuple[int, ...]  # tokens per sequence, on the host
     max_len: int  # the longest sequence (or an upper bound on it: all varlen attention needs)
     checks: tuple[int, ...] = ()  # the `checks` values `plan` brought to the host in the same wait
+    # Where every row's real tokens are one run (`plan_rows`, CUDA): the first real position of each row, (batch,)
+    # int32 on the device. The packing is then `starts` + `cu_seqlens`, and `indices` is None.
+    starts: torch.Tensor | None = None
+
+    @property
+    def padded(self) -> bool:
+        """Whether the batch has padding to remove (the tokens are a subset of the grid)."""
+        return self.indices is not None or self.starts is not None
 
     @property
     def num_tokens(self) -> int:
@@ -89,21 +99,60 @@ def plan(valid: torch.Tensor | None, batch: int, seq_len: int, device: torch.dev
     return Packing(batch, seq_len, indices, cu_seqlens, host_lengths, longest, host_checks)
 
 
+def plan_rows(mask: torch.Tensor, ids: torch.Tensor | None, checks: torch.Tensor | None = None) -> Packing | None:
+    """`plan` for a 2-D CUDA mask in one kernel and one wait (rows.row_plan), for rows whose real tokens are one
+    run each; None when some row has holes (then use `plan`). `Packing.checks` starts with the least and greatest
+    id among the real tokens (0, 0 without `ids`), followed by the values of `checks`."""
+    batch, seq_len = mask.shape
+    buffer = rows.row_plan(mask, ids)
+    values = (buffer if checks is None else torch.cat([buffer, checks])).tolist()  # the batch's one wait
+    base = batch + 1
+    lengths = tuple(values[base:base + batch])
+    starts, ends = values[base + batch:base + 2 * batch], values[base + 2 * batch:base + 3 * batch]
+    if any(end - start != length for start, end, length in zip(starts, ends, lengths)):
+        return None
+    real_rows = [row for row, length in enumerate(lengths) if length]
+    low = min((values[base + 3 * batch + row] for row in real_rows), default=0)
+    high = max((values[base + 4 * batch + row] for row in real_rows), default=0)
+    host_checks = (low, high, *values[base + 5 * batch:])
+    cu_seqlens = buffer[:base]
+    if all(length == seq_len for length in lengths):
+        return Packing(batch, seq_len, None, cu_seqlens, lengths, seq_len, host_checks)
+    return Packing(batch, seq_len, None, cu_seqlens, lengths, max(lengths), host_checks,
+                   starts=buffer[base + batch:base + 2 * batch])
+
+
+def flat_indices(packing: Packing) -> torch.Tensor | None:
+    """The flat positions of the real tokens in batch*seq_len (None when nothing is padded), for any packing."""
+    if packing.starts is None:
+        return packing.indices
+    device = packing.cu_seqlens.device
+    lengths = packing.cu_seqlens[1:] - packing.cu_seqlens[:-1]
+    row = torch.repeat_interleave(torch.arange(packing.batch, device=device), lengths,
+                                  output_size=packing.num_tokens)
+    offset = torch.arange(packing.num_tokens, device=device) - packing.cu_seqlens[row]
+    return row * packing.seq_len + packing.starts[row] + offset
+
+
 def pack(hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
     """Gather the real tokens of `hidden` (batch, seq_len, hidden) into a `(tokens, hidden)` matrix."""
+    if packing.starts is not None and rows.rows_fit(hidden):
+        return rows.pack_rows(hidden, packing.starts, packing.cu_seqlens, packing.num_tokens, packing.max_len)
     flat = hidden.reshape(packing.batch * packing.seq_len, hidden.shape[-1])
-    if packing.indices is None:
-        return flat
-    return flat.index_select(0, packing.indices)
+    indices = flat_indices(packing)
+    return flat if indices is None else flat.index_select(0, indices)
 
 
 def unpack(tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
     """Scatter a packed `(tokens, hidden)` matrix back to `(batch, seq_len, hidden)`; padding positions are 0."""
     width = tokens.shape[-1]
-    if packing.indices is None:
+    if not packing.padded:
         return tokens.reshape(packing.batch, packing.seq_len, width)
+    if packing.starts is not None and rows.rows_fit(tokens):
+        return rows.unpack_rows(tokens.contiguous(), packing.starts, packing.cu_seqlens, packing.batch,
+                                packing.seq_len)
     out = tokens.new_zeros(packing.batch * packing.seq_len, width)
-    out.index_copy_(0, packing.indices, tokens)
+    out.index_copy_(0, flat_indices(packing), tokens)
     return out.reshape(packing.batch, packing.seq_len, width)
 
 

@@ -99,11 +99,14 @@ class FastStack:
                     kwargs = {**kwargs, "attention_mask": real_mask}
             return self.hf_forward(*args, **kwargs)
         self.last_path = call.backend
-        tokens = call.tokens if hidden is call.placeholder else None
-        out = self.run(hidden, call.valid, call.packing, call.backend, call.layers, tokens)
+        if hidden is call.placeholder and call.output is not None:
+            out = call.output  # the front ran the layers on its packed embeddings already
+        else:
+            tokens = call.tokens if hidden is call.placeholder else None
+            out = self.run(hidden, call.valid, call.packing, call.backend, call.layers, tokens)
         return out if self.adapter.output is None else self.adapter.output(last_hidden_state=out)
 
-    def run(self, hidden: torch.Tensor, valid: torch.Tensor | None, packing: padding.Packing, backend: str,
+    def run(self, hidden: torch.Tensor | None, valid: torch.Tensor | None, packing: padding.Packing, backend: str,
             layers: list[LayerParts], tokens: torch.Tensor | None = None):
         """The fast path proper: prologue, pack, layers, epilogue, unpack. `tokens`: the input already packed
         (the front's embeddings), which the prologue then maps row by row."""
@@ -128,7 +131,7 @@ class FastStack:
     def _run_fused(self, tokens: torch.Tensor, packing: padding.Packing, layers: list[LayerParts]) -> torch.Tensor:
         """Layers through the fused kernel: nested tensors when padded, the dense batch when not."""
         use_gelu = getattr(self.config, self.adapter.activation) == "gelu"
-        if packing.indices is None:
+        if not packing.padded:
             x = tokens.reshape(packing.batch, packing.seq_len, -1)
             for parts in layers:
                 x = fused_layer(x, parts, use_gelu)

@@ -1,0 +1,149 @@
+"""Packing rows of contiguous tokens on CUDA with few launches (Triton): the front's plan, gather and scatter.
+
+When every row of the mask holds its real tokens in one run (right padding, left padding, no padding), the packing
+is fully described by each row's start and length, and nothing needs the flat index of every token:
+
+- `row_plan` is one kernel over the mask (and the token ids): per row the length, the first and last real
+  position and the range of the ids; the offsets `cu_seqlens` are summed by atomic adds in the same kernel. One
+  transfer brings it all to the host: the batch's only wait. (`padding.plan` takes ~10 launches for the same.)
+- `pack_rows` / `unpack_rows` gather the real tokens of a padded `(batch, seq_len, width)` tensor and scatter them
+  back (zeros in the padding) from the starts and `cu_seqlens`, each one pass over memory.
+
+The host is often what limits a fast GPU here: on the H100 machine a launch costs ~20 us of host time, and the GPU
+idles through every launch between the start of a forward and its first GEMM. Rows with holes in the mask fall
+back to `padding.plan`'s flat indices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lit_fast.fastpath.kernels import MAX_WIDTH, triton
+
+if triton is not None:
+    import triton.language as tl
+
+ROW_BLOCK = 1024  # mask positions per step of the plan kernel
+MAX_ROW_PLAN = 1 << 20  # batch * seq_len above which `padding.plan` (plain PyTorch) runs instead
+
+
+def row_plan_fits(mask: torch.Tensor, ids: torch.Tensor | None) -> bool:
+    return (triton is not None and mask.is_cuda and mask.dim() == 2 and 0 < mask.numel() <= MAX_ROW_PLAN
+            and (ids is None or (ids.shape == mask.shape and ids.device == mask.device)))
+
+
+def row_plan(mask: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    """One int32 buffer: `cu_seqlens` (batch + 1), then per row the length, first and one-past-last real position
+    (0, 0 for an empty row), and the least and greatest id among its real tokens (0, 0 without ids)."""
+    batch, seq_len = mask.shape
+    out = torch.zeros(6 * batch + 1, dtype=torch.int32, device=mask.device)
+    mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    ids_arg = ids if ids is not None else mask_arg
+    _row_plan_kernel[(batch,)](
+        mask_arg, mask_arg.stride(0), mask_arg.stride(1), ids_arg, ids_arg.stride(0), ids_arg.stride(1), out,
+        batch, seq_len, HAS_IDS=ids is not None, BLOCK=min(ROW_BLOCK, triton.next_power_of_2(seq_len)),
+        BLOCK_B=min(ROW_BLOCK, triton.next_power_of_2(batch)),
+    )
+    return out
+
+
+def pack_rows(hidden: torch.Tensor, starts: torch.Tensor, cu_seqlens: torch.Tensor, count: int,
+              max_len: int) -> torch.Tensor:
+    """The real tokens of `hidden` (batch, seq_len, width), row b's at `starts[b]`, as a `(count, width)` matrix."""
+    batch, seq_len, width = hidden.shape
+    out = torch.empty((count, width), dtype=hidden.dtype, device=hidden.device)
+    if count:
+        _pack_rows_kernel[(max_len, batch)](
+            hidden, hidden.stride(0), hidden.stride(1), starts, cu_seqlens, out, width,
+            BLOCK=triton.next_power_of_2(width),
+        )
+    return out
+
+
+def unpack_rows(tokens: torch.Tensor, starts: torch.Tensor, cu_seqlens: torch.Tensor, batch: int,
+                seq_len: int) -> torch.Tensor:
+    """`(batch, seq_len, width)` with row b's tokens from `starts[b]` on and zeros elsewhere (inverse of pack)."""
+    width = tokens.shape[-1]
+    out = torch.empty((batch, seq_len, width), dtype=tokens.dtype, device=tokens.device)
+    if batch and seq_len:
+        _unpack_rows_kernel[(seq_len, batch)](tokens, starts, cu_seqlens, out, seq_len, width,
+                                               BLOCK=triton.next_power_of_2(width))
+    return out
+
+
+def rows_fit(tokens_or_hidden: torch.Tensor) -> bool:
+    """Whether pack_rows / unpack_rows take this tensor (CUDA, rows that fit one program, last dim contiguous)."""
+    return (triton is not None and tokens_or_hidden.is_cuda and tokens_or_hidden.shape[-1] <= MAX_WIDTH
+            and tokens_or_hidden.stride(-1) == 1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_plan_kernel(Mask, s_mb, s_ms, Ids, s_ib, s_is, Out, batch, seq_len,
+                         HAS_IDS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        count = tl.zeros([BLOCK], tl.int32)
+        first = tl.full([BLOCK], 2147483647, tl.int32)
+        last = tl.full([BLOCK], -1, tl.int32)
+        low = tl.full([BLOCK], 9223372036854775807, tl.int64)
+        high = tl.full([BLOCK], -9223372036854775807, tl.int64)
+        for begin in range(0, seq_len, BLOCK):
+            pos = begin + cols
+            inside = pos < seq_len
+            real = (tl.load(Mask + row * s_mb + pos * s_ms, mask=inside, other=0) != 0) & inside
+            count += real.to(tl.int32)
+            first = tl.minimum(first, tl.where(real, pos, 2147483647))
+            last = tl.maximum(last, tl.where(real, pos, -1))
+            if HAS_IDS:
+                ids = tl.load(Ids + row * s_ib + pos * s_is, mask=real, other=0).to(tl.int64)
+                low = tl.minimum(low, tl.where(real, ids, 9223372036854775807))
+                high = tl.maximum(high, tl.where(real, ids, -9223372036854775807))
+        if not HAS_IDS:
+            low = tl.zeros([BLOCK], tl.int64)
+            high = tl.zeros([BLOCK], tl.int64)
+        length = tl.sum(count, axis=0)
+        empty = length == 0
+        lo = tl.min(low, axis=0)
+        hi = tl.max(high, axis=0)
+        # ids outside int32 are clamped to its range, which is outside every table: the check still fires
+        lo = tl.minimum(tl.maximum(lo, -2147483648), 2147483647).to(tl.int32)
+        hi = tl.minimum(tl.maximum(hi, -2147483648), 2147483647).to(tl.int32)
+        base = batch + 1
+        tl.store(Out + base + row, length)
+        tl.store(Out + base + batch + row, tl.where(empty, 0, tl.min(first, axis=0)))
+        tl.store(Out + base + 2 * batch + row, tl.where(empty, 0, tl.max(last, axis=0) + 1))
+        tl.store(Out + base + 3 * batch + row, tl.where(empty, 0, lo))
+        tl.store(Out + base + 4 * batch + row, tl.where(empty, 0, hi))
+        # cu_seqlens[k + 1] = sum of the lengths of rows 0..k: this row adds its length to every k >= row
+        for begin in range(0, batch, BLOCK_B):
+            k = begin + tl.arange(0, BLOCK_B)
+            tl.atomic_add(Out + 1 + k, tl.zeros([BLOCK_B], tl.int32) + length, mask=(k >= row) & (k < batch))
+
+    @triton.jit
+    def _pack_rows_kernel(Hidden, s_hb, s_hs, Starts, CU, Out, width, BLOCK: tl.constexpr):
+        j, row = tl.program_id(0), tl.program_id(1)
+        begin = tl.load(CU + row)
+        if j >= tl.load(CU + row + 1) - begin:
+            return
+        cols = tl.arange(0, BLOCK)
+        inside = cols < width
+        src = Hidden + row.to(tl.int64) * s_hb + (tl.load(Starts + row) + j).to(tl.int64) * s_hs
+        values = tl.load(src + cols, mask=inside)
+        tl.store(Out + (begin + j).to(tl.int64) * width + cols, values, mask=inside)
+
+    @triton.jit
+    def _unpack_rows_kernel(Tokens, Starts, CU, Out, seq_len, width, BLOCK: tl.constexpr):
+        pos, row = tl.program_id(0), tl.program_id(1)
+        begin = tl.load(CU + row)
+        length = tl.load(CU + row + 1) - begin
+        start = tl.load(Starts + row)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < width
+        dst = Out + (row.to(tl.int64) * seq_len + pos) * width + cols
+        j = pos - start
+        if (j >= 0) & (j < length):
+            tl.store(dst, tl.load(Tokens + (begin + j).to(tl.int64) * width + cols, mask=inside), mask=inside)
+        else:
+            tl.store(dst, tl.zeros([BLOCK], Out.dtype.element_ty), mask=inside)
