@@ -8,7 +8,9 @@ median of `--reps`), but only the W1 scenario, with the packed path's switches f
   +triton_norm     residual add + LayerNorm as one Triton kernel (kernels.TRITON_ADD_NORM)
   +triton_attn     varlen attention in lit_fast's Triton kernel for head sizes 32/64/128 (VARLEN_KERNEL "auto")
   +front           the base model's FastFront plans before the embeddings and hands HF a mask view (front.FRONT)
-  default          what the library runs: + the embeddings of the real tokens only (front.PACKED_EMBEDDINGS)
+  +packed_emb      + the embeddings of the real tokens only (front.PACKED_EMBEDDINGS)
+  +row_plan        + the plan, gather and scatter of one-run rows as Triton kernels (front.ROW_PLAN)
+  default          what the library runs: + the layers queued by the front before HF's forward (front.EARLY_LAYERS)
   default+graphs   the same, with the layers replayed as CUDA graphs (`cuda_graphs=True`)
   +flash_op        the default with flash attention called without torch's custom-op layer (layers.VARLEN_KERNEL)
   attn M,N,W,S     (--attn) the default with the Triton attention tiled BLOCK_M, BLOCK_N, warps, stages
@@ -41,22 +43,27 @@ from w1_encoder import DTYPES, batch_for, bert_base, environment, matmul_peak_tf
 
 from lit_fast.fastpath import front, kernels, layers, to_fast_path  # noqa: E402
 
-STEPS = {  # name -> (FUSE_QKV, TRITON_ADD_NORM, VARLEN_KERNEL, FRONT, PACKED_EMBEDDINGS, cuda_graphs)
-    "packed-3gemm": (False, False, "flash", False, False, False),
-    "+fused_qkv": (True, False, "flash", False, False, False),
-    "+triton_norm": (True, True, "flash", False, False, False),
-    "+triton_attn": (True, True, "auto", False, False, False),
-    "+front": (True, True, "auto", True, False, False),
-    "default": (True, True, "auto", True, True, False),
-    "default+graphs": (True, True, "auto", True, True, True),
-    "+flash_op": (True, True, "flash-op", True, True, False),
+# name -> (FUSE_QKV, TRITON_ADD_NORM, VARLEN_KERNEL, FRONT, PACKED_EMBEDDINGS, ROW_PLAN, EARLY_LAYERS, cuda_graphs)
+STEPS = {
+    "packed-3gemm": (False, False, "flash", False, False, False, False, False),
+    "+fused_qkv": (True, False, "flash", False, False, False, False, False),
+    "+triton_norm": (True, True, "flash", False, False, False, False, False),
+    "+triton_attn": (True, True, "auto", False, False, False, False, False),
+    "+front": (True, True, "auto", True, False, False, False, False),
+    "+packed_emb": (True, True, "auto", True, True, False, False, False),
+    "+row_plan": (True, True, "auto", True, True, True, False, False),
+    "default": (True, True, "auto", True, True, True, True, False),
+    "default+graphs": (True, True, "auto", True, True, True, True, True),
+    "+flash_op": (True, True, "flash-op", True, True, True, True, False),
 }
-DEFAULT = (True, True, "auto", True, True)
+DEFAULT = (True, True, "auto", True, True, True, True)
 
 
-def switches(fuse: bool, triton_norm: bool, varlen_kernel: str, use_front: bool, packed_embeddings: bool) -> None:
+def switches(fuse: bool, triton_norm: bool, varlen_kernel: str, use_front: bool, packed_embeddings: bool,
+             row_plan: bool, early_layers: bool) -> None:
     layers.FUSE_QKV, kernels.TRITON_ADD_NORM, layers.VARLEN_KERNEL = fuse, triton_norm, varlen_kernel
-    front.FRONT, front.PACKED_EMBEDDINGS = use_front, packed_embeddings
+    front.FRONT, front.PACKED_EMBEDDINGS, front.ROW_PLAN, front.EARLY_LAYERS = (use_front, packed_embeddings,
+                                                                                row_plan, early_layers)
 
 
 def attention_tiling(spec: str) -> None:
