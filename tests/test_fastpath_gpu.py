@@ -363,3 +363,17 @@ def test_front_plans_one_run_rows_in_one_kernel_and_rows_with_holes_by_index(mon
         assert plans[0].starts is not None
     assert_half_close(out, ref, hf_half, mask)
     assert (out[~mask.bool()] == 0).all()
+
+
+def test_out_of_range_ids_on_cuda_raise_one_clear_error_and_the_next_batch_runs():
+    """The front queues the embeddings before it has read the id range; the kernel clamps, the check raises."""
+    model = to_fast_path(tiny_text_model("bert", attn="sdpa").cuda().to(torch.bfloat16).eval())
+    ids, mask = (t.cuda() for t in text_batch("left"))
+    bad = ids.clone()
+    bad[1, -1] = model.config.vocab_size + 5
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="input_ids hold values from .* outside the model's table"):
+            model(input_ids=bad, attention_mask=mask)
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.cuda.synchronize()
+    assert paths_run(model) == {"packed"} and torch.isfinite(out[mask.bool()]).all()

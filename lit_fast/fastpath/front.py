@@ -50,6 +50,9 @@ ROW_PLAN = True
 # while the host is still in HF's Python (the stack then returns the result). Off: the stack runs them when HF
 # calls it. A switch for benchmarks; leave it on.
 EARLY_LAYERS = True
+# With the row plan, the embeddings are queued before the batch's wait into a buffer of batch * seq_len rows (the
+# count is not known yet), up to this many bytes; larger batches embed after the wait, into exactly `count` rows.
+EMBED_AHEAD_BYTES = 256 << 20
 
 
 @dataclass
@@ -126,11 +129,15 @@ class FastFront:
             return None
         batch, seq_len = mask.shape
         inputs = self._embedding_inputs(named, batch, seq_len) if embeds is None else None
-        packing, valid = None, None
+        packing, valid, ahead = None, None, None
         if ROW_PLAN and rows.row_plan_fits(mask, ids):  # CUDA: one kernel, one wait
-            packing = padding.plan_rows(mask, ids if inputs is not None else None,
-                                        inputs.checks(with_ids=False) if inputs is not None else None)
-        if packing is None:  # elsewhere, or rows with holes in the mask
+            plan = rows.row_plan(mask, ids if inputs is not None else None)
+            if inputs is not None:  # queued before the wait, so the GPU has it to do while the host plans on
+                ahead = inputs.embed_ahead(plan)
+            packing = padding.finish_rows(plan, batch, seq_len, inputs is not None,
+                                          inputs.checks(with_ids=False) if inputs is not None else None)
+        if packing is None:  # elsewhere, or rows with holes in the mask (`ahead` is then thrown away)
+            ahead = None
             valid = padding.valid_tokens(mask, batch, seq_len)
             packing = padding.plan(valid, batch, seq_len, device,
                                    inputs.checks(with_ids=True) if inputs is not None else None)
@@ -144,7 +151,7 @@ class FastFront:
         call = FrontCall(backend, None, mask, mask[:, None, None, :], valid, packing, layers)
         if inputs is not None:
             call.inputs = (ids, named.get("token_type_ids"), named.get("position_ids"))
-            call.tokens = inputs.embed(packing)
+            call.tokens = ahead[:packing.num_tokens] if ahead is not None else inputs.embed(packing)
             if EARLY_LAYERS:
                 call.output = stack.run(None, valid, packing, backend, layers, call.tokens)
         return call
@@ -256,6 +263,23 @@ class EmbeddingInputs:
                     f"{what} hold values from {low} to {high}, outside the model's table of {size} entries "
                     f"({type(self.module).__name__}): {fix}."
                 )
+
+    def embed_ahead(self, plan: torch.Tensor) -> torch.Tensor | None:
+        """The embeddings of the real tokens from a `rows.row_plan` buffer still on the device: `(batch * seq_len,
+        width)`, of which the first `count` rows are the tokens (the host learns `count` at the wait that follows).
+        Indices are clamped in the kernel; the caller checks them after the wait and discards this if one was out of
+        range. None where the kernel does not apply or the upper bound is large (then `embed` runs after the wait)."""
+        module = self.module
+        word, position = module.word_embeddings.weight, module.position_embeddings.weight
+        token_type = module.token_type_embeddings.weight if self.types is not None else None
+        batch, seq_len = self.ids.shape
+        if (batch * seq_len * word.shape[1] * word.element_size() > EMBED_AHEAD_BYTES
+                or not kernels.embed_layer_norm_fits(word, [position] + ([token_type] if token_type is not None
+                                                                         else []), module.LayerNorm)):
+            return None
+        return kernels.embed_layer_norm(batch * seq_len, seq_len, self.ids, self.positions, self.types, word, position,
+                                        token_type, module.LayerNorm, starts=rows.starts_of(plan, batch),
+                                        cu_seqlens=rows.cu_seqlens_of(plan, batch), max_len=seq_len)
 
     def embed(self, packing: padding.Packing) -> torch.Tensor:
         """The embeddings of the real tokens, `(tokens, width)`, in the packing's order."""

@@ -120,7 +120,11 @@ def embed_layer_norm(count: int, seq_len: int, ids: torch.Tensor, positions: tor
     ids, positions, types: `(batch, seq_len)` index grids (any strides, broadcast rows included). The real tokens
     are the flat positions `indices`, or (rows of one run each) row b's `cu_seqlens[b+1] - cu_seqlens[b]` tokens
     from `starts[b]` on (`max_len` bounds them), or, with neither, every position in order. The three rows are
-    summed and normalised in fp32. The caller has checked every index against its table (the kernel does not).
+    summed and normalised in fp32. Indices are clamped to their tables, so memory outside them is never read; the
+    caller checks the indices and must discard the result of an index that was out of range.
+
+    With `starts`, `count` need only bound the number of tokens (the first `cu_seqlens[-1]` rows of the result
+    are written): the front queues this kernel before the host knows the count.
     """
     width = word.shape[1]
     out = torch.empty((count, width), dtype=word.dtype, device=word.device)
@@ -139,7 +143,8 @@ def embed_layer_norm(count: int, seq_len: int, ids: torch.Tensor, positions: tor
     _embed_layer_norm_kernel[grid](
         where, offsets, ids, ids.stride(0), ids.stride(1), positions, positions.stride(0), positions.stride(1),
         types, types.stride(0), types.stride(1), word, position, token_type, norm.weight, norm.bias, out, seq_len,
-        width, norm.eps, MODE=mode, HAS_TYPE=has_type, BLOCK=block, num_warps=min(max(block // 256, 1), 8),
+        width, word.shape[0], position.shape[0], token_type.shape[0], norm.eps, MODE=mode, HAS_TYPE=has_type,
+        BLOCK=block, num_warps=min(max(block // 256, 1), 8),
     )
     return out
 
@@ -148,7 +153,7 @@ if triton is not None:
 
     @triton.jit
     def _embed_layer_norm_kernel(Where, Offsets, Ids, s_ib, s_is, Pos, s_pb, s_ps, Typ, s_tb, s_ts, Word, Position,
-                                 TokenType, W, B, Out, seq_len, width, eps,
+                                 TokenType, W, B, Out, seq_len, width, word_rows, position_rows, type_rows, eps,
                                  MODE: tl.constexpr, HAS_TYPE: tl.constexpr, BLOCK: tl.constexpr):
         if MODE == 2:  # program (j, b): token j of row b, which starts at Where[b] and packs at Offsets[b]
             j = tl.program_id(0)
@@ -168,11 +173,11 @@ if triton is not None:
             col = flat % seq_len
         cols = tl.arange(0, BLOCK)
         inside = cols < width
-        word_id = tl.load(Ids + row * s_ib + col * s_is).to(tl.int64)
-        pos_id = tl.load(Pos + row * s_pb + col * s_ps).to(tl.int64)
+        word_id = tl.minimum(tl.maximum(tl.load(Ids + row * s_ib + col * s_is).to(tl.int64), 0), word_rows - 1)
+        pos_id = tl.minimum(tl.maximum(tl.load(Pos + row * s_pb + col * s_ps).to(tl.int64), 0), position_rows - 1)
         h = tl.load(Word + word_id * width + cols, mask=inside, other=0.0).to(tl.float32)
         if HAS_TYPE:
-            type_id = tl.load(Typ + row * s_tb + col * s_ts).to(tl.int64)
+            type_id = tl.minimum(tl.maximum(tl.load(Typ + row * s_tb + col * s_ts).to(tl.int64), 0), type_rows - 1)
             h += tl.load(TokenType + type_id * width + cols, mask=inside, other=0.0).to(tl.float32)
         h += tl.load(Position + pos_id * width + cols, mask=inside, other=0.0).to(tl.float32)
         mean = tl.sum(h, axis=0) / width

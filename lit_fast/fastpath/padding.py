@@ -102,24 +102,26 @@ def plan(valid: torch.Tensor | None, batch: int, seq_len: int, device: torch.dev
 def plan_rows(mask: torch.Tensor, ids: torch.Tensor | None, checks: torch.Tensor | None = None) -> Packing | None:
     """`plan` for a 2-D CUDA mask in one kernel and one wait (rows.row_plan), for rows whose real tokens are one
     run each; None when some row has holes (then use `plan`). `Packing.checks` starts with the least and greatest
-    id among the real tokens (0, 0 without `ids`), followed by the values of `checks`."""
-    batch, seq_len = mask.shape
-    buffer = rows.row_plan(mask, ids)
-    values = (buffer if checks is None else torch.cat([buffer, checks])).tolist()  # the batch's one wait
-    base = batch + 1
-    lengths = tuple(values[base:base + batch])
-    starts, ends = values[base + batch:base + 2 * batch], values[base + 2 * batch:base + 3 * batch]
-    if any(end - start != length for start, end, length in zip(starts, ends, lengths)):
+    id among the real tokens (0, 0 without `ids` or without real tokens), followed by the values of `checks`."""
+    return finish_rows(rows.row_plan(mask, ids), mask.shape[0], mask.shape[1], ids is not None, checks)
+
+
+def finish_rows(plan: torch.Tensor, batch: int, seq_len: int, with_ids: bool,
+                checks: torch.Tensor | None = None) -> Packing | None:
+    """The Packing of a `rows.row_plan` buffer: the batch's one wait for the device. Work that needs only the
+    device-side plan (`rows.starts_of`, `rows.cu_seqlens_of`) can be queued before this call."""
+    values = (plan if checks is None else torch.cat([plan, checks])).tolist()
+    tail = 3 * batch + 1
+    holes, longest, low, high = values[tail:tail + rows.PLAN_TAIL]
+    if holes:
         return None
-    real_rows = [row for row, length in enumerate(lengths) if length]
-    low = min((values[base + 3 * batch + row] for row in real_rows), default=0)
-    high = max((values[base + 4 * batch + row] for row in real_rows), default=0)
-    host_checks = (low, high, *values[base + 5 * batch:])
-    cu_seqlens = buffer[:base]
-    if all(length == seq_len for length in lengths):
+    lengths = tuple(values[batch + 1:2 * batch + 1])
+    real = values[batch] > 0
+    host_checks = ((low, high) if with_ids and real else (0, 0)) + tuple(values[tail + rows.PLAN_TAIL:])
+    cu_seqlens = rows.cu_seqlens_of(plan, batch)
+    if longest == seq_len and values[batch] == batch * seq_len:
         return Packing(batch, seq_len, None, cu_seqlens, lengths, seq_len, host_checks)
-    return Packing(batch, seq_len, None, cu_seqlens, lengths, max(lengths), host_checks,
-                   starts=buffer[base + batch:base + 2 * batch])
+    return Packing(batch, seq_len, None, cu_seqlens, lengths, longest, host_checks, starts=rows.starts_of(plan, batch))
 
 
 def flat_indices(packing: Packing) -> torch.Tensor | None:

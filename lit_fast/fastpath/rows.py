@@ -3,9 +3,11 @@
 When every row of the mask holds its real tokens in one run (right padding, left padding, no padding), the packing
 is fully described by each row's start and length, and nothing needs the flat index of every token:
 
-- `row_plan` is one kernel over the mask (and the token ids): per row the length, the first and last real
-  position and the range of the ids; the offsets `cu_seqlens` are summed by atomic adds in the same kernel. One
-  transfer brings it all to the host: the batch's only wait. (`padding.plan` takes ~10 launches for the same.)
+- `row_plan` is one kernel over the mask (and the token ids): per row the length and the first real position,
+  the offsets `cu_seqlens` (summed by atomic adds in the same kernel), and over the batch the number of rows with
+  holes, the longest row and the range of the ids. One transfer brings it all to the host: the batch's only wait.
+  (`padding.plan` takes ~10 launches for the same.) Kernels that need only the device-side plan, such as the
+  front's embeddings, are queued before that wait, so the GPU has work while the host plans on.
 - `pack_rows` / `unpack_rows` gather the real tokens of a padded `(batch, seq_len, width)` tensor and scatter them
   back (zeros in the padding) from the starts and `cu_seqlens`, each one pass over memory.
 
@@ -32,11 +34,23 @@ def row_plan_fits(mask: torch.Tensor, ids: torch.Tensor | None) -> bool:
             and (ids is None or (ids.shape == mask.shape and ids.device == mask.device)))
 
 
+PLAN_TAIL = 4  # after the per-row values: rows with holes, the longest row, the least and the greatest id
+INT32_MAX, INT32_MIN = 2**31 - 1, -(2**31)
+_templates: dict[tuple, torch.Tensor] = {}
+
+
 def row_plan(mask: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-    """One int32 buffer: `cu_seqlens` (batch + 1), then per row the length, first and one-past-last real position
-    (0, 0 for an empty row), and the least and greatest id among its real tokens (0, 0 without ids)."""
+    """One int32 buffer: `cu_seqlens` (batch + 1), each row's length (batch) and first real position (batch; 0 for
+    an empty row), then the number of rows whose real tokens are not one run, the longest row, and the least and
+    greatest id among all real tokens (INT32_MAX and INT32_MIN when there are none, or no ids). Ids outside int32
+    are clamped to its range, which lies outside every table, so a range check on these values still fires."""
     batch, seq_len = mask.shape
-    out = torch.zeros(6 * batch + 1, dtype=torch.int32, device=mask.device)
+    key = (batch, mask.device)
+    if key not in _templates:  # the initial values: zeros, and the neutral elements of the id min / max
+        template = torch.zeros(3 * batch + 1 + PLAN_TAIL, dtype=torch.int32)
+        template[-2:] = torch.tensor([INT32_MAX, INT32_MIN], dtype=torch.int32)
+        _templates[key] = template.to(mask.device)
+    out = _templates[key].clone()
     mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     ids_arg = ids if ids is not None else mask_arg
     _row_plan_kernel[(batch,)](
@@ -45,6 +59,14 @@ def row_plan(mask: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         BLOCK_B=min(ROW_BLOCK, triton.next_power_of_2(batch)),
     )
     return out
+
+
+def cu_seqlens_of(plan: torch.Tensor, batch: int) -> torch.Tensor:
+    return plan[:batch + 1]
+
+
+def starts_of(plan: torch.Tensor, batch: int) -> torch.Tensor:
+    return plan[2 * batch + 1:3 * batch + 1]
 
 
 def pack_rows(hidden: torch.Tensor, starts: torch.Tensor, cu_seqlens: torch.Tensor, count: int,
@@ -100,22 +122,20 @@ if triton is not None:
                 ids = tl.load(Ids + row * s_ib + pos * s_is, mask=real, other=0).to(tl.int64)
                 low = tl.minimum(low, tl.where(real, ids, 9223372036854775807))
                 high = tl.maximum(high, tl.where(real, ids, -9223372036854775807))
-        if not HAS_IDS:
-            low = tl.zeros([BLOCK], tl.int64)
-            high = tl.zeros([BLOCK], tl.int64)
         length = tl.sum(count, axis=0)
-        empty = length == 0
-        lo = tl.min(low, axis=0)
-        hi = tl.max(high, axis=0)
-        # ids outside int32 are clamped to its range, which is outside every table: the check still fires
-        lo = tl.minimum(tl.maximum(lo, -2147483648), 2147483647).to(tl.int32)
-        hi = tl.minimum(tl.maximum(hi, -2147483648), 2147483647).to(tl.int32)
-        base = batch + 1
-        tl.store(Out + base + row, length)
-        tl.store(Out + base + batch + row, tl.where(empty, 0, tl.min(first, axis=0)))
-        tl.store(Out + base + 2 * batch + row, tl.where(empty, 0, tl.max(last, axis=0) + 1))
-        tl.store(Out + base + 3 * batch + row, tl.where(empty, 0, lo))
-        tl.store(Out + base + 4 * batch + row, tl.where(empty, 0, hi))
+        real_row = length > 0
+        start = tl.where(real_row, tl.min(first, axis=0), 0)
+        tl.store(Out + batch + 1 + row, length)
+        tl.store(Out + 2 * batch + 1 + row, start)
+        tail = Out + 3 * batch + 1
+        one_run = (tl.max(last, axis=0) + 1 - start) == length  # first..last holds no padding
+        tl.atomic_add(tail, tl.where(real_row & ~one_run, 1, 0))
+        tl.atomic_max(tail + 1, length)
+        if HAS_IDS:
+            lo = tl.minimum(tl.maximum(tl.min(low, axis=0), -2147483648), 2147483647).to(tl.int32)
+            hi = tl.minimum(tl.maximum(tl.max(high, axis=0), -2147483648), 2147483647).to(tl.int32)
+            tl.atomic_min(tail + 2, lo, mask=real_row)
+            tl.atomic_max(tail + 3, hi, mask=real_row)
         # cu_seqlens[k + 1] = sum of the lengths of rows 0..k: this row adds its length to every k >= row
         for begin in range(0, batch, BLOCK_B):
             k = begin + tl.arange(0, BLOCK_B)
