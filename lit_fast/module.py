@@ -125,6 +125,7 @@ class LitTransformer(L.LightningModule):
             self.model = sharding.build_for_fsdp(self.build_model, self.build_empty_model, strategy)
         else:
             self.model = self.build_model()
+        self._no_decay_names = _no_decay_names(self.model)  # before FSDP flattens the parameters
         if self.hparams.get("gradient_checkpointing"):
             # recompute each block's activations in backward: much less memory for ~30% more compute
             kwargs = {"use_reentrant": False}
@@ -190,9 +191,11 @@ class LitTransformer(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         decay, no_decay = [], []
+        # by the shape each parameter had before any wrapping: under FSDP every parameter is a flat 1-D shard here
+        shaped = getattr(self, "_no_decay_names", None) or _no_decay_names(self.model)
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+                (no_decay if _plain_name(name) in shaped else decay).append(p)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = all(p.is_cuda for p in decay + no_decay) and bool(decay + no_decay)
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=fused or None)
@@ -281,3 +284,19 @@ class LitTransformer(L.LightningModule):
         except Exception as err:  # noqa: BLE001 - any unpickling failure becomes one clear message
             raise LitFastError(f"could not read checkpoint {checkpoint_path}: {err}".splitlines()[0]) from err
         self.load_state_dict(state["state_dict"])
+
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _plain_name(name: str) -> str:
+    """A parameter's name without the segments FSDP, activation checkpointing and torch.compile insert."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _no_decay_names(model: torch.nn.Module) -> set[str]:
+    """Parameters that get no weight decay: biases, norm weights and other vectors (by their unwrapped shape)."""
+    return {_plain_name(name) for name, p in model.named_parameters() if p.ndim < 2 or "norm" in name.lower()}
+

@@ -49,6 +49,30 @@ def test_lora_wrap_policy_puts_trainable_leaves_in_units_of_their_own():
         {n for n, m in full.named_modules() if isinstance(m, LlamaDecoderLayer)}
 
 
+def test_weight_decay_groups_survive_fsdp_flattening(tiny_bert_dir, monkeypatch):
+    """Under FSDP (use_orig_params) every parameter is a flat 1-D shard by the time the optimizer is made, under
+    names with FSDP's segments in them: the groups still follow each parameter's original shape."""
+    from types import SimpleNamespace
+
+    from lit_fast import Classifier
+
+    module = Classifier(tiny_bert_dir, labels=["a", "b"], weight_decay=0.01)
+    module.configure_model()
+    expected = {name for name, p in module.model.named_parameters() if p.ndim < 2 or "norm" in name.lower()}
+    for p in module.model.parameters():  # what FSDP leaves: flat shards
+        p.data = p.data.flatten()
+    named = list(module.model.named_parameters())
+    monkeypatch.setattr(module.model, "named_parameters",
+                        lambda: [(f"_fsdp_wrapped_module.{n}", p) for n, p in named])
+    monkeypatch.setattr(type(module), "trainer", SimpleNamespace(estimated_stepping_batches=10))
+    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    by_id = {id(p): name for name, p in named}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert {by_id[id(p)] for p in no_decay["params"]} == expected
+    assert {by_id[id(p)] for p in decay["params"]} == {n for n, _ in named} - expected
+    assert any("dense.weight" in by_id[id(p)] for p in decay["params"])
+
+
 def test_consolidated_export_writes_the_gathered_weights(tmp_path, tiny_bert_dir):
     from transformers import AutoModelForSequenceClassification
 
