@@ -61,21 +61,36 @@ def make_corpus(path: Path, rows: int, model_dir: Path) -> int:
 
 
 def run_predict(devices: int, args, model_dir: Path, corpus: Path, out: Path) -> dict:
-    cmd = [sys.executable, str(ROOT / "predict.py"), "--config", str(ROOT / "configs/embed-multigpu.yaml"),
+    # Lightning's own launcher starts rank 0, which starts the other ranks once it has imported everything and
+    # parsed its config (they then import again); torchrun starts every rank at once
+    launch = [sys.executable]
+    if args.launcher == "torchrun" and devices > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(devices)]
+    cmd = launch + [str(ROOT / "predict.py"), "--config", str(ROOT / "configs/embed-multigpu.yaml"),
            "--model.pretrained", str(model_dir), "--data.path", str(corpus), "--data.id_column", "id",
            "--trainer.devices", str(devices), "--trainer.accelerator", args.accelerator,
            "--trainer.precision", args.precision, "--output", str(out), "--overwrite", "true"]
     if args.accelerator == "cpu":
         cmd += ["--trainer.strategy", "ddp" if devices > 1 else "auto"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # every line of the run's log with the second it appeared: where the time outside the predict loop goes
+    timeline, lines = [], []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        lines.append(line)
+        text = line.rsplit("\r", 1)[-1].strip()  # a progress bar's last state
+        if text:
+            timeline.append((round(time.perf_counter() - start, 2), text[:160]))
+    proc.wait()
     wall = time.perf_counter() - start
+    stderr = "".join(lines)
     if proc.returncode != 0:
-        raise SystemExit(f"predict.py failed on {devices} device(s):\n{proc.stderr[-4000:]}")
-    line = re.search(r"predicted (\d+) rows \((\d+) tokens\) on (\d+) rank\(s\) in ([\d.]+) s", proc.stderr)
+        raise SystemExit(f"predict.py failed on {devices} device(s):\n{stderr[-4000:]}")
+    line = re.search(r"predicted (\d+) rows \((\d+) tokens\) on (\d+) rank\(s\) in ([\d.]+) s", stderr)
     rows, tokens, ranks, loop_s = int(line[1]), int(line[2]), int(line[3]), float(line[4])
     return {"devices": devices, "ranks": ranks, "rows": rows, "tokens": tokens, "wall_s": wall, "loop_s": loop_s,
-            "rows_per_s_end_to_end": rows / wall, "rows_per_s_loop": rows / loop_s, "log_tail": proc.stderr[-1500:]}
+            "rows_per_s_end_to_end": rows / wall, "rows_per_s_loop": rows / loop_s, "timeline": timeline}
 
 
 def compare(reference: Path, other: Path) -> dict:
@@ -110,6 +125,8 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16-true")
     parser.add_argument("--tiny", action="store_true", help="2-layer hidden-32 model and 2,000 rows (smoke test)")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--launcher", choices=["lightning", "torchrun"], default="lightning",
+                        help="how the ranks of a multi-device run start (README 'Many GPUs')")
     parser.add_argument("--workdir", default="/tmp/lit_fast_w5")
     parser.add_argument("--out", default=str(ROOT / "bench/results/w5_multigpu.json"))
     args = parser.parse_args()
@@ -138,16 +155,17 @@ def main() -> None:
     import torch
     import transformers
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = os.environ.get("LIT_FAST_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    record = {"workload": "W5", "device": device, "gpus_visible": torch.cuda.device_count(), "torch": torch.__version__,
+    record = {"workload": "W5", "launcher": args.launcher, "device": device, "gpus_visible": torch.cuda.device_count(), "torch": torch.__version__,
               "transformers": transformers.__version__, "commit": commit, "rows": args.rows, "real_tokens": real_tokens,
               "tiny": args.tiny, "precision": args.precision, "tokenize_all_one_thread_s": tokenize_s,
-              "results": [{k: v for k, v in r.items() if k != "log_tail"} for r in results]}
+              "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
 
-    print(f"\nW5 on {device}: {args.rows} rows, {real_tokens} real tokens, {args.precision}")
+    print(f"\nW5 on {device}: {args.rows} rows, {real_tokens} real tokens, {args.precision}, launcher {args.launcher}")
     print(f"tokenizing every row on one thread takes {tokenize_s:.2f} s (spread over loader workers and ranks)")
     print("| devices | wall s | loop s | rows/s end-to-end | rows/s loop | efficiency e2e | efficiency loop | same rows/order | identical | max abs diff |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -156,6 +174,12 @@ def main() -> None:
         print(f"| {r['devices']} | {r['wall_s']:.1f} | {r['loop_s']:.1f} | {r['rows_per_s_end_to_end']:,.0f} | "
               f"{r['rows_per_s_loop']:,.0f} | {r['efficiency_end_to_end']:.0%} | {r['efficiency_loop']:.0%} | "
               f"{c['same_rows_same_order']} | {c['identical_values']} | {c['max_abs_diff']:.2e} |")
+    for r in results:  # where the wall time goes: the log lines of each run with their second
+        print(f"\n{r['devices']} device(s), log timeline (first and last progress-bar lines only):")
+        bars = [i for i, (_, text) in enumerate(r["timeline"]) if text.startswith("Predicting")]
+        for i, (second, text) in enumerate(r["timeline"]):
+            if i not in bars or i in (bars[0], bars[-1]):
+                print(f"  {second:7.2f}  {text}")
 
 
 if __name__ == "__main__":

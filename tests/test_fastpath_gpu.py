@@ -345,8 +345,8 @@ def test_front_plans_one_run_rows_in_one_kernel_and_rows_with_holes_by_index(mon
     from lit_fast.fastpath import padding
 
     plans = []
-    real = padding.plan_rows
-    monkeypatch.setattr(padding, "plan_rows", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
+    real = padding.finish_rows
+    monkeypatch.setattr(padding, "finish_rows", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
     reference, model = reference_and_half(tiny_text_model("bert", attn="sdpa"), torch.bfloat16)
     ids, mask = text_batch("right" if padding_kind == "holes" else padding_kind)
     if padding_kind == "holes":

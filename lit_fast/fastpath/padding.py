@@ -165,7 +165,10 @@ def to_nested(tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
     sizes = torch.stack([lengths, torch.full_like(lengths, width)], dim=1)
     strides = torch.tensor([[width, 1]], dtype=torch.int64).expand(packing.batch, 2).contiguous()
     offsets = F.pad(lengths.cumsum(0), (1, 0))[:-1] * width
-    return torch._nested_view_from_buffer(tokens.contiguous().reshape(-1), sizes, strides, offsets)
+    buffer = tokens.contiguous().reshape(-1)
+    if buffer.storage_offset() or buffer.untyped_storage().nbytes() != buffer.numel() * buffer.element_size():
+        buffer = buffer.clone()  # a view into a larger allocation (the front's embeddings): the kernel reads all of it
+    return torch._nested_view_from_buffer(buffer, sizes, strides, offsets)
 
 
 def from_nested(nested: torch.Tensor) -> torch.Tensor:
