@@ -123,6 +123,10 @@ def child_train(spec: dict) -> None:
                            "embedding_trainable": embed.requires_grad, "layers": config.num_hidden_layers,
                            "hidden": config.hidden_size}
             strategy = self.trainer.strategy
+            if spec["lora"] and spec.get("lora_units") == "blocks":  # the alternative: LoRA inside its block's unit
+                from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+                strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(sharding.block_classes(model))
             sharding.configure_fsdp(strategy, model)  # the product's wrap policy and LoRA flags
             strategy.kwargs["param_init_fn"] = partial(_random_init, device=strategy.root_device,
                                                        std=config.initializer_range)
@@ -393,6 +397,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=128, help="generation: prompt tokens")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--gen-reps", type=int, default=2, help="timed generate calls after one warm-up")
+    p.add_argument("--lora-units", choices=["separate", "blocks"], default="separate",
+                   help="lora: LoRA A/B as FSDP units of their own (lit_fast's policy) or inside their block's unit")
     p.add_argument("--no-fp32-check", action="store_true", help="skip the fp32 small-shape token check")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H200: 989)")
     p.add_argument("--budget", type=float, default=540, help="seconds for everything; runs past it are skipped")
@@ -446,7 +452,7 @@ def main() -> None:
         out.write_text(json.dumps(record, indent=1))
 
     train = {"shape": shape, "seq": args.seq, "micro_batch": args.micro_batch, "warmup": args.warmup,
-             "steps": args.steps, "precision": args.precision}
+             "steps": args.steps, "precision": args.precision, "lora_units": args.lora_units}
     for part in [x for x in ("fsdp", "lora") if x in args.only]:
         rows = []
         for n in args.devices:
