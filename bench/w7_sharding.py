@@ -123,11 +123,8 @@ def child_train(spec: dict) -> None:
                            "embedding_trainable": embed.requires_grad, "layers": config.num_hidden_layers,
                            "hidden": config.hidden_size}
             strategy = self.trainer.strategy
-            if spec["lora"] and spec.get("lora_units") == "blocks":  # the alternative: LoRA inside its block's unit
-                from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-                strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(sharding.block_classes(model))
-            sharding.configure_fsdp(strategy, model)  # the product's wrap policy and LoRA flags
+            # the product's wrap policy and LoRA flags (lora.fsdp_units: separate or blocks)
+            sharding.configure_fsdp(strategy, model, spec.get("lora_units", "separate"))
             strategy.kwargs["param_init_fn"] = partial(_random_init, device=strategy.root_device,
                                                        std=config.initializer_range)
             kwargs = {"use_reentrant": False}  # as LitTransformer.configure_model
@@ -398,7 +395,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--gen-reps", type=int, default=2, help="timed generate calls after one warm-up")
     p.add_argument("--lora-units", choices=["separate", "blocks"], default="separate",
-                   help="lora: LoRA A/B as FSDP units of their own (lit_fast's policy) or inside their block's unit")
+                   help="lora: lora.fsdp_units, A/B as FSDP units of their own (the default) or inside their block's unit")
     p.add_argument("--no-fp32-check", action="store_true", help="skip the fp32 small-shape token check")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H200: 989)")
     p.add_argument("--budget", type=float, default=540, help="seconds for everything; runs past it are skipped")

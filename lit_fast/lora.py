@@ -37,6 +37,10 @@ class LoraSettings:
         target_modules: module names to adapt (e.g. [q_proj, v_proj]) or "all-linear" (every linear layer except
             the output head).
         export: "merged" (a plain transformers model with the adapters folded in) or "adapter" (adapter only).
+        fsdp_units: under FSDP, "separate" (default): every A/B projection is an FSDP unit of its own, so FSDP keeps
+            no gradients for the frozen weights; on a Llama-8B (448 units) a step then took 3.7x as long as a full
+            fine-tune on 2 H200s. "blocks": the adapters stay inside their block's unit: faster (2.8x on a tiny
+            CPU run), but FSDP then holds gradients for the frozen weights too (4 bytes a parameter over the GPUs).
     """
 
     rank: int = 8
@@ -44,6 +48,7 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: Union[list[str], str] = "all-linear"
     export: Literal["merged", "adapter"] = "merged"
+    fsdp_units: Literal["separate", "blocks"] = "separate"
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -52,6 +57,8 @@ class LoraSettings:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if self.export not in ("merged", "adapter"):
             raise ConfigError(f"lora.export must be merged or adapter, got {self.export!r}")
+        if self.fsdp_units not in ("separate", "blocks"):
+            raise ConfigError(f"lora.fsdp_units must be separate or blocks, got {self.fsdp_units!r}")
 
     def to_peft_config(self, task_type: Optional[str] = None):
         """The equivalent ``peft.LoraConfig``."""

@@ -122,7 +122,9 @@ class LitTransformer(L.LightningModule):
             return
         strategy = self._trainer.strategy if self._trainer is not None else None
         if sharding.is_fsdp(strategy):
-            self.model = sharding.build_for_fsdp(self.build_model, self.build_empty_model, strategy)
+            lora = getattr(self, "lora", None)
+            self.model = sharding.build_for_fsdp(self.build_model, self.build_empty_model, strategy,
+                                                 lora.fsdp_units if lora is not None else "separate")
         else:
             self.model = self.build_model()
         self._no_decay_names = _no_decay_names(self.model)  # before FSDP flattens the parameters

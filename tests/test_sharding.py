@@ -49,6 +49,22 @@ def test_lora_wrap_policy_puts_trainable_leaves_in_units_of_their_own():
         {n for n, m in full.named_modules() if isinstance(m, LlamaDecoderLayer)}
 
 
+def test_lora_fsdp_units_blocks_keeps_adapters_in_their_block():
+    from peft import LoraConfig, get_peft_model
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lit_fast.errors import ConfigError
+    from lit_fast.lora import LoraSettings
+    from lit_fast.sharding import wrap_policy
+
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    policy = wrap_policy(model, LoraSettings(fsdp_units="blocks").fsdp_units)
+    wrapped = {name for name, m in model.named_modules() if policy(module=m, recurse=False, nonwrapped_numel=10**9)}
+    assert wrapped == {name for name, m in model.named_modules() if isinstance(m, LlamaDecoderLayer)}
+    with pytest.raises(ConfigError, match="lora.fsdp_units must be separate or blocks"):
+        LoraSettings(fsdp_units="leaves")
+
+
 def test_weight_decay_groups_survive_fsdp_flattening(tiny_bert_dir, monkeypatch):
     """Under FSDP (use_orig_params) every parameter is a flat 1-D shard by the time the optimizer is made, under
     names with FSDP's segments in them: the groups still follow each parameter's original shape."""
