@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lit_fast.attention import check_attention_implementation, check_sdpa_backends, parse_sdpa_backends, sdpa_policy
+from lit_fast.collate import pad_ids
 from lit_fast.decoding import FastDecoder, SamplingConfig, hf_generate, unsupported_reason
 from lit_fast.errors import ConfigError, InputDataError
 from lit_fast.lora import LoraSettings, apply_lora, export_lora
@@ -253,21 +254,10 @@ class CausalLM(_Generator):
         # left padding for generation (new tokens follow the prompt directly), right padding for training
         # (positions then start at 0 in every row without passing position ids)
         left = "labels" not in examples[0]
-        width = max(len(e["input_ids"]) for e in examples)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(examples), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, IGNORE)
-        for row, e in enumerate(examples):
-            n = len(e["input_ids"])
-            cols = slice(width - n, width) if left else slice(0, n)
-            ids[row, cols] = torch.tensor(e["input_ids"])
-            mask[row, cols] = 1
-            if not left:
-                labels[row, cols] = torch.tensor(e["labels"])
+        ids, mask = pad_ids([e["input_ids"] for e in examples], self.tokenizer.pad_token_id, left)
         batch = {"input_ids": ids, "attention_mask": mask, "index": torch.tensor([e["index"] for e in examples])}
-        if not left:
-            batch["labels"] = labels
+        if not left:  # labels are as long as their input ids (_truncate_for_training); padded with IGNORE
+            batch["labels"] = pad_ids([e["labels"] for e in examples], IGNORE)[0]
         return batch
 
     def compute_loss(self, batch: dict) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Literal, Optional
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
+from lit_fast.collate import padded_batch
 from lit_fast.decoding import hf_generate
 from lit_fast.errors import InputDataError
 from lit_fast.generation import IGNORE, _Generator
@@ -115,7 +116,7 @@ class Seq2SeqLM(_Generator):
         return examples
 
     def collate(self, examples: list[dict]) -> dict:
-        batch = dict(self.tokenizer.pad({"input_ids": [e["input_ids"] for e in examples]}, return_tensors="pt"))
+        batch = padded_batch(self.tokenizer, [e["input_ids"] for e in examples])
         batch["index"] = torch.tensor([e["index"] for e in examples])
         if "labels" in examples[0]:
             width = max(len(e["labels"]) for e in examples)

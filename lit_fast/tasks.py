@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForSequenceClassification
 
+from lit_fast.collate import padded_batch
 from lit_fast.errors import ConfigError, InputDataError
 from lit_fast.loading import read_sentence_transformers_config
 from lit_fast.module import Attention, FastPath, LitTransformer
@@ -38,7 +39,7 @@ class _EncoderTask(LitTransformer):
         return {}
 
     def collate(self, examples: list[dict]) -> dict:
-        batch = self.tokenizer.pad({"input_ids": [e["input_ids"] for e in examples]}, padding=True, return_tensors="pt")
+        batch = padded_batch(self.tokenizer, [e["input_ids"] for e in examples])
         batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
         for key in examples[0]:
             if key not in ("index", "input_ids", "length"):
