@@ -106,6 +106,9 @@ def compare(reference: Path, other: Path) -> dict:
 
 
 def time_tokenization(corpus: Path, model_dir: Path) -> float:
+    """Seconds to tokenize every row on one thread, as a loader worker does (predict.py turns the tokenizer's own
+    thread pool off: TOKENIZERS_PARALLELISM=false, read when the pool is first used)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
