@@ -11,9 +11,10 @@ seeded list of batches, so no row is duplicated or dropped in predict (an unpadd
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import lightning as L
 import numpy as np
@@ -150,7 +151,7 @@ class TextDataModule(L.LightningDataModule):
         allow_empty_text: bool = False,
         batch_size: int = 32,
         max_tokens: Optional[int] = None,
-        num_workers: int = 0,
+        num_workers: Union[int, Literal["auto"]] = 0,
         seed: int = 0,
     ):
         """Local text data for every task.
@@ -173,7 +174,8 @@ class TextDataModule(L.LightningDataModule):
                 stopping with an error that names the row.
             batch_size: rows per batch (at most).
             max_tokens: cap on padded tokens per batch (rows x longest row); long rows get smaller batches.
-            num_workers: DataLoader worker processes.
+            num_workers: DataLoader worker processes (they tokenize, one thread each); "auto": the CPU cores
+                this process may use, shared by the ranks of this machine, less one for the rank itself (at most 16).
             seed: seed for splits, subsets and shuffling.
         """
         super().__init__()
@@ -328,7 +330,17 @@ class TextDataModule(L.LightningDataModule):
             return mine
 
         dataset = _Batches(examples, batches, self.trainer.lightning_module.collate)
-        return DataLoader(dataset, batch_size=None, num_workers=hp.num_workers)
+        return DataLoader(dataset, batch_size=None, num_workers=self._num_workers())
+
+    def _num_workers(self) -> int:
+        workers = self.hparams.num_workers
+        if workers != "auto":
+            if not isinstance(workers, int) or workers < 0:
+                raise ConfigError(f"data.num_workers must be a number >= 0 or auto, got {workers!r}")
+            return workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        local_ranks = max(1, getattr(self.trainer, "num_devices", 1) or 1) if self.trainer is not None else 1
+        return max(0, min(16, cores // local_ranks - 1))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("fit", shuffle=True)
@@ -346,4 +358,4 @@ class TextDataModule(L.LightningDataModule):
         rank, world = sharding.data_parallel_rank(self.trainer.strategy)
         dataset = _PredictBatches(self._texts, self._plan, model.encode, model.collate, self.hparams.max_tokens,
                                   rank, world)
-        return DataLoader(dataset, batch_size=None, num_workers=self.hparams.num_workers)
+        return DataLoader(dataset, batch_size=None, num_workers=self._num_workers())

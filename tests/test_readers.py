@@ -85,3 +85,20 @@ def test_batches_cover_every_row_once_and_respect_the_token_budget():
             assert firsts == sorted(firsts, reverse=True)
 
     check()
+
+
+def test_num_workers_auto_shares_the_cores_among_the_ranks(monkeypatch):
+    import os
+    from types import SimpleNamespace
+
+    from lit_fast.data import TextDataModule
+    from lit_fast.errors import ConfigError
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    data = TextDataModule(num_workers="auto")
+    for devices, workers in ((1, 16), (2, 15), (4, 7), (32, 0), (64, 0)):
+        data.trainer = SimpleNamespace(num_devices=devices)
+        assert data._num_workers() == workers
+    assert TextDataModule(num_workers=3)._num_workers() == 3
+    with pytest.raises(ConfigError, match="data.num_workers must be a number >= 0 or auto"):
+        TextDataModule(num_workers="many")._num_workers()
