@@ -1,7 +1,7 @@
 """Which fast-path backend runs where, from measurements, and which models the fused kernel can take.
 
-`auto` is a table, not a guess: each entry comes from the benchmarks in bench/ (W1 on the H100 for CUDA, W6 on
-the 2-core CPU), re-measured whenever the layers change. The rule the table keeps is "never slower than HF
+`auto` is a table, not a guess: each entry comes from the benchmarks in bench/ (W1 on the H100 and H200 for CUDA,
+W6 on the 2-core CPU), re-measured whenever the layers change. The rule the table keeps is "never slower than HF
 SDPA on the batch at hand": where a backend did not beat HF on batches with little or no padding, such batches
 are left to HF.
 """
@@ -20,10 +20,11 @@ BACKENDS = ("auto", "fused", "packed")
 # The fused kernel implements these activations exactly (`use_gelu` switches between them).
 FUSED_ACTIVATIONS = ("gelu", "relu")
 
-# Measured winners per device (bench/results/w1_h100.json, bench/results/w6_cpu*.json).
+# Measured winners per device (bench/results/w1_h100.json, w1_h200_e189a9f.json, bench/results/w6_cpu*.json).
 #  - CUDA fp16/bf16: packed tokens, one q/k/v GEMM, varlen attention (Triton or flash), Triton residual+LayerNorm:
-#    2.07-2.10x HF sdpa at W1's 43% padding, 3.8-4.0x at 75%, and 1.12-1.17x with no padding at all (the fused
-#    GEMM and kernels pay there too); the fused kernel over nested tensors 1.1-1.7x (bf16 nested is erratic).
+#    H100 2.07-2.10x HF sdpa at W1's 43% padding, 3.8-4.0x at 75%, 1.12-1.17x with no padding at all (the fused
+#    GEMM and kernels pay there too); H200 (with the front and row plan) 2.17x, 4.0-4.5x, 1.08-1.11x; the fused
+#    kernel over nested tensors 1.1-2.5x (bf16 nested is erratic).
 #  - CUDA fp32: HF. Varlen flash attention has no fp32 kernel; the fused kernel was 1.65x faster at 43% padding
 #    but 1.3e-3 off (its fp32 attention is not IEEE-exact there, likely TF32) and no faster without padding.
 #  - CPU fp32: packed tokens, oneDNN GEMMs, one SDPA call per sequence: 1.9-3.5x at 47% padding and 1.9x with
