@@ -339,7 +339,7 @@ class TextDataModule(L.LightningDataModule):
                 raise ConfigError(f"data.num_workers must be a number >= 0 or auto, got {workers!r}")
             return workers
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        local_ranks = max(1, getattr(self.trainer, "num_devices", 1) or 1) if self.trainer is not None else 1
+        local_ranks = getattr(self.trainer, "num_devices", None) or 1  # the ranks on this machine
         return max(0, min(16, cores // local_ranks - 1))
 
     def train_dataloader(self) -> DataLoader:

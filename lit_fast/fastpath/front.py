@@ -264,31 +264,32 @@ class EmbeddingInputs:
                     f"({type(self.module).__name__}): {fix}."
                 )
 
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """(word, position, token type or None) tables, and whether the Triton kernel takes them."""
+        module = self.module
+        word, position = module.word_embeddings.weight, module.position_embeddings.weight
+        token_type = module.token_type_embeddings.weight if self.types is not None else None
+        tables = [position] + ([token_type] if token_type is not None else [])
+        return word, position, token_type, kernels.embed_layer_norm_fits(word, tables, module.LayerNorm)
+
     def embed_ahead(self, plan: torch.Tensor) -> torch.Tensor | None:
         """The embeddings of the real tokens from a `rows.row_plan` buffer still on the device: `(batch * seq_len,
         width)`, of which the first `count` rows are the tokens (the host learns `count` at the wait that follows).
         Indices are clamped in the kernel; the caller checks them after the wait and discards this if one was out of
         range. None where the kernel does not apply or the upper bound is large (then `embed` runs after the wait)."""
-        module = self.module
-        word, position = module.word_embeddings.weight, module.position_embeddings.weight
-        token_type = module.token_type_embeddings.weight if self.types is not None else None
+        word, position, token_type, fits = self._tables()
         batch, seq_len = self.ids.shape
-        if (batch * seq_len * word.shape[1] * word.element_size() > EMBED_AHEAD_BYTES
-                or not kernels.embed_layer_norm_fits(word, [position] + ([token_type] if token_type is not None
-                                                                         else []), module.LayerNorm)):
+        if not fits or batch * seq_len * word.shape[1] * word.element_size() > EMBED_AHEAD_BYTES:
             return None
         return kernels.embed_layer_norm(batch * seq_len, seq_len, self.ids, self.positions, self.types, word, position,
-                                        token_type, module.LayerNorm, starts=rows.starts_of(plan, batch),
+                                        token_type, self.module.LayerNorm, starts=rows.starts_of(plan, batch),
                                         cu_seqlens=rows.cu_seqlens_of(plan, batch), max_len=seq_len)
 
     def embed(self, packing: padding.Packing) -> torch.Tensor:
         """The embeddings of the real tokens, `(tokens, width)`, in the packing's order."""
-        module = self.module
-        word, position = module.word_embeddings.weight, module.position_embeddings.weight
-        token_type = module.token_type_embeddings.weight if self.types is not None else None
-        tables = [position] + ([token_type] if token_type is not None else [])
-        norm = module.LayerNorm
-        if kernels.embed_layer_norm_fits(word, tables, norm):
+        word, position, token_type, fits = self._tables()
+        norm = self.module.LayerNorm
+        if fits:
             return kernels.embed_layer_norm(packing.num_tokens, packing.seq_len, self.ids, self.positions, self.types,
                                             word, position, token_type, norm, packing.indices, packing.starts,
                                             packing.cu_seqlens, packing.max_len)

@@ -115,11 +115,10 @@ def finish_rows(plan: torch.Tensor, batch: int, seq_len: int, with_ids: bool,
     holes, longest, low, high = values[tail:tail + rows.PLAN_TAIL]
     if holes:
         return None
-    lengths = tuple(values[batch + 1:2 * batch + 1])
-    real = values[batch] > 0
-    host_checks = ((low, high) if with_ids and real else (0, 0)) + tuple(values[tail + rows.PLAN_TAIL:])
+    lengths, count = tuple(values[batch + 1:2 * batch + 1]), values[batch]
+    host_checks = ((low, high) if with_ids and count else (0, 0)) + tuple(values[tail + rows.PLAN_TAIL:])
     cu_seqlens = rows.cu_seqlens_of(plan, batch)
-    if longest == seq_len and values[batch] == batch * seq_len:
+    if count == batch * seq_len:  # no padding at all
         return Packing(batch, seq_len, None, cu_seqlens, lengths, seq_len, host_checks)
     return Packing(batch, seq_len, None, cu_seqlens, lengths, longest, host_checks, starts=rows.starts_of(plan, batch))
 
