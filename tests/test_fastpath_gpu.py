@@ -215,6 +215,40 @@ def test_triton_add_layer_norm_equals_pytorch(dtype, rows, width):
         assert ours <= theirs + ulp, f"fused kernel {ours:.3g} vs PyTorch {theirs:.3g} off the fp64 result"
 
 
+def test_direct_launch_equals_triton_launch_across_specializations(monkeypatch):
+    """`kernels.launch` reuses a compiled kernel only for arguments Triton would specialize the same way: a pointer
+    that loses its 16-byte alignment, or an integer that becomes 1 or stops dividing by 16, gets its own entry, and
+    every result equals Triton's own launch bit for bit."""
+    from lit_fast.fastpath import kernels
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(768, eps=1e-12).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+        norm.bias.normal_(0.0, 0.2)
+    flat = torch.randn(300 * 800 + 8, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(300, 768, device="cuda", dtype=torch.bfloat16)
+    cases = [
+        flat[:300 * 768].view(300, 768),  # aligned, row stride 768 (divisible by 16)
+        flat[1:1 + 300 * 768].view(300, 768),  # 2 bytes off alignment
+        flat[:300 * 776].view(300, 776)[:, :768],  # row stride 776: not divisible by 16
+    ]
+    monkeypatch.setattr(kernels, "_compiled", {})
+    with torch.inference_mode():
+        for x in cases:
+            rows = x.shape[0]
+            monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
+            want = kernels.add_layer_norm(x, y[:rows], norm)
+            monkeypatch.setattr(kernels, "FAST_LAUNCH", True)
+            first = kernels.add_layer_norm(x, y[:rows], norm)  # through Triton, kept
+            again = kernels.add_layer_norm(x, y[:rows], norm)  # direct
+            assert torch.equal(first, want) and torch.equal(again, want)
+            exact = torch.nn.functional.layer_norm(x.float() + y[:rows].float(), (768,), norm.weight.float(),
+                                                   norm.bias.float(), norm.eps)
+            assert (again.float() - exact).abs().max() < 0.05
+    assert len(kernels._compiled) == len(cases)
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
 def test_triton_varlen_attention_matches_fp32_like_flash(dtype, head_dim):

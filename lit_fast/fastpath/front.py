@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_fast.fastpath import kernels, padding, policy, rows
-from lit_fast.fastpath.layers import LayerParts
 
 try:  # transformers >= 5: the mask the HF layers expect, for the rare call that falls back to them
     from transformers.masking_utils import create_bidirectional_mask
@@ -65,7 +64,6 @@ class FrontCall:
     mask4d: torch.Tensor | None  # the 4-D view handed to HF instead of the 2-D mask (None: not swapped)
     valid: torch.Tensor | None  # the bool mask, where the plan made one (None after `padding.plan_rows`)
     packing: padding.Packing | None
-    layers: list[LayerParts]
     inputs: tuple | None = None  # (input_ids, token_type_ids, position_ids) the packed embeddings were made from
     tokens: torch.Tensor | None = None  # the packed embeddings
     placeholder: torch.Tensor | None = None  # what FastEmbeddings returned in their place
@@ -82,6 +80,7 @@ class FastFront:
         self.names = _parameter_names(type(owner).forward)
         self.call: FrontCall | None = None
         self._nan: dict[tuple, torch.Tensor] = {}
+        self.copy = rows.HostCopy()  # the plan's way to the host, reused from call to call
         stack.front = self
 
     def hf_forward(self, *args, **kwargs):
@@ -120,22 +119,26 @@ class FastFront:
                                         or any(p.requires_grad for p in self.owner.parameters())):
             return None
         device = mask.device
-        layers = stack.layer_parts()
-        dtype = layers[0].query.weight.dtype if layers else torch.float32
+        first_layer = stack.first_parts()  # the others are looked up as the layers run, after the first GEMM
+        dtype = first_layer.query.weight.dtype if first_layer is not None else torch.float32
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
         backend = policy.resolve(stack.backend, device, dtype, stack.fused_ok)
         if backend is None:
             return None
         batch, seq_len = mask.shape
-        inputs = self._embedding_inputs(named, batch, seq_len) if embeds is None else None
-        packing, valid, ahead = None, None, None
+        embed_here = embeds is None and self.embeddings is not None and PACKED_EMBEDDINGS
+        inputs, packing, valid, ahead = None, None, None, None
         if ROW_PLAN and rows.row_plan_fits(mask, ids):  # CUDA: one kernel, one wait
-            plan = rows.row_plan(mask, ids if inputs is not None else None)
-            if inputs is not None:  # queued before the wait, so the GPU has it to do while the host plans on
+            plan = rows.row_plan(mask, ids if embed_here else None)  # first: the GPU idles until it is queued
+            inputs = self._embedding_inputs(named, batch, seq_len) if embed_here else None
+            checks = inputs.checks(with_ids=False) if inputs is not None else None
+            copy = self.copy.start(plan if checks is None else torch.cat([plan, checks]))
+            if inputs is not None:  # queued behind the copy, so the GPU has it to do while the host plans on
                 ahead = inputs.embed_ahead(plan)
-            packing = padding.finish_rows(plan, batch, seq_len, inputs is not None,
-                                          inputs.checks(with_ids=False) if inputs is not None else None)
+            packing = padding.finish_rows(plan, batch, seq_len, inputs is not None, checks, copy)
+        elif embed_here:
+            inputs = self._embedding_inputs(named, batch, seq_len)
         if packing is None:  # elsewhere, or rows with holes in the mask (`ahead` is then thrown away)
             ahead = None
             valid = padding.valid_tokens(mask, batch, seq_len)
@@ -143,17 +146,17 @@ class FastFront:
                                    inputs.checks(with_ids=True) if inputs is not None else None)
         if inputs is not None:
             inputs.raise_if_out_of_range(packing.checks)
-        norm_first = bool(layers) and layers[0].norm_first
+        norm_first = first_layer is not None and first_layer.norm_first
         if stack.backend == "auto" and not policy.pays_off(backend, device, packing.padding_fraction, norm_first):
             reason = "too little padding to remove for the fast path to pay off here"
-            return FrontCall(None, reason, mask, None, valid, packing, layers)
+            return FrontCall(None, reason, mask, None, valid, packing)
         # HF passes a 4-D mask on as it is; the stack knows this view by identity and never reads its values
-        call = FrontCall(backend, None, mask, mask[:, None, None, :], valid, packing, layers)
+        call = FrontCall(backend, None, mask, mask[:, None, None, :], valid, packing)
         if inputs is not None:
             call.inputs = (ids, named.get("token_type_ids"), named.get("position_ids"))
             call.tokens = ahead[:packing.num_tokens] if ahead is not None else inputs.embed(packing)
             if EARLY_LAYERS:
-                call.output = stack.run(None, valid, packing, backend, layers, call.tokens)
+                call.output = stack.run(None, valid, packing, backend, stack.iter_parts(), call.tokens)
         return call
 
     def _embedding_inputs(self, named: dict, batch: int, seq_len: int) -> EmbeddingInputs | None:

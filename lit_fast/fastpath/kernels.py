@@ -18,6 +18,8 @@ for the real tokens only, written straight into the packed matrix (front.py).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,68 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - CPU-only environments
     triton = None
+try:  # where Triton keeps its launch hooks (profilers set them; `launch` then leaves every call to Triton)
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - older Triton
+    _knobs = None
+# (under TRITON_INTERPRET=1 kernels run on the host: nothing compiled to keep)
+_FAST_LAUNCH_OK = _knobs is not None and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+# ---- launching -------------------------------------------------------------------------------------------------
+# Triton's `kernel[grid](...)` binds and specializes every argument in Python on every call: ~30-40 us of host time
+# a launch on the H100/H200 machines, against ~10 us for the launch proper. A forward of the packed path launches
+# ~40 Triton kernels, and until the first GEMM is queued the GPU waits for each of them. `launch` keeps the
+# compiled kernel of every specialization it has seen and launches it directly. Its key is at least as fine as
+# Triton's: per tensor the dtype and whether the address is 16-byte aligned, per integer whether it is 1, divisible
+# by 16 and which integer type holds it, per float / bool / None its kind (bools by value), plus every constexpr,
+# the launch options and the device. A new key goes through Triton's own path once (which compiles if needed).
+FAST_LAUNCH = True  # a switch for benchmarks and for debugging; leave it on
+_compiled: dict[tuple, tuple] = {}
+
+
+def launch(kernel, grid: tuple, *args, **constexprs) -> None:
+    """`kernel[grid](*args, **constexprs)`: positional arguments are the kernel's runtime parameters in order,
+    keywords its constexpr parameters and launch options (num_warps, num_stages)."""
+    if not (FAST_LAUNCH and _FAST_LAUNCH_OK) or _hooked(_knobs.runtime.launch_enter_hook) or _hooked(
+            _knobs.runtime.launch_exit_hook):
+        kernel[grid](*args, **constexprs)
+        return
+    device = torch.cuda.current_device()
+    key = (kernel, device, tuple(constexprs.items()), *map(_specialization, args))
+    entry = _compiled.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **constexprs)
+        if compiled is not None and not hasattr(compiled, "result") and hasattr(compiled, "packed_metadata"):
+            names = [name for name in kernel.arg_names[len(args):]]
+            if all(name in constexprs for name in names):  # every parameter is given: the full list can be rebuilt
+                _compiled[key] = (compiled, tuple(constexprs[name] for name in names))
+        return
+    compiled, tail = entry
+    grid_y = grid[1] if len(grid) > 1 else 1
+    grid_z = grid[2] if len(grid) > 2 else 1
+    compiled.run(grid[0], grid_y, grid_z, torch._C._cuda_getCurrentRawStream(device), compiled.function,
+                 compiled.packed_metadata, None, None, None, *args, *tail)
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook is set (Triton >= 3.5 keeps a HookChain, empty when none is)."""
+    return bool(hook.calls) if hasattr(hook, "calls") else hook is not None
+
+
+def next_power_of_2(n: int) -> int:
+    """`triton.next_power_of_2` in plain Python (Triton's is a constexpr function: ~5 us a call on the host)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def _specialization(arg) -> tuple:
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if isinstance(arg, bool) or arg is None:
+        return (arg,)
+    if isinstance(arg, int):
+        return (int, arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg < 2**63)
+    return (type(arg),)
+
 
 TRITON_ADD_NORM = True  # a switch for benchmarks (bench/w1_encoder.py --explore); leave it on
 MAX_WIDTH = 8192  # one row per program; wider rows go to PyTorch
@@ -64,11 +128,10 @@ def _add_layer_norm_triton(x, y, weight, bias, eps: float) -> torch.Tensor:
     out = torch.empty((rows, width), dtype=x.dtype, device=x.device)
     if rows == 0:
         return out
-    block = triton.next_power_of_2(width)
+    block = next_power_of_2(width)
     warps = min(max(block // 256, 1), 8)
-    _add_layer_norm_kernel[(rows,)](
-        x, y, weight, bias, out, x.stride(0), y.stride(0), out.stride(0), width, eps, BLOCK=block, num_warps=warps
-    )
+    launch(_add_layer_norm_kernel, (rows,), x, y, weight, bias, out, x.stride(0), y.stride(0), out.stride(0), width,
+           eps, BLOCK=block, num_warps=warps)
     return out
 
 
@@ -130,7 +193,7 @@ def embed_layer_norm(count: int, seq_len: int, ids: torch.Tensor, positions: tor
     out = torch.empty((count, width), dtype=word.dtype, device=word.device)
     if count == 0:
         return out
-    block = triton.next_power_of_2(width)
+    block = next_power_of_2(width)
     has_type = types is not None
     types = types if has_type else ids
     token_type = token_type if has_type else word
@@ -140,11 +203,12 @@ def embed_layer_norm(count: int, seq_len: int, ids: torch.Tensor, positions: tor
         mode, grid, where, offsets = 1, (count, 1), indices, indices
     else:
         mode, grid, where, offsets = 0, (count, 1), ids, ids
-    _embed_layer_norm_kernel[grid](
-        where, offsets, ids, ids.stride(0), ids.stride(1), positions, positions.stride(0), positions.stride(1),
-        types, types.stride(0), types.stride(1), word, position, token_type, norm.weight, norm.bias, out, seq_len,
-        width, word.shape[0], position.shape[0], token_type.shape[0], norm.eps, MODE=mode, HAS_TYPE=has_type,
-        BLOCK=block, num_warps=min(max(block // 256, 1), 8),
+    launch(
+        _embed_layer_norm_kernel, grid, where, offsets, ids, ids.stride(0), ids.stride(1), positions,
+        positions.stride(0), positions.stride(1), types, types.stride(0), types.stride(1), word, position,
+        token_type, norm.weight, norm.bias, out, seq_len, width, word.shape[0], position.shape[0],
+        token_type.shape[0], norm.eps, MODE=mode, HAS_TYPE=has_type, BLOCK=block,
+        num_warps=min(max(block // 256, 1), 8),
     )
     return out
 
@@ -221,11 +285,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if tokens == 0 or sequences == 0:
         return out
     scale = head_dim**-0.5 if scale is None else scale
-    grid = (triton.cdiv(max_len, ATTN_BLOCK_M), sequences, heads)
-    _varlen_attention_kernel[grid](
-        q, k, v, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N, num_warps=ATTN_WARPS, num_stages=ATTN_STAGES,
+    grid = (-(-max_len // ATTN_BLOCK_M), sequences, heads)
+    launch(
+        _varlen_attention_kernel, grid, q, k, v, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), out.stride(0), out.stride(1), scale * LOG2E, HEAD_DIM=head_dim,
+        BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N, num_warps=ATTN_WARPS, num_stages=ATTN_STAGES,
     )
     return out
 

@@ -107,10 +107,12 @@ def plan_rows(mask: torch.Tensor, ids: torch.Tensor | None, checks: torch.Tensor
 
 
 def finish_rows(plan: torch.Tensor, batch: int, seq_len: int, with_ids: bool,
-                checks: torch.Tensor | None = None) -> Packing | None:
+                checks: torch.Tensor | None = None, copy: rows.HostCopy | None = None) -> Packing | None:
     """The Packing of a `rows.row_plan` buffer: the batch's one wait for the device. Work that needs only the
-    device-side plan (`rows.starts_of`, `rows.cu_seqlens_of`) can be queued before this call."""
-    values = (plan if checks is None else torch.cat([plan, checks])).tolist()
+    device-side plan (`rows.starts_of`, `rows.cu_seqlens_of`) can be queued before this call. `copy`: the plan
+    (then `checks`) already on its way to the host (`rows.HostCopy`, queued before that work, so that the wait is
+    not for it); without it the values are fetched here."""
+    values = copy.tolist() if copy is not None else (plan if checks is None else torch.cat([plan, checks])).tolist()
     tail = 3 * batch + 1
     holes, longest, low, high = values[tail:tail + rows.PLAN_TAIL]
     if holes:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from lit_fast.fastpath.kernels import MAX_WIDTH, triton
+from lit_fast.fastpath.kernels import MAX_WIDTH, launch, next_power_of_2, triton
 
 if triton is not None:
     import triton.language as tl
@@ -53,12 +53,46 @@ def row_plan(mask: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
     out = _templates[key].clone()
     mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     ids_arg = ids if ids is not None else mask_arg
-    _row_plan_kernel[(batch,)](
-        mask_arg, mask_arg.stride(0), mask_arg.stride(1), ids_arg, ids_arg.stride(0), ids_arg.stride(1), out,
-        batch, seq_len, HAS_IDS=ids is not None, BLOCK=min(ROW_BLOCK, triton.next_power_of_2(seq_len)),
-        BLOCK_B=min(ROW_BLOCK, triton.next_power_of_2(batch)),
+    launch(
+        _row_plan_kernel, (batch,), mask_arg, mask_arg.stride(0), mask_arg.stride(1), ids_arg, ids_arg.stride(0),
+        ids_arg.stride(1), out, batch, seq_len, HAS_IDS=ids is not None,
+        BLOCK=min(ROW_BLOCK, next_power_of_2(seq_len)), BLOCK_B=min(ROW_BLOCK, next_power_of_2(batch)),
     )
     return out
+
+
+class HostCopy:
+    """Device values on their way to the host: `start` queues a non-blocking copy into pinned memory and an event
+    behind it, `tolist` waits for that event only, so kernels queued after `start` (the front's embeddings) are
+    not waited for, and the pageable staging of `.tolist()` on a CUDA tensor is skipped. The pinned buffer and the
+    event are kept for the next call (one copy in flight at a time: each `start` is read by `tolist` before the next
+    `start`)."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.event: torch.cuda.Event | None = None
+        self.values: torch.Tensor | None = None
+        self.waiting = False  # a copy is in flight behind `event`
+
+    def start(self, values: torch.Tensor) -> HostCopy:
+        if not values.is_cuda:  # (Triton's interpreter runs the row path on CPU tensors): nothing to wait for
+            self.values = values
+            return self
+        count = values.numel()
+        if self.buffer is None or self.buffer.dtype != values.dtype or self.buffer.numel() < count:
+            self.buffer = torch.empty(max(count, 1024), dtype=values.dtype, pin_memory=True)
+            self.event = torch.cuda.Event()
+        self.values = self.buffer[:count]
+        self.values.copy_(values.reshape(-1), non_blocking=True)
+        self.event.record(torch.cuda.current_stream(values.device))
+        self.waiting = True
+        return self
+
+    def tolist(self) -> list:
+        if self.waiting:
+            self.event.synchronize()
+        values, self.values, self.waiting = self.values, None, False
+        return values.tolist()
 
 
 def cu_seqlens_of(plan: torch.Tensor, batch: int) -> torch.Tensor:
@@ -75,10 +109,8 @@ def pack_rows(hidden: torch.Tensor, starts: torch.Tensor, cu_seqlens: torch.Tens
     batch, seq_len, width = hidden.shape
     out = torch.empty((count, width), dtype=hidden.dtype, device=hidden.device)
     if count:
-        _pack_rows_kernel[(max_len, batch)](
-            hidden, hidden.stride(0), hidden.stride(1), starts, cu_seqlens, out, width,
-            BLOCK=triton.next_power_of_2(width),
-        )
+        launch(_pack_rows_kernel, (max_len, batch), hidden, hidden.stride(0), hidden.stride(1), starts, cu_seqlens,
+               out, width, BLOCK=next_power_of_2(width))
     return out
 
 
@@ -88,8 +120,8 @@ def unpack_rows(tokens: torch.Tensor, starts: torch.Tensor, cu_seqlens: torch.Te
     width = tokens.shape[-1]
     out = torch.empty((batch, seq_len, width), dtype=tokens.dtype, device=tokens.device)
     if batch and seq_len:
-        _unpack_rows_kernel[(seq_len, batch)](tokens, starts, cu_seqlens, out, seq_len, width,
-                                               BLOCK=triton.next_power_of_2(width))
+        launch(_unpack_rows_kernel, (seq_len, batch), tokens, starts, cu_seqlens, out, seq_len, width,
+               BLOCK=next_power_of_2(width))
     return out
 
 

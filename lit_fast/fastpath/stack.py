@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ class FastStack:
         self.config = config
         self.backend = backend  # "auto" | "fused" | "packed"
         self.graphed = GraphedLayers() if cuda_graphs else None  # packed layers on CUDA in fp16/bf16
+        self.constants = layer_constants(adapter, config)
         self.fused_ok = policy.fused_unsupported(config, adapter, self.layer_parts()[0]) is None
         self.last_path: str | None = None  # what the latest call ran: a backend, or "hf: <why>"
         self.front = None  # the model's FastFront (front.py), when it has one
@@ -103,13 +105,13 @@ class FastStack:
             out = call.output  # the front ran the layers on its packed embeddings already
         else:
             tokens = call.tokens if hidden is call.placeholder else None
-            out = self.run(hidden, call.valid, call.packing, call.backend, call.layers, tokens)
+            out = self.run(hidden, call.valid, call.packing, call.backend, self.iter_parts(), tokens)
         return out if self.adapter.output is None else self.adapter.output(last_hidden_state=out)
 
     def run(self, hidden: torch.Tensor | None, valid: torch.Tensor | None, packing: padding.Packing, backend: str,
-            layers: list[LayerParts], tokens: torch.Tensor | None = None):
+            layers: Iterable[LayerParts], tokens: torch.Tensor | None = None):
         """The fast path proper: prologue, pack, layers, epilogue, unpack. `tokens`: the input already packed
-        (the front's embeddings), which the prologue then maps row by row."""
+        (the front's embeddings), which the prologue then maps row by row. `layers` may be `iter_parts()`."""
         if tokens is not None:
             if self.adapter.prologue is not None:
                 tokens = self.adapter.prologue(self.owner, tokens, None)
@@ -128,7 +130,7 @@ class FastStack:
             tokens = self.adapter.epilogue(self.owner, tokens)
         return padding.unpack(tokens, packing)
 
-    def _run_fused(self, tokens: torch.Tensor, packing: padding.Packing, layers: list[LayerParts]) -> torch.Tensor:
+    def _run_fused(self, tokens: torch.Tensor, packing: padding.Packing, layers: Iterable[LayerParts]) -> torch.Tensor:
         """Layers through the fused kernel: nested tensors when padded, the dense batch when not."""
         use_gelu = getattr(self.config, self.adapter.activation) == "gelu"
         if not packing.padded:
@@ -151,7 +153,8 @@ class FastStack:
             and not torch.cuda.is_current_stream_capturing()
         )
 
-    def _run_graphed(self, tokens: torch.Tensor, packing: padding.Packing, layers: list[LayerParts]) -> torch.Tensor:
+    def _run_graphed(self, tokens: torch.Tensor, packing: padding.Packing, layers: Iterable[LayerParts]) -> torch.Tensor:
+        layers = list(layers)
         try:
             return self.graphed(tokens, packing, layers)
         except RuntimeError as failure:  # a capture this torch/driver cannot do: keep going without graphs
@@ -164,8 +167,18 @@ class FastStack:
 
     def layer_parts(self) -> list[LayerParts]:
         """The HF modules of every layer in the order they run, looked up now (never a stale reference)."""
+        return list(self.iter_parts())
+
+    def iter_parts(self) -> Iterator[LayerParts]:
+        """`layer_parts`, each layer looked up as it is reached: a loop that launches a layer's kernels before it
+        looks up the next one keeps the lookups (~10 us a layer) off the path to the first kernel."""
         layers = [self.owner] if self.adapter.per_layer else self.adapter.layers(self.owner, self.config)
-        return [resolve_parts(layer, self.adapter, self.config) for layer in layers]
+        for layer in layers:
+            yield resolve_parts(layer, self.adapter, self.config, self.constants)
+
+    def first_parts(self) -> LayerParts | None:
+        """The first layer's modules (what the front reads the dtype and the norm placement from), or None."""
+        return next(self.iter_parts(), None)
 
     def _hf_reason(self, hidden: torch.Tensor, kwargs: dict) -> str | None:
         """Why this call must run the HF forward, or None when the fast path may run."""
@@ -186,7 +199,13 @@ class FastStack:
 PART_NAMES = ("query", "key", "value", "out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm")
 
 
-def resolve_parts(layer: nn.Module, adapter: Adapter, config) -> LayerParts:
+def layer_constants(adapter: Adapter, config) -> tuple[int, bool]:
+    """(heads, whether the activation is exact GELU): what `resolve_parts` reads from the config. The model's modules
+    were built from these values, so a stack reads them once (a transformers config attribute costs microseconds)."""
+    return getattr(config, adapter.num_heads), getattr(config, adapter.activation, None) == "gelu"
+
+
+def resolve_parts(layer: nn.Module, adapter: Adapter, config, constants: tuple[int, bool] | None = None) -> LayerParts:
     """A layer's modules by the adapter's map; checks they are the plain modules the fast path reads.
 
     This runs on every forward, before the device has work queued (the GPU idles meanwhile), so it walks the
@@ -201,9 +220,9 @@ def resolve_parts(layer: nn.Module, adapter: Adapter, config) -> LayerParts:
             raise policy.unsupported_module(layer, getattr(paths, name), module, expected)
         found[name] = module
     activation = functools.reduce(getattr, _split(paths.activation), layer)  # a module or a plain function
-    exact_gelu = getattr(config, adapter.activation, None) == "gelu"
-    return LayerParts(activation=activation, num_heads=getattr(config, adapter.num_heads), norm_first=paths.norm_first,
-                      exact_gelu=exact_gelu, **found)
+    num_heads, exact_gelu = constants if constants is not None else layer_constants(adapter, config)
+    return LayerParts(activation=activation, num_heads=num_heads, norm_first=paths.norm_first, exact_gelu=exact_gelu,
+                      **found)
 
 
 @functools.lru_cache(maxsize=None)
