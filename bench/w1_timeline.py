@@ -114,6 +114,35 @@ def host_steps(model, ids, mask, forwards: int) -> dict:
     return {"call_us": statistics.median(calls), "steps": steps}
 
 
+def prewait_block_us(model, ids, mask, reps: int = 40) -> dict:
+    """Host time of the front's work before its wait (plan kernel, copy to the host, embeddings, the wait) in a
+    tight loop, and right after a 7 ms device wait as between the forwards timed here (median us)."""
+    fast = model.forward
+    inputs = front.EmbeddingInputs.of(fast.embeddings, ids, None, None, *ids.shape)
+    copy = rows.HostCopy()
+
+    def block():
+        plan = rows.row_plan(mask, ids)
+        copy.start(plan)
+        inputs.embed_ahead(plan)
+        return copy.tolist()
+
+    result = {}
+    with torch.inference_mode():
+        block()
+        for label in ("tight loop", "after a 7 ms device wait"):
+            samples = []
+            for _ in range(reps):
+                if label != "tight loop":
+                    torch.cuda._sleep(7_000_000)  # ~7 ms of device time at ~1 GHz
+                torch.cuda.synchronize()
+                begin = time.perf_counter_ns()
+                block()
+                samples.append((time.perf_counter_ns() - begin) / 1e3)
+            result[label] = statistics.median(samples)
+    return result
+
+
 def record(model, ids, mask, forwards: int, path: Path) -> None:
     with torch.inference_mode(), torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -214,6 +243,10 @@ def main() -> None:
             print(f"  host clock, no profiler (median of 20): the call returns at {host['call_us']:.1f} us")
             for step, (lo, hi) in sorted(host["steps"].items(), key=lambda kv: kv[1][0]):
                 print(f"    {step:20s} {lo:9.1f} .. {hi:9.1f}")
+            if label == "default":
+                block = prewait_block_us(model, ids, mask)
+                results[f"{name} {label}"]["prewait_block_us"] = block
+                print("  the steps before the wait, alone: " + ", ".join(f"{k} {v:.1f} us" for k, v in block.items()))
         del models, base
         torch.cuda.empty_cache()
     if args.out:

@@ -274,6 +274,22 @@ def test_wrapped_linear_is_refused_with_what_to_do():
         to_fast_path(model)
 
 
+def test_a_module_swapped_after_conversion_is_refused_at_call_time_in_any_layer():
+    """Layers are looked up as they run (only the first before the first kernel): a wrapper put into the last layer
+    after conversion still stops the forward with the clear error, and the model runs again once it is undone."""
+    model = to_fast_path(tiny_text_model("bert"), "packed")
+    ids, mask = text_batch("right")
+    attention = model.encoder.layer[-1].attention.self
+    original = attention.query
+    attention.query = torch.nn.Sequential(original)  # stands in for a LoRA wrapper
+    with torch.inference_mode(), pytest.raises(UnsupportedModelError, match="merge_and_unload"):
+        model(input_ids=ids, attention_mask=mask)
+    attention.query = original
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask)
+    assert paths_run(model) == {"packed"}
+
+
 def test_unknown_backend_and_decoder_configs_are_refused():
     with pytest.raises(ConfigError, match="'nested'"):
         to_fast_path(tiny_text_model("bert"), "nested")
