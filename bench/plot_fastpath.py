@@ -29,7 +29,7 @@ def main() -> None:
     dtypes = [d for d in ("fp16", "bf16") if any(r["dtype"] == d for r in report["results"])]
     figure, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4.2), sharey=True, squeeze=False)
     for axis, dtype in zip(axes[0], dtypes):
-        rows = sorted((r for r in report["results"] if r["dtype"] == dtype and r["scenario"] != "w1_batch8"),
+        rows = sorted((r for r in report["results"] if r["dtype"] == dtype and not r["scenario"].startswith("w1_batch")),
                       key=lambda r: r["padding_fraction"])
         padding = [100 * r["padding_fraction"] for r in rows]
         for variant, style in LINES.items():

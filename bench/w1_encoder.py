@@ -9,9 +9,10 @@ scenario draws its lengths after `torch.manual_seed(0)` and pads on the right to
   pad75  torch.randint(32, 97, (128,))   (~75% padding)
   w1_batch8  torch.randint(32, 257, (8,)) (the W1 mix in a batch of 8: launch overhead shows)
 Variants on the same weights and inputs: HF eager, HF sdpa, lit_fast fused (nested tensors through PyTorch's
-fused encoder-layer kernel), packed (packed tokens + varlen flash attention), packed+graphs (`cuda_graphs=True`)
-and auto (what `to_fast_path(model)` runs). `--explore` adds what-if variants that are not in the library (see
-EXPLORE below) and the time of the packed GEMMs alone.
+fused encoder-layer kernel), packed (packed tokens + varlen attention, no CUDA graphs), packed+graphs
+(`cuda_graphs=True`) and auto (what `to_fast_path(model)` runs: CUDA graphs for small repeated batches).
+`--explore` adds what-if variants that are not in the library (see EXPLORE below) and the time of the packed GEMMs
+alone. `--scenarios w1_batch1 ... w1_batch64` times the W1 mix at other batch sizes (not in a default run).
 
 Protocol: CUDA events, median of `--reps` after `--warmup`, `torch.inference_mode()`. The floor is the real
 tokens' FLOPs (GEMMs + attention) over an 8192^3 bf16 matmul measured in the same run. Correctness in the same
@@ -56,6 +57,9 @@ SCENARIOS = {  # name -> (batch size, lengths drawn after manual_seed(0))
     "pad75": (BATCH, lambda: torch.randint(32, 97, (BATCH,))),
     "w1_batch8": (8, lambda: torch.randint(32, 257, (8,))),  # a small batch: where launch overhead shows
 }
+# --scenarios only (not in a default run): the W1 mix at other batch sizes, where the host stops being the limit
+BATCH_SWEEP = {f"w1_batch{n}": (n, lambda n=n: torch.randint(32, 257, (n,))) for n in (1, 2, 4, 16, 32, 64)}
+ALL_SCENARIOS = {**SCENARIOS, **BATCH_SWEEP}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4}
 
@@ -69,7 +73,7 @@ def bert_base() -> transformers.BertModel:
 
 
 def batch_for(scenario: str) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, draw = SCENARIOS[scenario]
+    batch, draw = ALL_SCENARIOS[scenario]
     torch.manual_seed(0)
     lengths = draw()
     ids = torch.randint(1000, 30000, (batch, MAX_LEN))
@@ -170,8 +174,9 @@ def measure_dtype(dtype_name: str, scenarios: list[str], args, peak: float) -> l
     eager = copy.deepcopy(base)
     eager.config._attn_implementation = "eager"
     variants = {"hf_eager": (eager, {}), "hf_sdpa": (base, {})}
-    for backend in ("fused", "packed", "auto"):
-        variants[backend] = (to_fast_path(copy.deepcopy(base), backend), {})
+    for backend in ("fused", "packed", "auto"):  # packed: without CUDA graphs; auto: what to_fast_path(model) runs
+        graphs = "auto" if backend == "auto" else False
+        variants[backend] = (to_fast_path(copy.deepcopy(base), backend, cuda_graphs=graphs), {})
     if dtype != torch.float32:
         variants["packed+graphs"] = (to_fast_path(copy.deepcopy(base), "packed", cuda_graphs=True), {})
     if args.explore and dtype != torch.float32:
@@ -241,8 +246,8 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=list(DTYPES))
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    parser.add_argument("--fp32-scenarios", nargs="+", default=["w1"], choices=list(SCENARIOS))
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(ALL_SCENARIOS))
+    parser.add_argument("--fp32-scenarios", nargs="+", default=["w1"], choices=list(ALL_SCENARIOS))
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--explore", action="store_true")

@@ -146,6 +146,32 @@ def test_cuda_graphs_match_eager_reuse_their_capture_and_follow_the_weights():
         assert len(stack.graphed.graphs) == 4
 
 
+def test_auto_cuda_graphs_replay_repeated_small_batches_only_and_match_eager(monkeypatch):
+    """cuda_graphs="auto" (the default): a small batch runs eagerly the first time, is captured the second time and
+    replayed after; a batch over the token limit never is."""
+    from lit_fast.fastpath import graphs
+
+    model = tiny_text_model("bert").cuda().half()
+    eager = to_fast_path(copy.deepcopy(model), "packed", cuda_graphs=False)
+    auto = to_fast_path(model, "packed")
+    stack = auto.encoder.forward
+    assert stack.graphed is not None and stack.graphed.auto
+    ids, mask = (t.cuda() for t in text_batch("right"))
+    with torch.inference_mode():
+        expected = eager(input_ids=ids, attention_mask=mask).last_hidden_state
+        for call in range(3):
+            got = auto(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert_close_on_tokens(got, expected, mask, atol=1e-3)
+            assert len(stack.graphed.graphs) == (0 if call == 0 else 1)
+        monkeypatch.setattr(graphs, "AUTO_MAX_TOKENS", 4)  # every batch is now over the limit: eager
+        ids, mask = (t.cuda() for t in text_batch("left"))
+        expected = eager(input_ids=ids, attention_mask=mask).last_hidden_state
+        for _ in range(3):
+            assert_close_on_tokens(auto(input_ids=ids, attention_mask=mask).last_hidden_state, expected, mask,
+                                   atol=1e-3)
+        assert len(stack.graphed.graphs) == 1
+
+
 def test_choose_backend_on_cuda():
     model = tiny_text_model("bert").cuda().half()
     backend, reason = choose_backend(model, "auto", "cuda", torch.float16)

@@ -120,3 +120,65 @@ def test_host_copy_hands_back_the_values_it_was_given_each_time():
     copy = rows.HostCopy()
     assert copy.start(torch.tensor([3, 1, 2], dtype=torch.int32)).tolist() == [3, 1, 2]
     assert copy.start(torch.arange(5)).tolist() == [0, 1, 2, 3, 4]
+
+
+# ---- cuda_graphs="auto": which batches replay graphs (the decisions; the replays themselves are GPU tests) -------
+
+
+def _packing(batch: int, tokens: int, max_len: int):
+    from lit_fast.fastpath.padding import Packing
+
+    lengths = (tokens // batch,) * (batch - 1) + (tokens - (tokens // batch) * (batch - 1),)
+    return Packing(batch, max_len, None, torch.zeros(batch + 1, dtype=torch.int32), lengths, max_len)
+
+
+def test_auto_graphs_wait_for_a_repeated_small_shape_and_never_take_large_batches():
+    from lit_fast.fastpath import graphs
+
+    auto = graphs.GraphedLayers(auto=True)
+    small = _packing(8, 1000, 200)
+    assert not auto.wants(small, torch.float16)  # first sight: eager
+    assert auto.wants(small, torch.float16)  # seen before: replay (captured on this call)
+    assert not auto.wants(_packing(8, 1000, 200), torch.bfloat16)  # another dtype is another shape
+    large = _packing(64, graphs.AUTO_MAX_TOKENS + 1, 256)
+    assert not any(auto.wants(large, torch.float16) for _ in range(3))
+    always = graphs.GraphedLayers(auto=False)
+    assert always.wants(large, torch.float16) and always.wants(small, torch.float16)
+
+
+def test_auto_graphs_stop_and_free_everything_after_too_many_captures(monkeypatch):
+    from lit_fast.fastpath import graphs
+    from test_fastpath import tiny_text_model
+
+    model = tiny_text_model("bert")
+    stack = to_stack(model)
+    auto = graphs.GraphedLayers(auto=True)
+    auto.captures = graphs.AUTO_MAX_CAPTURES
+    auto.graphs[("old",)] = "a graph"
+    tokens = torch.zeros(10, model.config.hidden_size)
+    packing = _packing(2, 10, 5)
+    assert auto(tokens, packing, stack.layer_parts()) is None  # declined: the caller runs the layers itself
+    assert auto.stopped and not auto.graphs and auto.pool is None
+    assert not auto.wants(packing, torch.float16)
+
+
+def to_stack(model):
+    from lit_fast.fastpath import to_fast_path
+
+    to_fast_path(model, "packed")
+    return model.encoder.forward
+
+
+def test_cuda_graphs_takes_true_false_or_auto():
+    from lit_fast.errors import ConfigError
+    from lit_fast.fastpath import is_fast_path, to_fast_path
+    from test_fastpath import tiny_text_model
+
+    model = tiny_text_model("bert")
+    with pytest.raises(ConfigError, match="cuda_graphs='sometimes'"):
+        to_fast_path(model, cuda_graphs="sometimes")
+    assert not is_fast_path(model)
+    for mode in (True, False, "auto"):
+        stack = to_fast_path(model, cuda_graphs=mode).encoder.forward
+        assert (stack.graphed is None) == (mode is False)
+        assert stack.graphed is None or stack.graphed.auto == (mode == "auto")

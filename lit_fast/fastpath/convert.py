@@ -29,18 +29,21 @@ def fast_path_architectures() -> list[str]:
     return sorted(ADAPTERS)
 
 
-def to_fast_path(model: nn.Module, backend: str = "auto", *, cuda_graphs: bool = False) -> nn.Module:
+def to_fast_path(model: nn.Module, backend: str = "auto", *, cuda_graphs: bool | str = "auto") -> nn.Module:
     """Convert `model` in place to the encoder fast path and return it.
 
     backend: "auto" (per device and dtype, what measured fastest; HF where nothing beats it), "fused" (PyTorch's
     fused encoder-layer kernel over nested tensors) or "packed" (packed tokens, varlen attention on CUDA).
     Raises UnsupportedModelError for architectures without an adapter and for quantized or adapter-wrapped
     layers, ConfigError for an unknown backend or a "fused" request the kernel cannot serve exactly.
-    cuda_graphs: replay the packed layers as CUDA graphs on CUDA in fp16/bf16 (one capture per batch-shape
-    bucket; for small repeated batches, see graphs.py).
+    cuda_graphs: replay the packed layers on CUDA in fp16/bf16 as CUDA graphs (one capture per batch-shape
+    bucket): "auto" for small batches whose shape repeats (where the host, not the GPU, is the limit), True for
+    every batch, False never; see graphs.py.
     """
     if backend not in policy.BACKENDS:
         raise ConfigError(f"fast-path backend {backend!r} is unknown; use one of {policy.BACKENDS}.")
+    if not (isinstance(cuda_graphs, bool) or cuda_graphs == "auto"):
+        raise ConfigError(f"cuda_graphs={cuda_graphs!r} is unknown; use True, False or 'auto'.")
     stacks = _plan(model, backend, cuda_graphs)
     revert_fast_path(model)  # converting again switches the backend
     for stack in stacks:
@@ -89,7 +92,7 @@ def choose_backend(
     return backend, policy.describe(backend, device, dtype)
 
 
-def _plan(model: nn.Module, backend: str, cuda_graphs: bool = False) -> list[FastStack]:
+def _plan(model: nn.Module, backend: str, cuda_graphs: bool | str = "auto") -> list[FastStack]:
     """Check the model and build (not install) its fast stacks; raises when the model cannot be converted."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", type(model).__name__)

@@ -1,20 +1,27 @@
-"""CUDA graphs for the packed layers (opt-in): replay the whole layer stack as one graph instead of ~15 launches
-a layer.
+"""CUDA graphs for the packed layers: replay the whole layer stack as one graph instead of ~15 launches a layer.
 
-Eager PyTorch spends a few microseconds of host time per kernel launch; a CUDA graph replays all kernels of the
-stack with one launch. On W1 (batch 128) this bought nothing measurable on the H100 (the GPU, not the host, is
-the bottleneck there) at 0-43% padding, 1.3-1.4x at 75% padding and 2.2-2.7x for a batch of 8 over the
-packed path without graphs; every new batch shape costs a capture (two forwards), so it is off by default:
-`to_fast_path(model, cuda_graphs=True)` is for small or repeated batch shapes (online inference).
+Eager PyTorch spends host time on every kernel launch (~20-40 us on the H200 machine, a microVM), and while the host
+launches, a GPU that has finished its queue waits. A CUDA graph replays all kernels of the stack with one launch.
+W1 on the H200 (`bench/w1_encoder.py --scenarios w1_batch1 ... w1_batch64`, `bench/results/w1_batches_h200.json`):
+for batches of 1 to 32 sequences of the W1 length mix (up to ~4.3k real tokens) the eager forward is host-bound
+(2.8-3.0 ms whatever the batch) and graphs took it to 0.9-2.4 ms, 1.2-3.2x faster; at 64 and 128 sequences
+(8.7k and 18.8k tokens) the GPU is the limit and graphs were 10% and 5% slower (the token count is rounded up to a
+bucket, and the host's lookup before the replay comes on top).
+
+`to_fast_path(model, cuda_graphs=...)`: "auto" (the default) replays batches of at most `AUTO_MAX_TOKENS` real tokens,
+and only a shape seen before (`AUTO_REPEATS`), so a stream of one-off shapes never pays for captures; after
+`AUTO_MAX_CAPTURES` captures it stops capturing and frees its graphs (a workload of too many shapes). True: every
+packed CUDA fp16/bf16 batch, captured on first sight (online inference with few, repeated shapes). False: never.
 
 A graph is fixed to its shapes, so batches are bucketed: the packed tokens are padded up to a bucket size
-(steps of 1/32 of the next lower power of two, at least 64: under 3% more tokens past 2048) and the filler tokens form one extra
-sequence at the end, which attention keeps to itself and which is cut off afterwards; varlen attention gets a
-power-of-two `max_len` bound. (The filler sequence may be longer than that bound; attention then leaves part of
-it unwritten, which only ever touches filler rows: every other op works row by row.) Graphs are keyed by (batch, bucket, max-len bound, dtype) and by the data
-pointers of every weight: in-place updates (optimizer steps, `load_state_dict`) are read by the next replay, and
-a weight that moved (`.to()`, a reassigned Parameter) makes a new graph; the q/k/v weights, which the layers read
-as one concatenated copy, are keyed by their version counters too, so an in-place update of them makes a new graph. All graphs of a stack share one memory
+(steps of 1/32 of the next lower power of two, at least 64: under 3% more tokens past 2048) and the filler tokens
+form one extra sequence at the end, which attention keeps to itself and which is cut off afterwards; varlen
+attention gets a power-of-two `max_len` bound. (The filler sequence may be longer than that bound; attention then
+leaves part of it unwritten, which only ever touches filler rows: every other op works row by row.) Graphs are
+keyed by (batch, bucket, max-len bound, dtype) and by the data pointers of every weight: in-place updates
+(optimizer steps, `load_state_dict`) are read by the next replay, and a weight that moved (`.to()`, a reassigned
+Parameter) makes a new graph; the q/k/v weights, which the layers read as one concatenated copy, are keyed by their
+version counters too, so an in-place update of them makes a new graph. All graphs of a stack share one memory
 pool; outputs are copied out before the next replay can overwrite them.
 """
 
@@ -33,6 +40,10 @@ from lit_fast.fastpath.padding import Packing
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 64  # per stack; past this the oldest graph is dropped (its memory goes back to the shared pool)
+# cuda_graphs="auto": where graphs measured faster (see the module docstring), and only for shapes that repeat
+AUTO_MAX_TOKENS = 6144  # real tokens in the batch: 4.3k (32 W1 sequences) gained 1.2x, 8.7k (64) lost 10%
+AUTO_REPEATS = 2  # a shape is captured the second time it is asked for
+AUTO_MAX_CAPTURES = 64  # then auto stops capturing and frees its graphs: too many shapes for graphs to pay
 
 
 def bucket_tokens(num_tokens: int) -> int:
@@ -57,17 +68,50 @@ class _Graph:
 class GraphedLayers:
     """Runs `packed_layer` over a list of layers as cached CUDA graphs (varlen attention only: CUDA fp16/bf16)."""
 
-    def __init__(self) -> None:
+    def __init__(self, auto: bool = False) -> None:
         self.graphs: dict[tuple, _Graph] = {}
         self.pool = None  # one memory pool for all graphs of this stack
+        self.auto = auto
+        self.seen: dict[tuple, int] = {}  # auto: how often each shape was asked for
+        self.captures = 0
+        self.stopped = False  # auto gave up: too many shapes
 
-    def __call__(self, tokens: torch.Tensor, packing: Packing, layers: list[LayerParts]) -> torch.Tensor:
+    def wants(self, packing: Packing, dtype: torch.dtype) -> bool:
+        """Whether this batch should replay a graph (always when not auto). Cheap: shapes only, no weights."""
+        if not self.auto:
+            return True
+        if self.stopped or packing.num_tokens > AUTO_MAX_TOKENS:
+            return False
+        shape = (packing.batch, bucket_tokens(packing.num_tokens + 1), bucket_max_len(packing.max_len), dtype)
+        count = self.seen.get(shape, 0) + 1
+        if len(self.seen) >= 4 * AUTO_MAX_CAPTURES and shape not in self.seen:
+            self.seen.clear()  # a long stream of one-off shapes: forget them rather than grow
+        self.seen[shape] = count
+        return count >= AUTO_REPEATS
+
+    def stop(self) -> None:
+        """Auto mode gives up on graphs for this stack (too many shapes) and frees their memory."""
+        log.info("fast path: %d CUDA graph captures without settling on a few batch shapes; the layers run without "
+                 "graphs from now on (to_fast_path(..., cuda_graphs=True) keeps capturing)", self.captures)
+        self.stopped = True
+        self.graphs.clear()
+        self.pool = None
+        self.seen.clear()
+
+    def __call__(self, tokens: torch.Tensor, packing: Packing, layers: list[LayerParts]) -> torch.Tensor | None:
+        """The layers' output for `tokens`, replayed from a graph (captured if new); None when auto mode declines
+        (the caller then runs the layers itself)."""
         count = packing.num_tokens
         bucket, bound = bucket_tokens(count + 1), bucket_max_len(packing.max_len)  # >= 1 filler token
         weights = tuple(t.data_ptr() for parts in layers for t in _weights(parts))
         key = (packing.batch, bucket, bound, tokens.dtype, tokens.shape[-1], tokens.device, weights,
                _qkv_versions(layers))
-        entry = self.graphs.get(key) or self._capture(key, tokens, packing, layers, bucket, bound)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if self.auto and self.captures >= AUTO_MAX_CAPTURES:
+                self.stop()
+                return None
+            entry = self._capture(key, tokens, packing, layers, bucket, bound)
         entry.tokens[:count].copy_(tokens)
         entry.cu_seqlens[: packing.batch + 1].copy_(packing.cu_seqlens)
         entry.graph.replay()
@@ -77,6 +121,7 @@ class GraphedLayers:
                  bucket: int, bound: int) -> _Graph:
         if len(self.graphs) >= MAX_GRAPHS:
             self.graphs.pop(next(iter(self.graphs)))
+        self.captures += 1
         static_tokens = tokens.new_zeros(bucket, tokens.shape[-1])
         static_cu = F.pad(packing.cu_seqlens, (0, 1), value=bucket)
         filler = bucket - packing.num_tokens

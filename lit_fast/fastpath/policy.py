@@ -72,7 +72,9 @@ def describe(backend: str | None, device: torch.device, dtype: torch.dtype) -> s
             if device.type == "cuda" and dtype in VARLEN_DTYPES and varlen_attn is not None
             else "one SDPA call per sequence"
         )
-        return f"packed tokens with {attention} on {where}: padding removed once, GEMMs on real tokens only"
+        graphs = ("; CUDA graphs for repeated batches of up to a few thousand tokens"
+                  if device.type == "cuda" and dtype in VARLEN_DTYPES and varlen_attn is not None else "")
+        return f"packed tokens with {attention} on {where}: padding removed once, GEMMs on real tokens only{graphs}"
     if backend == "fused":
         return f"PyTorch's fused encoder-layer kernel over nested tensors on {where}: padding removed once"
     return f"HF forward on {where}: no fast-path backend was measured faster here"

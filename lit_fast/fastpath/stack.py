@@ -34,12 +34,14 @@ log = logging.getLogger(__name__)
 class FastStack:
     """Replaces `owner.forward`; runs the owner's encoder layers on tokens without padding in inference."""
 
-    def __init__(self, owner: nn.Module, adapter: Adapter, config, backend: str, cuda_graphs: bool = False) -> None:
+    def __init__(self, owner: nn.Module, adapter: Adapter, config, backend: str,
+                 cuda_graphs: bool | str = "auto") -> None:
         self.owner = owner
         self.adapter = adapter
         self.config = config
         self.backend = backend  # "auto" | "fused" | "packed"
-        self.graphed = GraphedLayers() if cuda_graphs else None  # packed layers on CUDA in fp16/bf16
+        # packed layers on CUDA in fp16/bf16 as CUDA graphs: always (True), where they pay ("auto") or never (False)
+        self.graphed = GraphedLayers(auto=cuda_graphs == "auto") if cuda_graphs else None
         self.constants = layer_constants(adapter, config)
         self.fused_ok = policy.fused_unsupported(config, adapter, self.layer_parts()[0]) is None
         self.last_path: str | None = None  # what the latest call ran: a backend, or "hf: <why>"
@@ -119,7 +121,7 @@ class FastStack:
             if self.adapter.prologue is not None:
                 hidden = self.adapter.prologue(self.owner, hidden, valid)
             tokens = padding.pack(hidden, packing)
-        if backend == "packed" and self._graphs_apply(tokens):
+        if backend == "packed" and self._graphs_apply(tokens) and self.graphed.wants(packing, tokens.dtype):
             tokens = self._run_graphed(tokens, packing, layers)
         elif backend == "packed":
             for parts in layers:
@@ -156,12 +158,14 @@ class FastStack:
     def _run_graphed(self, tokens: torch.Tensor, packing: padding.Packing, layers: Iterable[LayerParts]) -> torch.Tensor:
         layers = list(layers)
         try:
-            return self.graphed(tokens, packing, layers)
+            out = self.graphed(tokens, packing, layers)
+            if out is not None:
+                return out
         except RuntimeError as failure:  # a capture this torch/driver cannot do: keep going without graphs
             log.warning("fast path: CUDA graph capture failed (%s); running the packed layers without graphs",
                         failure)
             self.graphed = None
-        for parts in layers:
+        for parts in layers:  # without graphs (auto mode declined the batch, or the capture failed)
             tokens = packed_layer(tokens, parts, packing)
         return tokens
 
