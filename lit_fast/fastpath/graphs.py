@@ -4,9 +4,10 @@ Eager PyTorch spends host time on every kernel launch (~20-40 us on the H200 mac
 launches, a GPU that has finished its queue waits. A CUDA graph replays all kernels of the stack with one launch.
 W1 on the H200 (`bench/w1_encoder.py --scenarios w1_batch1 ... w1_batch64`, `bench/results/w1_batches_h200.json`):
 for batches of 1 to 32 sequences of the W1 length mix (up to ~4.3k real tokens) the eager forward is host-bound
-(2.8-3.0 ms whatever the batch) and graphs took it to 0.9-2.4 ms, 1.2-3.2x faster; at 64 and 128 sequences
-(8.7k and 18.8k tokens) the GPU is the limit and graphs were 10% and 5% slower (the token count is rounded up to a
-bucket, and the host's lookup before the replay comes on top).
+(2.8-4.5 ms whatever the batch) and graphs took it to 0.9-2.4 ms, 1.2-3.4x faster; at 64 and 128 sequences
+(8.6k and 18.7k tokens) the GPU is the limit and graphs were 9-14% and ~4% slower (the token count is rounded up
+to a bucket, and the host's lookup before the replay comes on top). `bench/results/w1_h200_482a0cc.json` repeats
+it with `auto` (same picture, on a noisier host).
 
 `to_fast_path(model, cuda_graphs=...)`: "auto" (the default) replays batches of at most `AUTO_MAX_TOKENS` real tokens,
 and only a shape seen before (`AUTO_REPEATS`), so a stream of one-off shapes never pays for captures; after
