@@ -182,3 +182,20 @@ def test_cuda_graphs_takes_true_false_or_auto():
         stack = to_fast_path(model, cuda_graphs=mode).encoder.forward
         assert (stack.graphed is None) == (mode is False)
         assert stack.graphed is None or stack.graphed.auto == (mode == "auto")
+
+
+def test_graphs_decline_weights_made_under_inference_mode():
+    """Inference tensors have no version counter: a graph could not see an in-place update of the q/k/v weights
+    (which it reads as a remembered concatenation), so the layers run without graphs."""
+    from lit_fast.fastpath import graphs
+    from test_fastpath import tiny_text_model
+
+    with torch.inference_mode():
+        model = tiny_text_model("bert")
+    stack = to_stack(model)
+    for auto in (True, False):
+        graphed = graphs.GraphedLayers(auto=auto)
+        with torch.inference_mode():
+            tokens = torch.zeros(10, model.config.hidden_size)
+            assert graphed(tokens, _packing(2, 10, 5), stack.layer_parts()) is None
+        assert graphed.untracked and not graphed.graphs and graphed.captures == 0

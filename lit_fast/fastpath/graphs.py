@@ -23,7 +23,8 @@ keyed by (batch, bucket, max-len bound, dtype) and by the data pointers of every
 (optimizer steps, `load_state_dict`) are read by the next replay, and a weight that moved (`.to()`, a reassigned
 Parameter) makes a new graph; the q/k/v weights, which the layers read as one concatenated copy, are keyed by their
 version counters too, so an in-place update of them makes a new graph. All graphs of a stack share one memory
-pool; outputs are copied out before the next replay can overwrite them.
+pool; outputs are copied out before the next replay can overwrite them. Weights made under `torch.inference_mode`
+carry no version counter, so an in-place update of them could not be noticed: such a model runs without graphs.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class GraphedLayers:
         self.seen: dict[tuple, int] = {}  # auto: how often each shape was asked for
         self.captures = 0
         self.stopped = False  # auto gave up: too many shapes
+        self.untracked = False  # said once that inference-tensor weights keep graphs off
 
     def wants(self, packing: Packing, dtype: torch.dtype) -> bool:
         """Whether this batch should replay a graph (always when not auto). Cheap: shapes only, no weights."""
@@ -102,11 +104,17 @@ class GraphedLayers:
     def __call__(self, tokens: torch.Tensor, packing: Packing, layers: list[LayerParts]) -> torch.Tensor | None:
         """The layers' output for `tokens`, replayed from a graph (captured if new); None when auto mode declines
         (the caller then runs the layers itself)."""
+        versions = _qkv_versions(layers)
+        if None in versions:  # weights made under inference_mode: an in-place update would not show; stay eager
+            if not self.untracked:
+                log.info("fast path: the q/k/v weights are inference tensors (no version counter), so a CUDA graph "
+                         "could not notice an in-place update of them; the layers run without graphs")
+                self.untracked = True
+            return None
         count = packing.num_tokens
         bucket, bound = bucket_tokens(count + 1), bucket_max_len(packing.max_len)  # >= 1 filler token
         weights = tuple(t.data_ptr() for parts in layers for t in _weights(parts))
-        key = (packing.batch, bucket, bound, tokens.dtype, tokens.shape[-1], tokens.device, weights,
-               _qkv_versions(layers))
+        key = (packing.batch, bucket, bound, tokens.dtype, tokens.shape[-1], tokens.device, weights, versions)
         entry = self.graphs.get(key)
         if entry is None:
             if self.auto and self.captures >= AUTO_MAX_CAPTURES:
