@@ -22,6 +22,8 @@ from lit_fast.loading import load_pretrained, load_tokenizer, parse_dtype, resol
 log = logging.getLogger(__name__)
 
 FastPath = Literal["auto", "fused", "packed", "off"]
+CudaGraphs = Literal["auto", "on", "off"]  # the fast path's CUDA graphs (fastpath/graphs.py)
+CUDA_GRAPHS = {"auto": "auto", "on": True, "off": False}
 Attention = Literal["sdpa", "eager", "flash_attention_2"]
 
 
@@ -42,6 +44,7 @@ class LitTransformer(L.LightningModule):
         dtype: Optional[str] = None,
         attention: Attention = "sdpa",
         fast_path: FastPath = "auto",
+        cuda_graphs: CudaGraphs = "auto",
         quantization: Optional[str] = None,
         max_length: Optional[int] = None,
         gradient_checkpointing: bool = False,
@@ -52,6 +55,8 @@ class LitTransformer(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         parse_dtype(dtype)  # validate early: a wrong name should fail before any weights load
+        if cuda_graphs not in CUDA_GRAPHS:
+            raise ConfigError(f"model.cuda_graphs={cuda_graphs!r} is unknown; use auto, on or off")
         if quantization:
             from lit_fast.quantization import check_fast_path, normalize_mode
 
@@ -257,8 +262,11 @@ class LitTransformer(L.LightningModule):
             return
         # the requested mode, not the resolved backend: under "auto" the fast path still hands a batch back to HF
         # where it would not be faster (e.g. almost no padding)
-        fastpath.to_fast_path(self.model, backend=requested)
+        graphs = self.hparams.get("cuda_graphs", "auto")
+        fastpath.to_fast_path(self.model, backend=requested, cuda_graphs=CUDA_GRAPHS[graphs])
         self.fast_path_used = backend
+        if graphs != "auto" and device.type == "cuda":
+            reason += f"; model.cuda_graphs={graphs}"
         log.info("fast path: %s (%s)", backend, reason)
 
     def _revert_fast_path(self) -> None:

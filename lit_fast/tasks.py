@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification
 from lit_fast.collate import padded_batch
 from lit_fast.errors import ConfigError, InputDataError
 from lit_fast.loading import read_sentence_transformers_config
-from lit_fast.module import Attention, FastPath, LitTransformer
+from lit_fast.module import Attention, CudaGraphs, FastPath, LitTransformer
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class Embedder(_EncoderTask):
         dtype: Optional[str] = None,
         attention: Attention = "sdpa",
         fast_path: FastPath = "auto",
+        cuda_graphs: CudaGraphs = "auto",
         quantization: Optional[str] = None,
     ):
         """Args:
@@ -85,12 +86,14 @@ class Embedder(_EncoderTask):
             dtype: weights dtype (auto, float32, float16, bfloat16); default: as saved.
             attention: attention implementation for the HF model.
             fast_path: encoder fast path for predict (auto picks the fastest correct path; off keeps HF).
+            cuda_graphs: the fast path's CUDA graphs on GPUs: auto (small batches whose shape repeats), on (every
+                batch), off.
             quantization: bitsandbytes weights: nf4, nf4-dq, fp4, fp4-dq or int8; a 4-bit mode + "+emb" puts the
                 embedding table in 4 bits too (inference only).
         """
         super().__init__(
             pretrained, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, attention=attention,
-            fast_path=fast_path, quantization=quantization, max_length=max_length,
+            fast_path=fast_path, cuda_graphs=cuda_graphs, quantization=quantization, max_length=max_length,
         )
         st = read_sentence_transformers_config(self.source)  # {} for a hub id or a plain HF directory
         self.default_max_length = st.get("max_length")
@@ -170,6 +173,7 @@ class Classifier(_EncoderTask):
         dtype: Optional[str] = None,
         attention: Attention = "sdpa",
         fast_path: FastPath = "auto",
+        cuda_graphs: CudaGraphs = "auto",
         quantization: Optional[str] = None,
     ):
         """Args:
@@ -186,12 +190,13 @@ class Classifier(_EncoderTask):
             dtype: weights dtype (auto, float32, float16, bfloat16).
             attention: attention implementation for the HF model.
             fast_path: encoder fast path for predict (auto, fused, packed, off).
+            cuda_graphs: the fast path's CUDA graphs on GPUs: auto (small batches whose shape repeats), on, off.
             quantization: bitsandbytes weights: nf4, nf4-dq, fp4, fp4-dq or int8; a 4-bit mode + "+emb" puts the
                 embedding table in 4 bits too (inference only).
         """
         super().__init__(
             pretrained, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, attention=attention,
-            fast_path=fast_path, quantization=quantization, max_length=max_length, lr=lr,
+            fast_path=fast_path, cuda_graphs=cuda_graphs, quantization=quantization, max_length=max_length, lr=lr,
             weight_decay=weight_decay, warmup_ratio=warmup_ratio, gradient_checkpointing=gradient_checkpointing,
         )
         self.labels: Optional[list[str]] = list(labels) if labels else self._labels_of_checkpoint()

@@ -88,6 +88,7 @@ def test_empty_text_allowed_when_asked(tmp_path, run_predict, tiny_bert_dir):
         (["--model.poolng", "mean"], "lit_fast.Embedder: Option 'poolng' is not accepted"),
         (["--trainer.devcies", "2"], "unrecognized arguments: --trainer.devcies"),
         (["--model.pooling", "median"], "pooling"),
+        (["--model.cuda_graphs", "sometimes"], "cuda_graphs"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, run_predict, args, message):
@@ -97,6 +98,31 @@ def test_bad_config_is_one_clear_error(tmp_path, run_predict, args, message):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], err
     assert not out.exists()
+
+
+def test_cuda_graphs_setting_reaches_the_fast_path(tmp_path, run_predict, tiny_bert_dir, monkeypatch):
+    """model.cuda_graphs (auto, on, off) is what the module hands to to_fast_path; on the CPU graphs never run, so
+    the outputs are the same whatever it says."""
+    from lit_fast import fastpath
+
+    seen = []
+    convert = fastpath.to_fast_path
+
+    def spy(model, backend="auto", *, cuda_graphs="auto"):
+        seen.append(cuda_graphs)
+        return convert(model, backend, cuda_graphs=cuda_graphs)
+
+    monkeypatch.setattr(fastpath, "to_fast_path", spy)
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(5))
+    outputs = []
+    for mode in ("auto", "on", "off"):
+        out = tmp_path / f"{mode}.jsonl"
+        code, _, err = run_predict("--config", EMBED, "--model.pretrained", tiny_bert_dir, "--data.path", str(data),
+                                   "--output", str(out), "--trainer.accelerator", "cpu", "--model.cuda_graphs", mode)
+        assert code == 0, err
+        outputs.append([r["embedding"] for r in read_jsonl(out)])
+    assert seen == ["auto", True, False]
+    assert outputs[0] == outputs[1] == outputs[2]
 
 
 def test_make_predict_default_job_in_a_fresh_process(tmp_path):
