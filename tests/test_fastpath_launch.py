@@ -199,3 +199,29 @@ def test_graphs_decline_weights_made_under_inference_mode():
             tokens = torch.zeros(10, model.config.hidden_size)
             assert graphed(tokens, _packing(2, 10, 5), stack.layer_parts()) is None
         assert graphed.untracked and not graphed.graphs and graphed.captures == 0
+
+
+def test_a_converted_model_with_graphs_and_a_plan_copy_can_be_deep_copied():
+    """CUDA graphs and CUDA events cannot be copied; a copied model gets the same settings and empty caches."""
+    import copy
+
+    from test_fastpath import text_batch, tiny_text_model
+
+    model = tiny_text_model("bert")
+    stack = to_stack(model)
+
+    class NotCopyable:
+        def __reduce_ex__(self, protocol):
+            raise TypeError("cannot pickle a CUDA graph")
+
+    stack.graphed.graphs[("shape",)] = NotCopyable()
+    stack.front.copy.event = NotCopyable()
+    twin = copy.deepcopy(model)
+    twin_stack = twin.encoder.forward
+    assert twin_stack is not stack and twin_stack.owner is twin.encoder
+    assert twin_stack.graphed.auto and not twin_stack.graphed.graphs
+    assert twin_stack.front.copy.event is None
+    ids, mask = text_batch("right")
+    with torch.inference_mode():
+        assert torch.equal(twin(input_ids=ids, attention_mask=mask).last_hidden_state,
+                           model(input_ids=ids, attention_mask=mask).last_hidden_state)

@@ -79,6 +79,11 @@ class GraphedLayers:
         self.stopped = False  # auto gave up: too many shapes
         self.untracked = False  # said once that inference-tensor weights keep graphs off
 
+    def __deepcopy__(self, memo) -> GraphedLayers:
+        """A copied model gets the same settings and no graphs: they are a cache, tied to the original's weights
+        (and CUDA graphs cannot be copied)."""
+        return GraphedLayers(auto=self.auto)
+
     def wants(self, packing: Packing, dtype: torch.dtype) -> bool:
         """Whether this batch should replay a graph (always when not auto). Cheap: shapes only, no weights."""
         if not self.auto:

@@ -74,6 +74,9 @@ class HostCopy:
         self.values: torch.Tensor | None = None
         self.waiting = False  # a copy is in flight behind `event`
 
+    def __deepcopy__(self, memo) -> HostCopy:
+        return HostCopy()  # a copied model gets its own buffer (CUDA events cannot be copied)
+
     def start(self, values: torch.Tensor) -> HostCopy:
         if not values.is_cuda:  # (Triton's interpreter runs the row path on CPU tensors): nothing to wait for
             self.values = values
