@@ -146,12 +146,14 @@ class FastStack:
         return padding.from_nested(x)
 
     def _graphs_apply(self, tokens: torch.Tensor) -> bool:
-        """CUDA graphs cover the varlen path (CUDA, fp16/bf16), outside anyone else's graph capture."""
+        """CUDA graphs cover the varlen path (CUDA, fp16/bf16) on the current device (where graphs are captured and
+        replayed), outside anyone else's graph capture."""
         return (
             self.graphed is not None
             and tokens.is_cuda
             and tokens.dtype in VARLEN_DTYPES
             and varlen_attn is not None
+            and tokens.device.index == torch.cuda.current_device()
             and not torch.cuda.is_current_stream_capturing()
         )
 
