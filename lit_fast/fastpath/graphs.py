@@ -11,8 +11,9 @@ it with `auto` (same picture, on a noisier host).
 
 `to_fast_path(model, cuda_graphs=...)`: "auto" (the default) replays batches of at most `AUTO_MAX_TOKENS` real tokens,
 and only a shape seen before (`AUTO_REPEATS`), so a stream of one-off shapes never pays for captures; after
-`AUTO_MAX_CAPTURES` captures it stops capturing and frees its graphs (a workload of too many shapes). True: every
-packed CUDA fp16/bf16 batch, captured on first sight (online inference with few, repeated shapes). False: never.
+`AUTO_MAX_CAPTURES` captures it stops capturing and frees its graphs (a workload of too many shapes); it keeps at
+most `AUTO_MAX_GRAPHS` at once (for BERT-base at most ~19 MB each). True: every packed CUDA fp16/bf16 batch,
+captured on first sight (online inference with few, repeated shapes). False: never.
 
 A graph is fixed to its shapes, so batches are bucketed: the packed tokens are padded up to a bucket size
 (steps of 1/32 of the next lower power of two, at least 64: under 3% more tokens past 2048) and the filler tokens
@@ -46,6 +47,7 @@ MAX_GRAPHS = 64  # per stack; past this the oldest graph is dropped (its memory 
 AUTO_MAX_TOKENS = 6144  # real tokens in the batch: 4.3k (32 W1 sequences) gained 1.2x, 8.7k (64) lost 10%
 AUTO_REPEATS = 2  # a shape is captured the second time it is asked for
 AUTO_MAX_CAPTURES = 64  # then auto stops capturing and frees its graphs: too many shapes for graphs to pay
+AUTO_MAX_GRAPHS = 32  # kept at once in auto mode (each holds its input and output: <= 2 x 6144 x hidden values)
 
 
 def bucket_tokens(num_tokens: int) -> int:
@@ -133,7 +135,7 @@ class GraphedLayers:
 
     def _capture(self, key: tuple, tokens: torch.Tensor, packing: Packing, layers: list[LayerParts],
                  bucket: int, bound: int) -> _Graph:
-        if len(self.graphs) >= MAX_GRAPHS:
+        if len(self.graphs) >= (AUTO_MAX_GRAPHS if self.auto else MAX_GRAPHS):
             self.graphs.pop(next(iter(self.graphs)))
         self.captures += 1
         static_tokens = tokens.new_zeros(bucket, tokens.shape[-1])
