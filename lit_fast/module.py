@@ -250,8 +250,9 @@ class LitTransformer(L.LightningModule):
             return
         device = next(self.model.parameters()).device
         dtype = self._compute_dtype()
+        graphs = CUDA_GRAPHS[self.hparams.cuda_graphs]
         try:
-            backend, reason = fastpath.choose_backend(self.model, requested, device, dtype)
+            backend, reason = fastpath.choose_backend(self.model, requested, device, dtype, graphs)
         except UnsupportedModelError as err:
             if requested != "auto":
                 raise
@@ -262,11 +263,8 @@ class LitTransformer(L.LightningModule):
             return
         # the requested mode, not the resolved backend: under "auto" the fast path still hands a batch back to HF
         # where it would not be faster (e.g. almost no padding)
-        graphs = self.hparams.get("cuda_graphs", "auto")
-        fastpath.to_fast_path(self.model, backend=requested, cuda_graphs=CUDA_GRAPHS[graphs])
+        fastpath.to_fast_path(self.model, backend=requested, cuda_graphs=graphs)
         self.fast_path_used = backend
-        if graphs != "auto" and device.type == "cuda":
-            reason += f"; model.cuda_graphs={graphs}"
         log.info("fast path: %s (%s)", backend, reason)
 
     def _revert_fast_path(self) -> None:

@@ -225,3 +225,16 @@ def test_a_converted_model_with_graphs_and_a_plan_copy_can_be_deep_copied():
     with torch.inference_mode():
         assert torch.equal(twin(input_ids=ids, attention_mask=mask).last_hidden_state,
                            model(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+@pytest.mark.skipif(__import__("lit_fast.fastpath.layers", fromlist=["varlen_attn"]).varlen_attn is None,
+                    reason="torch without varlen_attn")
+def test_the_log_line_says_what_cuda_graphs_will_do():
+    from lit_fast.fastpath import policy
+
+    cuda = torch.device("cuda")
+    assert "CUDA graphs for repeated batches" in policy.describe("packed", cuda, torch.float16)
+    assert "CUDA graphs for every batch" in policy.describe("packed", cuda, torch.float16, True)
+    assert "CUDA graphs" not in policy.describe("packed", cuda, torch.float16, False)
+    assert "CUDA graphs" not in policy.describe("packed", cuda, torch.float32)  # no varlen path to replay
+    assert "CUDA graphs" not in policy.describe("packed", torch.device("cpu"), torch.float16)

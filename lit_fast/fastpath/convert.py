@@ -68,12 +68,13 @@ def is_fast_path(model: nn.Module) -> bool:
 
 
 def choose_backend(
-    model: nn.Module, requested: str, device: torch.device | str, dtype: torch.dtype
+    model: nn.Module, requested: str, device: torch.device | str, dtype: torch.dtype, cuda_graphs: bool | str = "auto"
 ) -> tuple[str | None, str]:
     """Which fast-path backend would run for this model, device and compute dtype, and why (for a log line).
 
     `requested` is "auto", "fused", "packed" or "off"; `dtype` is the dtype the layers compute in (the autocast
-    dtype under mixed precision). Returns (None, reason) when HF's own forward runs instead: with "off", and with
+    dtype under mixed precision); `cuda_graphs` is what `to_fast_path` will be given (it only shapes the reason).
+    Returns (None, reason) when HF's own forward runs instead: with "off", and with
     "auto" for a model the fast path cannot take. An explicit "fused" or "packed" request for such a model raises
     (UnsupportedModelError / ConfigError), since the user asked for something that cannot happen.
     """
@@ -89,7 +90,7 @@ def choose_backend(
             raise
         return None, f"HF forward: {refusal}"
     backend = policy.resolve(requested, device, dtype, stacks[0].fused_ok)
-    return backend, policy.describe(backend, device, dtype)
+    return backend, policy.describe(backend, device, dtype, cuda_graphs)
 
 
 def _plan(model: nn.Module, backend: str, cuda_graphs: bool | str = "auto") -> list[FastStack]:

@@ -133,10 +133,10 @@ class FastFront:
             plan = rows.row_plan(mask, ids if embed_here else None)  # first: the GPU idles until it is queued
             inputs = self._embedding_inputs(named, batch, seq_len) if embed_here else None
             checks = inputs.checks(with_ids=False) if inputs is not None else None
-            copy = self.copy.start(plan if checks is None else torch.cat([plan, checks]))
+            copy = self.copy.start(rows.with_checks(plan, checks))
             if inputs is not None:  # queued behind the copy, so the GPU has it to do while the host plans on
                 ahead = inputs.embed_ahead(plan)
-            packing = padding.finish_rows(plan, batch, seq_len, inputs is not None, checks, copy)
+            packing = padding.finish_rows(plan, copy.tolist(), batch, seq_len, inputs is not None)
         elif embed_here:
             inputs = self._embedding_inputs(named, batch, seq_len)
         if packing is None:  # elsewhere, or rows with holes in the mask (`ahead` is then thrown away)

@@ -61,7 +61,7 @@ def launch(kernel, grid: tuple, *args, **constexprs) -> None:
     if entry is None:
         compiled = kernel[grid](*args, **constexprs)
         if compiled is not None and not hasattr(compiled, "result") and hasattr(compiled, "packed_metadata"):
-            names = [name for name in kernel.arg_names[len(args):]]
+            names = kernel.arg_names[len(args):]
             if all(name in constexprs for name in names):  # every parameter is given: the full list can be rebuilt
                 _compiled[key] = (compiled, tuple(constexprs[name] for name in names))
         return

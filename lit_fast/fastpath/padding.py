@@ -103,16 +103,15 @@ def plan_rows(mask: torch.Tensor, ids: torch.Tensor | None, checks: torch.Tensor
     """`plan` for a 2-D CUDA mask in one kernel and one wait (rows.row_plan), for rows whose real tokens are one
     run each; None when some row has holes (then use `plan`). `Packing.checks` starts with the least and greatest
     id among the real tokens (0, 0 without `ids` or without real tokens), followed by the values of `checks`."""
-    return finish_rows(rows.row_plan(mask, ids), mask.shape[0], mask.shape[1], ids is not None, checks)
+    plan = rows.row_plan(mask, ids)
+    batch, seq_len = mask.shape
+    return finish_rows(plan, rows.with_checks(plan, checks).tolist(), batch, seq_len, ids is not None)
 
 
-def finish_rows(plan: torch.Tensor, batch: int, seq_len: int, with_ids: bool,
-                checks: torch.Tensor | None = None, copy: rows.HostCopy | None = None) -> Packing | None:
-    """The Packing of a `rows.row_plan` buffer: the batch's one wait for the device. Work that needs only the
-    device-side plan (`rows.starts_of`, `rows.cu_seqlens_of`) can be queued before this call. `copy`: the plan
-    (then `checks`) already on its way to the host (`rows.HostCopy`, queued before that work, so that the wait is
-    not for it); without it the values are fetched here."""
-    values = copy.tolist() if copy is not None else (plan if checks is None else torch.cat([plan, checks])).tolist()
+def finish_rows(plan: torch.Tensor, values: list[int], batch: int, seq_len: int, with_ids: bool) -> Packing | None:
+    """The Packing of a `rows.row_plan` buffer from `values`, `rows.with_checks(plan, checks)` brought to the host
+    (the batch's one wait for the device: work that needs only the device-side plan, `rows.starts_of` and
+    `rows.cu_seqlens_of`, can be queued before it)."""
     tail = 3 * batch + 1
     holes, longest, low, high = values[tail:tail + rows.PLAN_TAIL]
     if holes:

@@ -63,17 +63,18 @@ def pays_off(backend: str, device: torch.device, padding_fraction: float, norm_f
     return threshold is not None and padding_fraction >= threshold
 
 
-def describe(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """One line on why `backend` runs for this device and dtype (for the LightningModule's log)."""
+def describe(backend: str | None, device: torch.device, dtype: torch.dtype, cuda_graphs: bool | str = "auto") -> str:
+    """One line on why `backend` runs for this device and dtype, with `to_fast_path`'s `cuda_graphs` (for the
+    LightningModule's log)."""
     where = f"{device.type}/{str(dtype).removeprefix('torch.')}"
     if backend == "packed":
-        attention = (
-            "varlen attention (lit_fast's Triton kernel for head sizes 32/64/128, else flash)"
-            if device.type == "cuda" and dtype in VARLEN_DTYPES and varlen_attn is not None
-            else "one SDPA call per sequence"
-        )
-        graphs = ("; CUDA graphs for repeated batches of up to a few thousand tokens"
-                  if device.type == "cuda" and dtype in VARLEN_DTYPES and varlen_attn is not None else "")
+        varlen = device.type == "cuda" and dtype in VARLEN_DTYPES and varlen_attn is not None
+        attention = ("varlen attention (lit_fast's Triton kernel for head sizes 32/64/128, else flash)" if varlen
+                     else "one SDPA call per sequence")
+        graphs = ""
+        if varlen and cuda_graphs:  # graphs replay the varlen path only
+            graphs = ("; CUDA graphs for every batch" if cuda_graphs is True
+                      else "; CUDA graphs for repeated batches of up to a few thousand tokens")
         return f"packed tokens with {attention} on {where}: padding removed once, GEMMs on real tokens only{graphs}"
     if backend == "fused":
         return f"PyTorch's fused encoder-layer kernel over nested tensors on {where}: padding removed once"

@@ -98,6 +98,11 @@ class HostCopy:
         return values.tolist()
 
 
+def with_checks(plan: torch.Tensor, checks: torch.Tensor | None) -> torch.Tensor:
+    """What a plan brings to the host: the plan buffer, then the `checks` values (int64 then) when there are any."""
+    return plan if checks is None else torch.cat([plan, checks])
+
+
 def cu_seqlens_of(plan: torch.Tensor, batch: int) -> torch.Tensor:
     return plan[:batch + 1]
 

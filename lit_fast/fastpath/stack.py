@@ -132,7 +132,8 @@ class FastStack:
             tokens = self.adapter.epilogue(self.owner, tokens)
         return padding.unpack(tokens, packing)
 
-    def _run_fused(self, tokens: torch.Tensor, packing: padding.Packing, layers: Iterable[LayerParts]) -> torch.Tensor:
+    def _run_fused(self, tokens: torch.Tensor, packing: padding.Packing,
+                   layers: Iterable[LayerParts]) -> torch.Tensor:
         """Layers through the fused kernel: nested tensors when padded, the dense batch when not."""
         use_gelu = getattr(self.config, self.adapter.activation) == "gelu"
         if not packing.padded:
@@ -157,7 +158,8 @@ class FastStack:
             and not torch.cuda.is_current_stream_capturing()
         )
 
-    def _run_graphed(self, tokens: torch.Tensor, packing: padding.Packing, layers: Iterable[LayerParts]) -> torch.Tensor:
+    def _run_graphed(self, tokens: torch.Tensor, packing: padding.Packing,
+                     layers: Iterable[LayerParts]) -> torch.Tensor:
         layers = list(layers)
         try:
             out = self.graphed(tokens, packing, layers)
