@@ -145,9 +145,10 @@ class GraphedLayers:
         static_packing = Packing(packing.batch + 1, 0, None, static_cu, packing.lengths + (filler,), bound)
 
         def run() -> torch.Tensor:
-            x = static_tokens
+            x, owned = static_tokens, False  # the static input is refilled before each replay, never overwritten
             for parts in layers:
-                x = packed_layer(x, parts, static_packing)
+                x = packed_layer(x, parts, static_packing, owned)
+                owned = True
             return x
 
         stream = torch.cuda.current_stream(tokens.device)

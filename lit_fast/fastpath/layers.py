@@ -72,11 +72,19 @@ class LayerParts(NamedTuple):
     exact_gelu: bool  # the activation is erf GELU (HF "gelu"), which the CPU GEMM can apply in its epilogue
 
 
-def packed_layer(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:
-    """One encoder layer over packed tokens `x` (tokens, hidden) -> (tokens, hidden)."""
+def packed_layer(x: torch.Tensor, parts: LayerParts, packing: Packing, owned: bool = False) -> torch.Tensor:
+    """One encoder layer over packed tokens `x` (tokens, hidden) -> (tokens, hidden).
+
+    `owned`: `x` is the caller's to overwrite (a matrix the fast path made for this forward, read by nothing after
+    this layer). Post-LN layers on CUDA then add the out-projection and the second FFN GEMM into their residual in
+    place (`residual_fits`); the result is then written into `x`'s memory too. Otherwise `x` is left as it was.
+    """
     if parts.norm_first:
         x = x + self_attention(parts.attn_norm(x), parts, packing)
         return x + feed_forward(parts.ffn_norm(x), parts)
+    if residual_fits(x, parts):
+        x = residual_norm(x, attention_context(x, parts, packing), parts.out, parts.attn_norm, owned)
+        return residual_norm(x, feed_forward_hidden(x, parts), parts.ffn_out, parts.ffn_norm, owned=True)
     x = add_norm(x, self_attention(x, parts, packing), parts.attn_norm)
     return add_norm(x, feed_forward(x, parts), parts.ffn_norm)
 
@@ -86,8 +94,47 @@ def add_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> torch.Tens
     return kernels.add_layer_norm(x, y, norm)
 
 
+# Post-LN residual steps on CUDA fp16/bf16 as `LN(x + h @ W.T + b)` with the GEMM accumulating into the residual `x`
+# (cuBLAS with beta = 1) and the norm kernel adding the bias: the norm then reads one matrix instead of two, ~1/3 of
+# the bytes of each step. A switch for benchmarks; leave it on.
+RESIDUAL_GEMM = True
+
+
+def residual_fits(x: torch.Tensor, parts: LayerParts) -> bool:
+    """Whether the post-LN layer can run its residual steps through `residual_norm`: CUDA fp16/bf16 weights of
+    `x`'s dtype, no autograd, no autocast (which would not cast an in-place GEMM), and norm kernels that apply."""
+    return (
+        RESIDUAL_GEMM
+        and x.is_cuda
+        and x.dtype in VARLEN_DTYPES
+        and x.dim() == 2
+        and x.is_contiguous()
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cuda")
+        and parts.out.weight.dtype == x.dtype
+        and parts.ffn_out.weight.dtype == x.dtype
+        and kernels.bias_norm_fits(x, parts.out.bias, parts.attn_norm)
+        and kernels.bias_norm_fits(x, parts.ffn_out.bias, parts.ffn_norm)
+    )
+
+
+def residual_norm(x: torch.Tensor, h: torch.Tensor, layer: nn.Linear, norm: nn.LayerNorm, owned: bool) -> torch.Tensor:
+    """`norm(x + layer(h))`: the GEMM adds `h @ W.T` into `x` (in place when `owned`, else into a copy of it), then
+    one kernel adds the bias and normalises in place."""
+    if owned:
+        x.addmm_(h, layer.weight.t())
+    else:
+        x = torch.addmm(x, h, layer.weight.t())
+    return kernels.bias_layer_norm_(x, layer.bias, norm)
+
+
 def self_attention(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:
     """Multi-head self-attention of every sequence with itself; (tokens, hidden) -> (tokens, hidden)."""
+    return linear(attention_context(x, parts, packing), parts.out)
+
+
+def attention_context(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:
+    """The heads' attention outputs side by side, before the output projection; (tokens, hidden)."""
     heads = parts.num_heads
     if FUSE_QKV and not torch.is_grad_enabled():
         weight, bias = fused_qkv(parts)
@@ -96,7 +143,7 @@ def self_attention(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torc
         q = linear(x, parts.query).unflatten(-1, (heads, -1))
         k = linear(x, parts.key).unflatten(-1, (heads, -1))
         v = linear(x, parts.value).unflatten(-1, (heads, -1))
-    return linear(attend(q, k, v, packing).flatten(-2), parts.out)
+    return attend(q, k, v, packing).flatten(-2)
 
 
 def fused_qkv(parts: LayerParts) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -167,11 +214,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) 
 
 def feed_forward(x: torch.Tensor, parts: LayerParts) -> torch.Tensor:
     """The position-wise MLP; (tokens, hidden) -> (tokens, hidden)."""
+    return linear(feed_forward_hidden(x, parts), parts.ffn_out)
+
+
+def feed_forward_hidden(x: torch.Tensor, parts: LayerParts) -> torch.Tensor:
+    """The MLP's activated hidden layer, (tokens, ffn width): what the second FFN GEMM reads."""
     if parts.exact_gelu:
-        hidden = linear(x, parts.ffn_in, gelu=True)
-    else:
-        hidden = parts.activation(linear(x, parts.ffn_in))
-    return linear(hidden, parts.ffn_out)
+        return linear(x, parts.ffn_in, gelu=True)
+    return parts.activation(linear(x, parts.ffn_in))
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:

@@ -114,18 +114,21 @@ class FastStack:
             layers: Iterable[LayerParts], tokens: torch.Tensor | None = None):
         """The fast path proper: prologue, pack, layers, epilogue, unpack. `tokens`: the input already packed
         (the front's embeddings), which the prologue then maps row by row. `layers` may be `iter_parts()`."""
-        if tokens is not None:
+        if tokens is not None:  # made for this forward: the layers may overwrite them
+            owned = True
             if self.adapter.prologue is not None:
                 tokens = self.adapter.prologue(self.owner, tokens, None)
         else:
             if self.adapter.prologue is not None:
                 hidden = self.adapter.prologue(self.owner, hidden, valid)
             tokens = padding.pack(hidden, packing)
+            owned = packing.padded  # a gathered copy; without padding `tokens` is a view of the caller's tensor
         if backend == "packed" and self._graphs_apply(tokens) and self.graphed.wants(packing, tokens.dtype):
-            tokens = self._run_graphed(tokens, packing, layers)
+            tokens = self._run_graphed(tokens, packing, layers, owned)
         elif backend == "packed":
             for parts in layers:
-                tokens = packed_layer(tokens, parts, packing)
+                tokens = packed_layer(tokens, parts, packing, owned)
+                owned = True  # every layer's output is a new matrix (or the owned input's memory)
         else:
             tokens = self._run_fused(tokens, packing, layers)
         if self.adapter.epilogue is not None:
@@ -158,8 +161,8 @@ class FastStack:
             and not torch.cuda.is_current_stream_capturing()
         )
 
-    def _run_graphed(self, tokens: torch.Tensor, packing: padding.Packing,
-                     layers: Iterable[LayerParts]) -> torch.Tensor:
+    def _run_graphed(self, tokens: torch.Tensor, packing: padding.Packing, layers: Iterable[LayerParts],
+                     owned: bool) -> torch.Tensor:
         layers = list(layers)
         try:
             out = self.graphed(tokens, packing, layers)
@@ -170,7 +173,8 @@ class FastStack:
                         failure)
             self.graphed = None
         for parts in layers:  # without graphs (auto mode declined the batch, or the capture failed)
-            tokens = packed_layer(tokens, parts, packing)
+            tokens = packed_layer(tokens, parts, packing, owned)
+            owned = True
         return tokens
 
     def layer_parts(self) -> list[LayerParts]:
