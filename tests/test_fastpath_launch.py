@@ -48,6 +48,7 @@ def fast(monkeypatch):
     monkeypatch.setattr(kernels, "_knobs", types.SimpleNamespace(runtime=hooks))
     monkeypatch.setattr(kernels, "_compiled", {})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
     return hooks
 

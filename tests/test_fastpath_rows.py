@@ -69,8 +69,11 @@ def reference_plan(mask: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor
 @pytest.mark.parametrize("kind", ["right", "left", "none", "holes"])
 @pytest.mark.parametrize("batch,seq_len", [(1, 1), (7, 40), (3, 1500), (1100, 9)])
 @pytest.mark.parametrize("as_bool,with_ids", [(False, True), (True, False)])
+@pytest.mark.parametrize("one_program", [True, False], ids=["one_program", "program_per_row"])
 @triton_test
-def test_row_plan_equals_the_reference(kind, batch, seq_len, as_bool, with_ids):
+def test_row_plan_equals_the_reference(monkeypatch, kind, batch, seq_len, as_bool, with_ids, one_program):
+    monkeypatch.setattr(rows, "ONE_PROGRAM_MAX", rows.ONE_PROGRAM_MAX if one_program else 0)
+    assert (batch * seq_len <= rows.ONE_PROGRAM_MAX) == one_program
     generator = torch.Generator().manual_seed(batch * 31 + seq_len)
     mask = masks(kind, batch, seq_len, generator)
     ids = torch.randint(-5, 50_000, (batch, seq_len), generator=generator) if with_ids else None

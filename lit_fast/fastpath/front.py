@@ -150,13 +150,14 @@ class FastFront:
         if stack.backend == "auto" and not policy.pays_off(backend, device, packing.padding_fraction, norm_first):
             reason = "too little padding to remove for the fast path to pay off here"
             return FrontCall(None, reason, mask, None, valid, packing)
-        # HF passes a 4-D mask on as it is; the stack knows this view by identity and never reads its values
-        call = FrontCall(backend, None, mask, mask[:, None, None, :], valid, packing)
+        call = FrontCall(backend, None, mask, None, valid, packing)
         if inputs is not None:
             call.inputs = (ids, named.get("token_type_ids"), named.get("position_ids"))
             call.tokens = ahead[:packing.num_tokens] if ahead is not None else inputs.embed(packing)
             if EARLY_LAYERS:
-                call.output = stack.run(None, valid, packing, backend, stack.iter_parts(), call.tokens)
+                call.output = stack.run(None, valid, packing, backend, stack.iter_parts(first_layer), call.tokens)
+        # HF passes a 4-D mask on as it is; the stack knows this view by identity and never reads its values
+        call.mask4d = mask[:, None, None, :]
         return call
 
     def _embedding_inputs(self, named: dict, batch: int, seq_len: int) -> EmbeddingInputs | None:

@@ -55,8 +55,13 @@ def launch(kernel, grid: tuple, *args, **constexprs) -> None:
             _knobs.runtime.launch_exit_hook):
         kernel[grid](*args, **constexprs)
         return
-    device = torch.cuda.current_device()
-    key = (kernel, device, tuple(constexprs.items()), *map(_specialization, args))
+    get_device = getattr(torch._C, "_cuda_getDevice", None)  # current_device() without its Python checks (~2 us)
+    device = get_device() if get_device is not None else torch.cuda.current_device()
+    # _specialization inlined for the common argument types (a function call per argument costs ~0.5 us)
+    key = (kernel, device, tuple(constexprs.items()), *[
+        (a.dtype, a.data_ptr() % 16 == 0) if type(a) is torch.Tensor
+        else (int, a == 1, a % 16 == 0, -2147483648 <= a < 2147483648, a < 9223372036854775808) if type(a) is int
+        else _specialization(a) for a in args])
     entry = _compiled.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **constexprs)
@@ -104,12 +109,14 @@ def add_layer_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> torc
     return F.layer_norm(x + y, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def bias_layer_norm_(h: torch.Tensor, bias: torch.Tensor | None, norm: nn.LayerNorm) -> torch.Tensor:
+def bias_layer_norm_(h: torch.Tensor, bias: torch.Tensor | None, norm: nn.LayerNorm, fits: bool | None = None
+                     ) -> torch.Tensor:
     """`norm(h + bias)` written into `h` (a `(tokens, hidden)` matrix that already holds the residual sum), returned.
 
     The post-LN residual step when the GEMM has added its product into the residual in place (layers.py): the
-    kernel then reads one matrix and a bias vector instead of two matrices (W1: 24 steps of 18.7k x 768)."""
-    if bias_norm_fits(h, bias, norm):
+    kernel then reads one matrix and a bias vector instead of two matrices (W1: 24 steps of 18.7k x 768).
+    `fits`: the caller's `bias_norm_fits(h, bias, norm)`, when it checked already."""
+    if fits if fits is not None else bias_norm_fits(h, bias, norm):
         return _add_layer_norm_triton(h, None, bias, norm.weight, norm.bias, norm.eps, h)
     summed = h if bias is None else h + bias
     return h.copy_(F.layer_norm(summed, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
@@ -127,11 +134,20 @@ def _kernel_fits(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> bool:
 
 def bias_norm_fits(h: torch.Tensor, bias: torch.Tensor | None, norm: nn.LayerNorm) -> bool:
     """Whether `bias_layer_norm_` runs as one kernel (CUDA, a contiguous bias of `h`'s dtype and width, no autograd)."""
-    return (
-        _norm_fits(h, norm)
-        and (bias is None or (bias.dtype == h.dtype and bias.shape == h.shape[-1:] and bias.stride(-1) == 1
-                              and not (torch.is_grad_enabled() and bias.requires_grad)))
-    )
+    return _norm_fits(h, norm) and bias_vector_fits(bias, h)
+
+
+def bias_vector_fits(bias: torch.Tensor | None, h: torch.Tensor) -> bool:
+    """Whether the norm kernel can add `bias` to the rows of `h` (none, or one contiguous row of its dtype)."""
+    return bias is None or (bias.dtype == h.dtype and bias.shape == h.shape[-1:] and bias.stride(-1) == 1
+                            and not (torch.is_grad_enabled() and bias.requires_grad))
+
+
+def norm_params_fit(norm: nn.LayerNorm, dtype: torch.dtype) -> bool:
+    """Whether the norm kernels take this LayerNorm's parameters for inputs of `dtype` (given inputs that fit)."""
+    weight, bias = norm.weight, norm.bias
+    return (weight is not None and bias is not None and weight.dtype == dtype
+            and not (torch.is_grad_enabled() and weight.requires_grad))
 
 
 def _norm_fits(x: torch.Tensor, norm: nn.LayerNorm) -> bool:
@@ -143,10 +159,8 @@ def _norm_fits(x: torch.Tensor, norm: nn.LayerNorm) -> bool:
         and x.dim() == 2
         and x.stride(-1) == 1
         and x.shape[-1] <= MAX_WIDTH
-        and norm.weight is not None
-        and norm.bias is not None
-        and norm.weight.dtype == x.dtype
-        and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and norm_params_fit(norm, x.dtype)
     )
 
 

@@ -83,8 +83,8 @@ def packed_layer(x: torch.Tensor, parts: LayerParts, packing: Packing, owned: bo
         x = x + self_attention(parts.attn_norm(x), parts, packing)
         return x + feed_forward(parts.ffn_norm(x), parts)
     if residual_fits(x, parts):
-        x = residual_norm(x, attention_context(x, parts, packing), parts.out, parts.attn_norm, owned)
-        return residual_norm(x, feed_forward_hidden(x, parts), parts.ffn_out, parts.ffn_norm, owned=True)
+        x = residual_norm(x, attention_context(x, parts, packing), parts.out, parts.attn_norm, owned, fits=True)
+        return residual_norm(x, feed_forward_hidden(x, parts), parts.ffn_out, parts.ffn_norm, True, fits=True)
     x = add_norm(x, self_attention(x, parts, packing), parts.attn_norm)
     return add_norm(x, feed_forward(x, parts), parts.ffn_norm)
 
@@ -103,29 +103,32 @@ RESIDUAL_GEMM = True
 def residual_fits(x: torch.Tensor, parts: LayerParts) -> bool:
     """Whether the post-LN layer can run its residual steps through `residual_norm`: CUDA fp16/bf16 weights of
     `x`'s dtype, no autograd, no autocast (which would not cast an in-place GEMM), and norm kernels that apply."""
+    dtype = x.dtype
     return (
         RESIDUAL_GEMM
         and x.is_cuda
-        and x.dtype in VARLEN_DTYPES
-        and x.dim() == 2
-        and x.is_contiguous()
+        and dtype in VARLEN_DTYPES
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cuda")
-        and parts.out.weight.dtype == x.dtype
-        and parts.ffn_out.weight.dtype == x.dtype
-        and kernels.bias_norm_fits(x, parts.out.bias, parts.attn_norm)
-        and kernels.bias_norm_fits(x, parts.ffn_out.bias, parts.ffn_norm)
+        and x.is_contiguous()
+        and kernels._norm_fits(x, parts.attn_norm)  # x itself (2-D, width) and the first norm
+        and kernels.norm_params_fit(parts.ffn_norm, dtype)
+        and parts.out.weight.dtype == dtype
+        and parts.ffn_out.weight.dtype == dtype
+        and kernels.bias_vector_fits(parts.out.bias, x)
+        and kernels.bias_vector_fits(parts.ffn_out.bias, x)
     )
 
 
-def residual_norm(x: torch.Tensor, h: torch.Tensor, layer: nn.Linear, norm: nn.LayerNorm, owned: bool) -> torch.Tensor:
+def residual_norm(x: torch.Tensor, h: torch.Tensor, layer: nn.Linear, norm: nn.LayerNorm, owned: bool,
+                  fits: bool | None = None) -> torch.Tensor:
     """`norm(x + layer(h))`: the GEMM adds `h @ W.T` into `x` (in place when `owned`, else into a copy of it), then
-    one kernel adds the bias and normalises in place."""
+    one kernel adds the bias and normalises in place (`fits`: the caller checked that the kernel applies)."""
     if owned:
         x.addmm_(h, layer.weight.t())
     else:
         x = torch.addmm(x, h, layer.weight.t())
-    return kernels.bias_layer_norm_(x, layer.bias, norm)
+    return kernels.bias_layer_norm_(x, layer.bias, norm, fits=fits)
 
 
 def self_attention(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:

@@ -27,6 +27,11 @@ if triton is not None:
 
 ROW_BLOCK = 1024  # mask positions per step of the plan kernel
 MAX_ROW_PLAN = 1 << 20  # batch * seq_len above which `padding.plan` (plain PyTorch) runs instead
+# Masks up to this many positions are planned by one program that walks all rows (its stores need no zeroed buffer,
+# so the launch is the only host step; W1's 128 x 256 takes a few us of device time); larger ones by one program a
+# row, summing `cu_seqlens` with atomic adds into a buffer copied from a template first.
+ONE_PROGRAM_MAX = 1 << 16
+ONE_PROGRAM_TILE = 4096  # mask positions a step of the one-program kernel reads
 
 
 def row_plan_fits(mask: torch.Tensor, ids: torch.Tensor | None) -> bool:
@@ -45,14 +50,21 @@ def row_plan(mask: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
     greatest id among all real tokens (INT32_MAX and INT32_MIN when there are none, or no ids). Ids outside int32
     are clamped to its range, which lies outside every table, so a range check on these values still fires."""
     batch, seq_len = mask.shape
+    mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    ids_arg = ids if ids is not None else mask_arg
+    if batch * seq_len <= ONE_PROGRAM_MAX:
+        out = torch.empty(3 * batch + 1 + PLAN_TAIL, dtype=torch.int32, device=mask.device)
+        block_s = min(next_power_of_2(seq_len), ONE_PROGRAM_TILE)
+        launch(_row_plan_one_kernel, (1,), mask_arg, mask_arg.stride(0), mask_arg.stride(1), ids_arg,
+               ids_arg.stride(0), ids_arg.stride(1), out, batch, seq_len, HAS_IDS=ids is not None,
+               BLOCK_R=max(1, ONE_PROGRAM_TILE // block_s), BLOCK_S=block_s, num_warps=8)
+        return out
     key = (batch, mask.device)
     if key not in _templates:  # the initial values: zeros, and the neutral elements of the id min / max
         template = torch.zeros(3 * batch + 1 + PLAN_TAIL, dtype=torch.int32)
         template[-2:] = torch.tensor([INT32_MAX, INT32_MIN], dtype=torch.int32)
         _templates[key] = template.to(mask.device)
     out = _templates[key].clone()
-    mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    ids_arg = ids if ids is not None else mask_arg
     launch(
         _row_plan_kernel, (batch,), mask_arg, mask_arg.stride(0), mask_arg.stride(1), ids_arg, ids_arg.stride(0),
         ids_arg.stride(1), out, batch, seq_len, HAS_IDS=ids is not None,
@@ -180,6 +192,57 @@ if triton is not None:
         for begin in range(0, batch, BLOCK_B):
             k = begin + tl.arange(0, BLOCK_B)
             tl.atomic_add(Out + 1 + k, tl.zeros([BLOCK_B], tl.int32) + length, mask=(k >= row) & (k < batch))
+
+    @triton.jit
+    def _row_plan_one_kernel(Mask, s_mb, s_ms, Ids, s_ib, s_is, Out, batch, seq_len,
+                             HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+        """`_row_plan_kernel`'s buffer from a single program: BLOCK_R rows at a time, their `cu_seqlens` as a running
+        sum (no atomics, nothing to zero first)."""
+        big, small = 9223372036854775807, -9223372036854775807
+        r_off = tl.arange(0, BLOCK_R)
+        c_off = tl.arange(0, BLOCK_S)
+        zero = tl.sum(tl.zeros([BLOCK_R], tl.int32), axis=0)
+        carry, holes, longest = zero, zero, zero
+        lo = zero + 2147483647
+        hi = zero - 2147483647 - 1
+        tl.store(Out, zero)
+        for first_row in range(0, batch, BLOCK_R):
+            row = first_row + r_off
+            row_ok = row < batch
+            count = tl.zeros([BLOCK_R], tl.int32)
+            first = tl.full([BLOCK_R], 2147483647, tl.int32)
+            last = tl.full([BLOCK_R], -1, tl.int32)
+            low = tl.full([BLOCK_R], big, tl.int64)
+            high = tl.full([BLOCK_R], small, tl.int64)
+            for begin in range(0, seq_len, BLOCK_S):
+                pos = begin + c_off
+                inside = row_ok[:, None] & (pos < seq_len)[None, :]
+                real = (tl.load(Mask + row[:, None] * s_mb + pos[None, :] * s_ms, mask=inside, other=0) != 0) & inside
+                count += tl.sum(real.to(tl.int32), axis=1)
+                first = tl.minimum(first, tl.min(tl.where(real, pos[None, :], 2147483647), axis=1))
+                last = tl.maximum(last, tl.max(tl.where(real, pos[None, :], -1), axis=1))
+                if HAS_IDS:
+                    ids = tl.load(Ids + row[:, None] * s_ib + pos[None, :] * s_is, mask=real, other=0).to(tl.int64)
+                    low = tl.minimum(low, tl.min(tl.where(real, ids, big), axis=1))
+                    high = tl.maximum(high, tl.max(tl.where(real, ids, small), axis=1))
+            real_row = count > 0
+            start = tl.where(real_row, first, 0)
+            tl.store(Out + batch + 1 + row, count, mask=row_ok)
+            tl.store(Out + 2 * batch + 1 + row, start, mask=row_ok)
+            tl.store(Out + 1 + row, carry + tl.cumsum(count, axis=0), mask=row_ok)
+            carry += tl.sum(count, axis=0)
+            holes += tl.sum(tl.where(real_row & ((last + 1 - start) != count), 1, 0), axis=0)
+            longest = tl.maximum(longest, tl.max(count, axis=0))
+            if HAS_IDS:
+                low32 = tl.minimum(tl.maximum(low, -2147483648), 2147483647).to(tl.int32)
+                high32 = tl.minimum(tl.maximum(high, -2147483648), 2147483647).to(tl.int32)
+                lo = tl.minimum(lo, tl.min(tl.where(real_row, low32, 2147483647), axis=0))
+                hi = tl.maximum(hi, tl.max(tl.where(real_row, high32, -2147483647 - 1), axis=0))
+        tail = Out + 3 * batch + 1
+        tl.store(tail, holes)
+        tl.store(tail + 1, longest)
+        tl.store(tail + 2, lo)
+        tl.store(tail + 3, hi)
 
     @triton.jit
     def _pack_rows_kernel(Hidden, s_hb, s_hs, Starts, CU, Out, width, BLOCK: tl.constexpr):

@@ -181,12 +181,14 @@ class FastStack:
         """The HF modules of every layer in the order they run, looked up now (never a stale reference)."""
         return list(self.iter_parts())
 
-    def iter_parts(self) -> Iterator[LayerParts]:
+    def iter_parts(self, first: LayerParts | None = None) -> Iterator[LayerParts]:
         """`layer_parts`, each layer looked up as it is reached: a loop that launches a layer's kernels before it
-        looks up the next one keeps the lookups (~10 us a layer) off the path to the first kernel."""
+        looks up the next one keeps the lookups (~10 us a layer) off the path to the first kernel. `first`: the
+        first layer's parts, looked up by `first_parts` earlier in the same call (not looked up again)."""
         layers = [self.owner] if self.adapter.per_layer else self.adapter.layers(self.owner, self.config)
-        for layer in layers:
-            yield resolve_parts(layer, self.adapter, self.config, self.constants)
+        for index, layer in enumerate(layers):
+            yield first if index == 0 and first is not None else resolve_parts(layer, self.adapter, self.config,
+                                                                                self.constants)
 
     def first_parts(self) -> LayerParts | None:
         """The first layer's modules (what the front reads the dtype and the norm placement from), or None."""
