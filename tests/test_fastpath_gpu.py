@@ -133,17 +133,21 @@ def test_cuda_graphs_match_eager_reuse_their_capture_and_follow_the_weights():
         assert_close_on_tokens(graphed(input_ids=ids, attention_mask=mask).last_hidden_state,
                                eager(input_ids=ids, attention_mask=mask).last_hidden_state, mask, atol=1e-3)
         assert len(stack.graphed.graphs) == 2
-        for target in (graphed, eager):  # q/k/v are read as one concatenated copy: an update makes a new capture
+        # q/k/v are read as one concatenated copy: after an update the replay's check fails, its result is thrown
+        # away, the stale graph is dropped and a new one captured (the batch-of-one graph stays until it is used)
+        stale = set(stack.graphed.graphs)
+        for target in (graphed, eager):
             target.encoder.layer[0].attention.self.key.weight.mul_(0.5)
         assert_close_on_tokens(graphed(input_ids=ids, attention_mask=mask).last_hidden_state,
                                eager(input_ids=ids, attention_mask=mask).last_hidden_state, mask, atol=1e-3)
-        assert len(stack.graphed.graphs) == 3
-        for target in (graphed, eager):  # a replaced weight gets a new capture
+        assert len(stack.graphed.graphs) == 2 and len(stale - set(stack.graphed.graphs)) == 1
+        for target in (graphed, eager):  # a replaced weight: the same
             layer = target.encoder.layer[1].output.dense
             layer.weight = torch.nn.Parameter(layer.weight.detach() * 0.5)
-        assert_close_on_tokens(graphed(input_ids=ids, attention_mask=mask).last_hidden_state,
-                               eager(input_ids=ids, attention_mask=mask).last_hidden_state, mask, atol=1e-3)
-        assert len(stack.graphed.graphs) == 4
+        for _ in range(2):
+            assert_close_on_tokens(graphed(input_ids=ids, attention_mask=mask).last_hidden_state,
+                                   eager(input_ids=ids, attention_mask=mask).last_hidden_state, mask, atol=1e-3)
+        assert len(stack.graphed.graphs) == 2
 
 
 def test_auto_cuda_graphs_replay_repeated_small_batches_only_and_match_eager(monkeypatch):
@@ -241,7 +245,7 @@ def test_triton_add_layer_norm_equals_pytorch(dtype, rows, width):
         assert ours <= theirs + ulp, f"fused kernel {ours:.3g} vs PyTorch {theirs:.3g} off the fp64 result"
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("rows,width", [(0, 768), (1, 768), (333, 768), (70, 1000)])
 def test_triton_bias_layer_norm_in_place_equals_pytorch(dtype, with_bias, rows, width):
@@ -258,6 +262,8 @@ def test_triton_bias_layer_norm_in_place_equals_pytorch(dtype, with_bias, rows, 
     bias = torch.randn(width, device="cuda", dtype=dtype) if with_bias else None
     with torch.inference_mode():
         assert kernels.bias_norm_fits(h, bias, norm)
+        bias32 = None if bias is None else bias.float()
+        assert not kernels.bias_norm_fits(h.float(), bias32, copy.deepcopy(norm).float())  # fp32: PyTorch's
         exact = torch.nn.functional.layer_norm(h.double() + (bias.double() if with_bias else 0), (width,),
                                                norm.weight.double(), norm.bias.double(), norm.eps)
         torch_way = torch.nn.functional.layer_norm(h + bias if with_bias else h, (width,), norm.weight, norm.bias,

@@ -158,9 +158,48 @@ def test_auto_graphs_stop_and_free_everything_after_too_many_captures(monkeypatc
     auto.graphs[("old",)] = "a graph"
     tokens = torch.zeros(10, model.config.hidden_size)
     packing = _packing(2, 10, 5)
-    assert auto(tokens, packing, stack.layer_parts()) is None  # declined: the caller runs the layers itself
+    assert auto(tokens, packing, stack.layer_parts) is None  # declined: the caller runs the layers itself
     assert auto.stopped and not auto.graphs and auto.pool is None
     assert not auto.wants(packing, torch.float16)
+
+
+def test_a_known_shape_replays_first_and_a_stale_graph_is_dropped_after_the_check():
+    """The graph last replayed for a batch shape is replayed before the layers are looked up; the weights are checked
+    after it (while the GPU would run it). A check that fails throws that result away and forgets the graph."""
+    from lit_fast.fastpath import graphs
+    from test_fastpath import tiny_text_model
+
+    class FakeGraph:
+        replays = 0
+
+        def replay(self):
+            FakeGraph.replays += 1
+
+    model = tiny_text_model("bert")
+    stack = to_stack(model)
+    width = model.config.hidden_size
+    packing = _packing(2, 10, 5)
+    auto = graphs.GraphedLayers(auto=True)
+    shape = (2, graphs.bucket_tokens(11), graphs.bucket_max_len(5), torch.float32, width, torch.device("cpu"))
+    key = auto._key(shape, stack.layer_parts())
+    out = torch.arange(64.0 * width).view(64, width)
+    auto.graphs[key] = graphs._Graph(FakeGraph(), torch.zeros(64, width), torch.zeros(4, dtype=torch.int32), out)
+    auto.latest[shape] = key
+    looked_up = []
+
+    def resolve():
+        looked_up.append(FakeGraph.replays)  # how many replays had been launched when the layers were looked up
+        return stack.layer_parts()
+
+    tokens = torch.randn(10, width)
+    got = auto(tokens, packing, resolve)
+    assert torch.equal(got, out[:10]) and got.data_ptr() != out.data_ptr()  # a copy: the next replay reuses `out`
+    assert torch.equal(auto.graphs[key].tokens[:10], tokens) and looked_up == [1]
+    dense = model.encoder.layer[1].output.dense
+    dense.weight = torch.nn.Parameter(dense.weight.detach().clone())  # moved: the graph read the old one
+    auto.captures = graphs.AUTO_MAX_CAPTURES  # so that no capture is tried here (it needs CUDA)
+    assert auto(tokens, packing, resolve) is None
+    assert FakeGraph.replays == 2 and key not in auto.graphs and not auto.latest
 
 
 def to_stack(model):
@@ -198,7 +237,7 @@ def test_graphs_decline_weights_made_under_inference_mode():
         graphed = graphs.GraphedLayers(auto=auto)
         with torch.inference_mode():
             tokens = torch.zeros(10, model.config.hidden_size)
-            assert graphed(tokens, _packing(2, 10, 5), stack.layer_parts()) is None
+            assert graphed(tokens, _packing(2, 10, 5), stack.layer_parts) is None
         assert graphed.untracked and not graphed.graphs and graphed.captures == 0
 
 

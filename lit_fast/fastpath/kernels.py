@@ -100,6 +100,7 @@ def _specialization(arg) -> tuple:
 TRITON_ADD_NORM = True  # a switch for benchmarks (bench/w1_encoder.py --explore); leave it on
 MAX_WIDTH = 8192  # one row per program; wider rows go to PyTorch
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def add_layer_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
@@ -133,8 +134,9 @@ def _kernel_fits(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> bool:
 
 
 def bias_norm_fits(h: torch.Tensor, bias: torch.Tensor | None, norm: nn.LayerNorm) -> bool:
-    """Whether `bias_layer_norm_` runs as one kernel (CUDA, a contiguous bias of `h`'s dtype and width, no autograd)."""
-    return _norm_fits(h, norm) and bias_vector_fits(bias, h)
+    """Whether `bias_layer_norm_` runs as one kernel: CUDA fp16/bf16 (the residual-GEMM path's dtypes, where it was
+    tested; fp32 takes PyTorch's norm), a contiguous bias of `h`'s dtype and width, no autograd."""
+    return h.dtype in HALF_DTYPES and _norm_fits(h, norm) and bias_vector_fits(bias, h)
 
 
 def bias_vector_fits(bias: torch.Tensor | None, h: torch.Tensor) -> bool:

@@ -163,16 +163,22 @@ class FastStack:
 
     def _run_graphed(self, tokens: torch.Tensor, packing: padding.Packing, layers: Iterable[LayerParts],
                      owned: bool) -> torch.Tensor:
-        layers = list(layers)
+        resolved: list[LayerParts] = []
+
+        def resolve() -> list[LayerParts]:  # the layers, looked up once (the graphs may want them after a replay)
+            if not resolved:
+                resolved.extend(layers)
+            return resolved
+
         try:
-            out = self.graphed(tokens, packing, layers)
+            out = self.graphed(tokens, packing, resolve)
             if out is not None:
                 return out
         except RuntimeError as failure:  # a capture this torch/driver cannot do: keep going without graphs
             log.warning("fast path: CUDA graph capture failed (%s); running the packed layers without graphs",
                         failure)
             self.graphed = None
-        for parts in layers:  # without graphs (auto mode declined the batch, or the capture failed)
+        for parts in resolve():  # without graphs (auto mode declined the batch, or the capture failed)
             tokens = packed_layer(tokens, parts, packing, owned)
             owned = True
         return tokens
