@@ -14,7 +14,9 @@ fused encoder-layer kernel), packed (packed tokens + varlen attention, no CUDA g
 `--explore` adds what-if variants that are not in the library (see EXPLORE below) and the time of the packed GEMMs
 alone. `--scenarios w1_batch1 ... w1_batch64` times the W1 mix at other batch sizes (not in a default run).
 
-Protocol: CUDA events, median of `--reps` after `--warmup`, `torch.inference_mode()`. The floor is the real
+Protocol: CUDA events, median of `--reps` after `--warmup`, `torch.inference_mode()`. The variants are timed round
+robin (one call of each in turn, `--reps` rounds), so that a drift in GPU clocks or host speed during the run falls
+on all of them alike rather than on whichever ran last. The floor is the real
 tokens' FLOPs (GEMMs + attention) over an 8192^3 bf16 matmul measured in the same run. Correctness in the same
 run: max abs diff on real tokens against HF eager in fp32 (TF32 off) on the same weights; the fp16/bf16 tolerance
 is 2e-2 (outputs are LayerNorm outputs, unit scale), 1e-4 for fp32, and every variant is also compared with HF
@@ -85,15 +87,17 @@ def time_ms(fn, warmup: int, reps: int) -> list[float]:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+    return [time_once(fn) for _ in range(reps)]
+
+
+def time_once(fn) -> float:
+    """One call, device time in ms: CUDA events around it, then a wait for the end event."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def matmul_peak_tflops() -> float:
@@ -192,14 +196,24 @@ def measure_dtype(dtype_name: str, scenarios: list[str], args, peak: float) -> l
             floor_ms = real_flops(mask) / (peak * 1e12) * 1e3
             result = {"dtype": dtype_name, "scenario": scenario, "padding_fraction": 1 - real.float().mean().item(),
                       "real_tokens": int(real.sum()), "floor_ms": floor_ms, "variants": {}}
+            diffs = {}
             for name, (model, replacements) in variants.items():
                 with patched(replacements):
                     out = model(input_ids=ids, attention_mask=mask).last_hidden_state
-                    times = time_ms(lambda: model(input_ids=ids, attention_mask=mask), args.warmup, args.reps)
-                diff = (out[real].float() - reference[real]).abs().max().item()
-                result["variants"][name] = {"median_ms": statistics.median(times), "times_ms": times,
-                                            "max_abs_diff_vs_fp32_eager": diff,
-                                            "within_tolerance": diff <= TOLERANCE[dtype]}
+                    for _ in range(args.warmup):
+                        model(input_ids=ids, attention_mask=mask)
+                diffs[name] = (out[real].float() - reference[real]).abs().max().item()
+                del out
+            torch.cuda.synchronize()
+            times = {name: [] for name in variants}
+            for _ in range(args.reps):  # round robin: drift in clocks or host speed falls on every variant alike
+                for name, (model, replacements) in variants.items():
+                    with patched(replacements):
+                        times[name].append(time_once(lambda: model(input_ids=ids, attention_mask=mask)))
+            for name in variants:
+                result["variants"][name] = {"median_ms": statistics.median(times[name]), "times_ms": times[name],
+                                            "max_abs_diff_vs_fp32_eager": diffs[name],
+                                            "within_tolerance": diffs[name] <= TOLERANCE[dtype]}
             if args.explore:
                 times = time_ms(gemms_only(base, mask, dtype), args.warmup, args.reps)
                 result["gemms_only_ms"] = statistics.median(times)
