@@ -278,3 +278,25 @@ def test_the_log_line_says_what_cuda_graphs_will_do():
     assert "CUDA graphs" not in policy.describe("packed", cuda, torch.float16, False)
     assert "CUDA graphs" not in policy.describe("packed", cuda, torch.float32)  # no varlen path to replay
     assert "CUDA graphs" not in policy.describe("packed", torch.device("cpu"), torch.float16)
+
+
+def test_auto_graphs_keep_their_static_buffers_under_the_byte_limit(monkeypatch):
+    """Before a capture, auto mode drops the oldest graphs until the new one's static input and output fit under
+    AUTO_MAX_BYTES (and the count under AUTO_MAX_GRAPHS); the capture itself needs CUDA, so it stops right there."""
+    from lit_fast.fastpath import graphs
+
+    class Captured(Exception):
+        pass
+
+    auto = graphs.GraphedLayers(auto=True)
+    width, bucket = 8, 64
+    for name in ("oldest", "middle", "newest"):  # 2 x 64 x 8 float32 = 4 KiB each
+        static = torch.zeros(bucket, width)
+        auto.graphs[(name,)] = graphs._Graph(None, static, torch.zeros(2), static.clone())
+        auto.latest[(name, "shape")] = (name,)
+    monkeypatch.setattr(graphs, "AUTO_MAX_BYTES", 3 * 4096)  # room for two old graphs and the new one
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: (_ for _ in ()).throw(Captured()))
+    tokens = torch.zeros(10, width)
+    with pytest.raises(Captured):
+        auto._capture(("new",), tokens, _packing(2, 10, 5), [], bucket, 8)
+    assert list(auto.graphs) == [("middle",), ("newest",)] and ("oldest", "shape") not in auto.latest

@@ -6,14 +6,15 @@ W1 on the H200 (`bench/w1_encoder.py --scenarios w1_batch1 ... w1_batch64`, `ben
 for batches of 1 to 32 sequences of the W1 length mix (up to ~4.3k real tokens) the eager forward is host-bound
 (2.8-4.5 ms whatever the batch) and graphs took it to 0.9-2.4 ms, 1.2-3.4x faster; at 64 and 128 sequences
 (8.6k and 18.7k tokens) the GPU is the limit and graphs were 9-14% and ~4% slower (the token count is rounded up
-to a bucket, and the host's lookup before the replay comes on top). `bench/results/w1_h200_482a0cc.json` repeats
-it with `auto` (same picture, on a noisier host).
+to a bucket, and the host's lookup before the replay came on top). Since a known shape replays first and the
+weights are checked while the GPU runs it, graphs at 8-19k real tokens are as fast as eager on a quick host and
+faster on a slow one (see AUTO_MAX_TOKENS).
 
 `to_fast_path(model, cuda_graphs=...)`: "auto" (the default) replays batches of at most `AUTO_MAX_TOKENS` real tokens,
 and only a shape seen before (`AUTO_REPEATS`), so a stream of one-off shapes never pays for captures; after
 `AUTO_MAX_CAPTURES` captures it stops capturing and frees its graphs (a workload of too many shapes); it keeps at
-most `AUTO_MAX_GRAPHS` at once (for BERT-base at most ~19 MB each). True: every packed CUDA fp16/bf16 batch,
-captured on first sight (online inference with few, repeated shapes). False: never.
+most `AUTO_MAX_GRAPHS` at once, whose static inputs and outputs take at most `AUTO_MAX_BYTES`. True: every packed
+CUDA fp16/bf16 batch, captured on first sight (online inference with few, repeated shapes). False: never.
 
 A graph is fixed to its shapes, so batches are bucketed: the packed tokens are padded up to a bucket size
 (steps of 1/32 of the next lower power of two, at least 64: under 3% more tokens past 2048) and the filler tokens
@@ -45,10 +46,16 @@ log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 64  # per stack; past this the oldest graph is dropped (its memory goes back to the shared pool)
 # cuda_graphs="auto": where graphs measured faster (see the module docstring), and only for shapes that repeat
-AUTO_MAX_TOKENS = 6144  # real tokens in the batch: 4.3k (32 W1 sequences) gained 1.2x, 8.7k (64) lost 10%
+# Real tokens in the batch. With the replay ahead of the weight check (GraphedLayers.__call__), on the H200: W1 at
+# 8.2k and 13.1k real tokens (75% and 60% padding) graphs were as fast as eager on a quick host and up to 1.35x
+# faster on a slow one, at 18.7k (W1) equal, at 24.6k and 32.8k 1-2% slower (the bucket's filler tokens);
+# bench/results/w1_h200_0f6e7e3.json and w1_h200_4b2cd97.json.
+AUTO_MAX_TOKENS = 16384
 AUTO_REPEATS = 2  # a shape is captured the second time it is asked for
 AUTO_MAX_CAPTURES = 64  # then auto stops capturing and frees its graphs: too many shapes for graphs to pay
-AUTO_MAX_GRAPHS = 32  # kept at once in auto mode (each holds its input and output: <= 2 x 6144 x hidden values)
+AUTO_MAX_GRAPHS = 32  # kept at once in auto mode
+# and their static inputs and outputs together at most this many bytes (BERT-base fp16 at 16k tokens: 50 MB a graph)
+AUTO_MAX_BYTES = 256 << 20
 
 
 def bucket_tokens(num_tokens: int) -> int:
@@ -172,8 +179,11 @@ class GraphedLayers:
 
     def _capture(self, key: tuple, tokens: torch.Tensor, packing: Packing, layers: list[LayerParts],
                  bucket: int, bound: int) -> _Graph:
-        if len(self.graphs) >= (AUTO_MAX_GRAPHS if self.auto else MAX_GRAPHS):
-            self._drop(next(iter(self.graphs)))
+        size = 2 * bucket * tokens.shape[-1] * tokens.element_size()  # the new graph's static input and output
+        while self.graphs and (len(self.graphs) >= (AUTO_MAX_GRAPHS if self.auto else MAX_GRAPHS) or (
+                self.auto and size + sum(g.tokens.nbytes + g.out.nbytes for g in self.graphs.values())
+                > AUTO_MAX_BYTES)):
+            self._drop(next(iter(self.graphs)))  # the oldest
         self.captures += 1
         static_tokens = tokens.new_zeros(bucket, tokens.shape[-1])
         static_cu = F.pad(packing.cu_seqlens, (0, 1), value=bucket)
