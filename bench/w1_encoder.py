@@ -137,8 +137,7 @@ def _add_norm_compiled(x, y, norm):
 
 EXPLORE = {
     "packed+exact_gelu": {"linear": _linear_exact_gelu},
-    "packed+compile": {"add_norm": _add_norm_compiled, "RESIDUAL_GEMM": False},
-    "packed-residual_gemm": {"RESIDUAL_GEMM": False},  # the GEMM output added by the norm kernel, as before
+    "packed+compile": {"add_norm": _add_norm_compiled},
 }
 
 

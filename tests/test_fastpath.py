@@ -334,38 +334,3 @@ def test_auto_leaves_batches_without_padding_to_hf_where_that_was_measured_faste
     assert policy.pays_off("packed", cpu, 0.0)  # oneDNN GEMMs beat HF's even without padding
     assert policy.resolve("auto", cuda, torch.float32, fused_ok=True) is None
     assert policy.resolve("auto", cuda, torch.bfloat16, fused_ok=True) == ("packed" if policy.varlen_attn else None)
-
-
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
-def test_residual_step_accumulates_into_the_residual_only_when_it_owns_it(with_bias):
-    """`layers.residual_norm` is norm(x + linear(h)): with `owned` the result lives in x's memory, without it x is
-    left as it was. (On the CPU the norm is PyTorch's; the CUDA kernel is tested in test_fastpath_gpu.py.)"""
-    from lit_fast.fastpath import layers
-
-    torch.manual_seed(0)
-    linear, norm = torch.nn.Linear(16, 8, bias=with_bias), torch.nn.LayerNorm(8)
-    with torch.no_grad():
-        norm.weight.normal_(1.0, 0.2)
-        norm.bias.normal_(0.0, 0.2)
-    x, h = torch.randn(5, 8), torch.randn(5, 16)
-    before = x.clone()
-    with torch.inference_mode():
-        want = norm(x + linear(h))
-        not_owned = layers.residual_norm(x, h, linear, norm, owned=False)
-        assert torch.equal(x, before)
-        owned = layers.residual_norm(x, h, linear, norm, owned=True)
-    assert owned.data_ptr() == x.data_ptr()
-    for got in (not_owned, owned):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-def test_the_residual_gemm_is_cuda_half_precision_inference_only():
-    """Where `residual_fits` says no, the layer keeps the add + norm formulation: CPU tensors, fp32, autograd."""
-    from lit_fast.fastpath import layers
-
-    model = to_fast_path(tiny_text_model("bert"), "packed")
-    parts = model.encoder.forward.layer_parts()[0]
-    x = torch.randn(4, model.config.hidden_size)
-    with torch.inference_mode():
-        assert not layers.residual_fits(x, parts)  # CPU
-    assert not layers.residual_fits(x.half(), parts)  # CPU and grad mode

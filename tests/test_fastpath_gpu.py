@@ -246,80 +246,9 @@ def test_triton_add_layer_norm_equals_pytorch(dtype, rows, width):
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("rows,width", [(0, 768), (1, 768), (333, 768), (70, 1000)])
-def test_triton_bias_layer_norm_in_place_equals_pytorch(dtype, with_bias, rows, width):
-    """The norm of the residual-GEMM path: LayerNorm(h + bias) written into `h`'s own memory, as close to the fp64
-    result as PyTorch's add-then-norm (within one unit in the last place)."""
-    from lit_fast.fastpath import kernels
-
-    torch.manual_seed(rows + width)
-    norm = torch.nn.LayerNorm(width, eps=1e-12).cuda().to(dtype)
-    with torch.no_grad():
-        norm.weight.normal_(1.0, 0.2)
-        norm.bias.normal_(0.0, 0.2)
-    h = torch.randn(rows, width, device="cuda", dtype=dtype) * 3 + 1
-    bias = torch.randn(width, device="cuda", dtype=dtype) if with_bias else None
-    with torch.inference_mode():
-        assert kernels.bias_norm_fits(h, bias, norm)
-        bias32 = None if bias is None else bias.float()
-        assert not kernels.bias_norm_fits(h.float(), bias32, copy.deepcopy(norm).float())  # fp32: PyTorch's
-        exact = torch.nn.functional.layer_norm(h.double() + (bias.double() if with_bias else 0), (width,),
-                                               norm.weight.double(), norm.bias.double(), norm.eps)
-        torch_way = torch.nn.functional.layer_norm(h + bias if with_bias else h, (width,), norm.weight, norm.bias,
-                                                   norm.eps)
-        address = h.data_ptr()
-        got = kernels.bias_layer_norm_(h, bias, norm)
-    assert got.data_ptr() == address and got.shape == (rows, width) and got.dtype == dtype
-    if rows:
-        ours, theirs = ((t.double() - exact).abs().max().item() for t in (got, torch_way))
-        ulp = torch.finfo(dtype).eps * exact.abs().max().item()
-        assert ours <= theirs + ulp, f"fused kernel {ours:.3g} vs PyTorch {theirs:.3g} off the fp64 result"
-
-
-@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
-def test_residual_gemm_layer_matches_the_add_norm_layer(monkeypatch, dtype):
-    """A post-LN packed layer with the GEMMs accumulating into the residual: an input it does not own is left as it
-    was (and gives the same bits as an owned one, whose memory then holds the result), and it is as close to the
-    fp32 layer as the add + norm formulation (within one unit in the last place)."""
-    import itertools
-
-    from transformers import BertConfig, BertModel
-
-    from lit_fast.fastpath import layers, padding
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
-                        intermediate_size=1024)
-    model = to_fast_path(BertModel(config).cuda().eval(), "packed")
-    parts32 = model.encoder.forward.layer_parts()[0]
-    lengths = [1, 70, 128, 200, 33]
-    cu = torch.tensor([0, *itertools.accumulate(lengths)], device="cuda", dtype=torch.int32)
-    packing = padding.Packing(len(lengths), 256, None, cu, tuple(lengths), max(lengths))
-    x32 = torch.randn(sum(lengths), 256, device="cuda")
-    with torch.inference_mode():
-        monkeypatch.setattr(layers, "RESIDUAL_GEMM", False)
-        exact = layers.packed_layer(x32, parts32, packing).double()
-        model.to(dtype)
-        parts = model.encoder.forward.layer_parts()[0]
-        x = x32.to(dtype)
-        before = x.clone()
-        old_way = layers.packed_layer(x, parts, packing)
-        monkeypatch.setattr(layers, "RESIDUAL_GEMM", True)
-        assert layers.residual_fits(x, parts)
-        not_owned = layers.packed_layer(x, parts, packing, owned=False)
-        assert torch.equal(x, before)
-        owned = layers.packed_layer(x, parts, packing, owned=True)
-    assert owned.data_ptr() == x.data_ptr() and torch.equal(owned, not_owned)
-    ours, theirs = ((t.double() - exact).abs().max().item() for t in (owned, old_way))
-    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
-    assert ours <= theirs + ulp, f"residual GEMM {ours:.3g} vs add + norm {theirs:.3g} off the fp32 layer"
-
-
-@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
 def test_encoder_called_directly_without_padding_leaves_its_input_alone(dtype):
     """The stack called with hidden states that have no padding packs them as a view: the layers must not write
-    into the caller's tensor (the residual GEMM only accumulates into matrices the fast path made)."""
+    into the caller's tensor."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)

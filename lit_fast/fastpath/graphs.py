@@ -192,10 +192,9 @@ class GraphedLayers:
         static_packing = Packing(packing.batch + 1, 0, None, static_cu, packing.lengths + (filler,), bound)
 
         def run() -> torch.Tensor:
-            x, owned = static_tokens, False  # the static input is refilled before each replay, never overwritten
+            x = static_tokens
             for parts in layers:
-                x = packed_layer(x, parts, static_packing, owned)
-                owned = True
+                x = packed_layer(x, parts, static_packing)
             return x
 
         stream = torch.cuda.current_stream(tokens.device)

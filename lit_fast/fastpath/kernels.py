@@ -100,117 +100,61 @@ def _specialization(arg) -> tuple:
 TRITON_ADD_NORM = True  # a switch for benchmarks (bench/w1_encoder.py --explore); leave it on
 MAX_WIDTH = 8192  # one row per program; wider rows go to PyTorch
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def add_layer_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     """`norm(x + y)` for `(tokens, hidden)` matrices; one fused kernel where it applies."""
     if _kernel_fits(x, y, norm):
-        return _add_layer_norm_triton(x, y, None, norm.weight, norm.bias, norm.eps, None)
+        return _add_layer_norm_triton(x, y, norm.weight, norm.bias, norm.eps)
     return F.layer_norm(x + y, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def bias_layer_norm_(h: torch.Tensor, bias: torch.Tensor | None, norm: nn.LayerNorm, fits: bool | None = None
-                     ) -> torch.Tensor:
-    """`norm(h + bias)` written into `h` (a `(tokens, hidden)` matrix that already holds the residual sum), returned.
-
-    The post-LN residual step when the GEMM has added its product into the residual in place (layers.py): the
-    kernel then reads one matrix and a bias vector instead of two matrices (W1: 24 steps of 18.7k x 768).
-    `fits`: the caller's `bias_norm_fits(h, bias, norm)`, when it checked already."""
-    if fits if fits is not None else bias_norm_fits(h, bias, norm):
-        return _add_layer_norm_triton(h, None, bias, norm.weight, norm.bias, norm.eps, h)
-    summed = h if bias is None else h + bias
-    return h.copy_(F.layer_norm(summed, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
-
-
 def _kernel_fits(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> bool:
-    return (
-        x.dtype == y.dtype
-        and x.shape == y.shape
-        and y.stride(-1) == 1
-        and _norm_fits(x, norm)
-        and not (torch.is_grad_enabled() and y.requires_grad)
-    )
-
-
-def bias_norm_fits(h: torch.Tensor, bias: torch.Tensor | None, norm: nn.LayerNorm) -> bool:
-    """Whether `bias_layer_norm_` runs as one kernel: CUDA fp16/bf16 (the residual-GEMM path's dtypes, where it was
-    tested; fp32 takes PyTorch's norm), a contiguous bias of `h`'s dtype and width, no autograd."""
-    return h.dtype in HALF_DTYPES and _norm_fits(h, norm) and bias_vector_fits(bias, h)
-
-
-def bias_vector_fits(bias: torch.Tensor | None, h: torch.Tensor) -> bool:
-    """Whether the norm kernel can add `bias` to the rows of `h` (none, or one contiguous row of its dtype)."""
-    return bias is None or (bias.dtype == h.dtype and bias.shape == h.shape[-1:] and bias.stride(-1) == 1
-                            and not (torch.is_grad_enabled() and bias.requires_grad))
-
-
-def norm_params_fit(norm: nn.LayerNorm, dtype: torch.dtype) -> bool:
-    """Whether the norm kernels take this LayerNorm's parameters for inputs of `dtype` (given inputs that fit)."""
-    weight, bias = norm.weight, norm.bias
-    return (weight is not None and bias is not None and weight.dtype == dtype
-            and not (torch.is_grad_enabled() and weight.requires_grad))
-
-
-def _norm_fits(x: torch.Tensor, norm: nn.LayerNorm) -> bool:
     return (
         TRITON_ADD_NORM
         and triton is not None
         and x.is_cuda
         and x.dtype in KERNEL_DTYPES
+        and x.dtype == y.dtype
         and x.dim() == 2
+        and x.shape == y.shape
         and x.stride(-1) == 1
+        and y.stride(-1) == 1
         and x.shape[-1] <= MAX_WIDTH
-        and not (torch.is_grad_enabled() and x.requires_grad)
-        and norm_params_fit(norm, x.dtype)
+        and norm.weight is not None
+        and norm.bias is not None
+        and norm.weight.dtype == x.dtype
+        and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or norm.weight.requires_grad))
     )
 
 
-# Rows per program of the norm kernels: enough for ~4096 values a program. Graph-timed on the H200 (W1: 18.7k x 768,
-# bf16, scratch micro-benchmark of this change): LayerNorm(h + bias) in place took 20.6 us at one row a program and
-# 13.5 us at four (4 warps; 8 warps or 8 rows were slower): one row of 768 values gives a program too little to
-# keep its loads in flight.
-NORM_VALUES_PER_PROGRAM = 4096
-
-
-def _add_layer_norm_triton(x, y, bias, weight, norm_bias, eps: float, out) -> torch.Tensor:
+def _add_layer_norm_triton(x, y, weight, bias, eps: float) -> torch.Tensor:
     rows, width = x.shape
-    if out is None:
-        out = torch.empty((rows, width), dtype=x.dtype, device=x.device)
+    out = torch.empty((rows, width), dtype=x.dtype, device=x.device)
     if rows == 0:
         return out
     block = next_power_of_2(width)
-    per_program = max(1, NORM_VALUES_PER_PROGRAM // block)
-    warps = min(max(per_program * block // 1024, 1), 8)
-    has_y, has_bias = y is not None, bias is not None
-    launch(_add_layer_norm_kernel, (-(-rows // per_program),), x, y if has_y else x, bias if has_bias else weight,
-           weight, norm_bias, out, rows, x.stride(0), y.stride(0) if has_y else 0, out.stride(0), width, eps,
-           HAS_Y=has_y, HAS_BIAS=has_bias, ROWS=per_program, BLOCK=block, num_warps=warps)
+    warps = min(max(block // 256, 1), 8)
+    launch(_add_layer_norm_kernel, (rows,), x, y, weight, bias, out, x.stride(0), y.stride(0), out.stride(0), width,
+           eps, BLOCK=block, num_warps=warps)
     return out
 
 
 if triton is not None:
 
     @triton.jit
-    def _add_layer_norm_kernel(X, Y, Bias, W, B, Out, rows, stride_x, stride_y, stride_out, width, eps,
-                               HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        # ROWS rows a program. Out may be X itself: each row is read whole before it is written.
-        row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    def _add_layer_norm_kernel(X, Y, W, B, Out, stride_x, stride_y, stride_out, width, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         inside = cols < width
-        where = (row < rows)[:, None] & inside[None, :]
-        h = tl.load(X + row[:, None] * stride_x + cols[None, :], mask=where, other=0.0).to(tl.float32)
-        if HAS_Y:
-            h += tl.load(Y + row[:, None] * stride_y + cols[None, :], mask=where, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            h += tl.load(Bias + cols, mask=inside, other=0.0).to(tl.float32)[None, :]
-        mean = tl.sum(h, axis=1) / width
-        centred = tl.where(inside[None, :], h - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / width + eps)
+        h = tl.load(X + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+        h += tl.load(Y + row * stride_y + cols, mask=inside, other=0.0).to(tl.float32)
+        mean = tl.sum(h, axis=0) / width
+        centred = tl.where(inside, h - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / width + eps)
         w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
-        normed = centred * rstd[:, None] * w[None, :] + b[None, :]
-        tl.store(Out + row[:, None] * stride_out + cols[None, :], normed.to(Out.dtype.element_ty), mask=where)
+        tl.store(Out + row * stride_out + cols, (centred * rstd * w + b).to(Out.dtype.element_ty), mask=inside)
 
 
 # ---- embeddings of packed tokens (front.py) -----------------------------------------------------------------

@@ -72,72 +72,27 @@ class LayerParts(NamedTuple):
     exact_gelu: bool  # the activation is erf GELU (HF "gelu"), which the CPU GEMM can apply in its epilogue
 
 
-def packed_layer(x: torch.Tensor, parts: LayerParts, packing: Packing, owned: bool = False) -> torch.Tensor:
-    """One encoder layer over packed tokens `x` (tokens, hidden) -> (tokens, hidden).
-
-    `owned`: `x` is the caller's to overwrite (a matrix the fast path made for this forward, read by nothing after
-    this layer). Post-LN layers on CUDA then add the out-projection and the second FFN GEMM into their residual in
-    place (`residual_fits`); the result is then written into `x`'s memory too. Otherwise `x` is left as it was.
-    """
+def packed_layer(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:
+    """One encoder layer over packed tokens `x` (tokens, hidden) -> (tokens, hidden)."""
     if parts.norm_first:
         x = x + self_attention(parts.attn_norm(x), parts, packing)
         return x + feed_forward(parts.ffn_norm(x), parts)
-    if residual_fits(x, parts):
-        x = residual_norm(x, attention_context(x, parts, packing), parts.out, parts.attn_norm, owned, fits=True)
-        return residual_norm(x, feed_forward_hidden(x, parts), parts.ffn_out, parts.ffn_norm, True, fits=True)
     x = add_norm(x, self_attention(x, parts, packing), parts.attn_norm)
     return add_norm(x, feed_forward(x, parts), parts.ffn_norm)
 
 
 def add_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    """LayerNorm(x + y), the post-LN residual step (one fused kernel on CUDA, see kernels.py)."""
+    """LayerNorm(x + y), the post-LN residual step (one fused kernel on CUDA, see kernels.py).
+
+    The GEMM's product `y` is rounded to fp16/bf16 and the sum is formed in fp32 inside the kernel. (Tried: the GEMM
+    adding its product into `x` in place (cuBLAS beta = 1), the norm reading one matrix: W1 2% faster on the H200,
+    but the rounded residual sum doubled the fp16/bf16 error against fp32 - to 1.6e-2 in fp16 - so it was dropped.)
+    """
     return kernels.add_layer_norm(x, y, norm)
-
-
-# Post-LN residual steps on CUDA fp16/bf16 as `LN(x + h @ W.T + b)` with the GEMM accumulating into the residual `x`
-# (cuBLAS with beta = 1) and the norm kernel adding the bias: the norm then reads one matrix instead of two, ~1/3 of
-# the bytes of each step. A switch for benchmarks; leave it on.
-RESIDUAL_GEMM = True
-
-
-def residual_fits(x: torch.Tensor, parts: LayerParts) -> bool:
-    """Whether the post-LN layer can run its residual steps through `residual_norm`: CUDA fp16/bf16 weights of
-    `x`'s dtype, no autograd, no autocast (which would not cast an in-place GEMM), and norm kernels that apply."""
-    dtype = x.dtype
-    return (
-        RESIDUAL_GEMM
-        and x.is_cuda
-        and dtype in VARLEN_DTYPES
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cuda")
-        and x.is_contiguous()
-        and kernels._norm_fits(x, parts.attn_norm)  # x itself (2-D, width) and the first norm
-        and kernels.norm_params_fit(parts.ffn_norm, dtype)
-        and parts.out.weight.dtype == dtype
-        and parts.ffn_out.weight.dtype == dtype
-        and kernels.bias_vector_fits(parts.out.bias, x)
-        and kernels.bias_vector_fits(parts.ffn_out.bias, x)
-    )
-
-
-def residual_norm(x: torch.Tensor, h: torch.Tensor, layer: nn.Linear, norm: nn.LayerNorm, owned: bool,
-                  fits: bool | None = None) -> torch.Tensor:
-    """`norm(x + layer(h))`: the GEMM adds `h @ W.T` into `x` (in place when `owned`, else into a copy of it), then
-    one kernel adds the bias and normalises in place (`fits`: the caller checked that the kernel applies)."""
-    if owned:
-        x.addmm_(h, layer.weight.t())
-    else:
-        x = torch.addmm(x, h, layer.weight.t())
-    return kernels.bias_layer_norm_(x, layer.bias, norm, fits=fits)
 
 
 def self_attention(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:
     """Multi-head self-attention of every sequence with itself; (tokens, hidden) -> (tokens, hidden)."""
-    return linear(attention_context(x, parts, packing), parts.out)
-
-
-def attention_context(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:
-    """The heads' attention outputs side by side, before the output projection; (tokens, hidden)."""
     heads = parts.num_heads
     if FUSE_QKV and not torch.is_grad_enabled():
         weight, bias = fused_qkv(parts)
@@ -146,7 +101,7 @@ def attention_context(x: torch.Tensor, parts: LayerParts, packing: Packing) -> t
         q = linear(x, parts.query).unflatten(-1, (heads, -1))
         k = linear(x, parts.key).unflatten(-1, (heads, -1))
         v = linear(x, parts.value).unflatten(-1, (heads, -1))
-    return attend(q, k, v, packing).flatten(-2)
+    return linear(attend(q, k, v, packing).flatten(-2), parts.out)
 
 
 def fused_qkv(parts: LayerParts) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -217,14 +172,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) 
 
 def feed_forward(x: torch.Tensor, parts: LayerParts) -> torch.Tensor:
     """The position-wise MLP; (tokens, hidden) -> (tokens, hidden)."""
-    return linear(feed_forward_hidden(x, parts), parts.ffn_out)
-
-
-def feed_forward_hidden(x: torch.Tensor, parts: LayerParts) -> torch.Tensor:
-    """The MLP's activated hidden layer, (tokens, ffn width): what the second FFN GEMM reads."""
     if parts.exact_gelu:
-        return linear(x, parts.ffn_in, gelu=True)
-    return parts.activation(linear(x, parts.ffn_in))
+        hidden = linear(x, parts.ffn_in, gelu=True)
+    else:
+        hidden = parts.activation(linear(x, parts.ffn_in))
+    return linear(hidden, parts.ffn_out)
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:

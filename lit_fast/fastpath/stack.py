@@ -114,21 +114,18 @@ class FastStack:
             layers: Iterable[LayerParts], tokens: torch.Tensor | None = None):
         """The fast path proper: prologue, pack, layers, epilogue, unpack. `tokens`: the input already packed
         (the front's embeddings), which the prologue then maps row by row. `layers` may be `iter_parts()`."""
-        if tokens is not None:  # made for this forward: the layers may overwrite them
-            owned = True
+        if tokens is not None:
             if self.adapter.prologue is not None:
                 tokens = self.adapter.prologue(self.owner, tokens, None)
         else:
             if self.adapter.prologue is not None:
                 hidden = self.adapter.prologue(self.owner, hidden, valid)
             tokens = padding.pack(hidden, packing)
-            owned = packing.padded  # a gathered copy; without padding `tokens` is a view of the caller's tensor
         if backend == "packed" and self._graphs_apply(tokens) and self.graphed.wants(packing, tokens.dtype):
-            tokens = self._run_graphed(tokens, packing, layers, owned)
+            tokens = self._run_graphed(tokens, packing, layers)
         elif backend == "packed":
             for parts in layers:
-                tokens = packed_layer(tokens, parts, packing, owned)
-                owned = True  # every layer's output is a new matrix (or the owned input's memory)
+                tokens = packed_layer(tokens, parts, packing)
         else:
             tokens = self._run_fused(tokens, packing, layers)
         if self.adapter.epilogue is not None:
@@ -161,8 +158,8 @@ class FastStack:
             and not torch.cuda.is_current_stream_capturing()
         )
 
-    def _run_graphed(self, tokens: torch.Tensor, packing: padding.Packing, layers: Iterable[LayerParts],
-                     owned: bool) -> torch.Tensor:
+    def _run_graphed(self, tokens: torch.Tensor, packing: padding.Packing,
+                     layers: Iterable[LayerParts]) -> torch.Tensor:
         resolved: list[LayerParts] = []
 
         def resolve() -> list[LayerParts]:  # the layers, looked up once (the graphs may want them after a replay)
@@ -179,8 +176,7 @@ class FastStack:
                         failure)
             self.graphed = None
         for parts in resolve():  # without graphs (auto mode declined the batch, or the capture failed)
-            tokens = packed_layer(tokens, parts, packing, owned)
-            owned = True
+            tokens = packed_layer(tokens, parts, packing)
         return tokens
 
     def layer_parts(self) -> list[LayerParts]:
