@@ -254,17 +254,18 @@ def test_encoder_called_directly_without_padding_leaves_its_input_alone(dtype):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128)
-    reference = BertModel(config).cuda().eval().to(dtype)
-    model = to_fast_path(copy.deepcopy(reference), "packed", cuda_graphs=False)
+    reference, hf_half = reference_and_half(BertModel(config).eval(), dtype)
+    model = to_fast_path(copy.deepcopy(hf_half), "packed", cuda_graphs=False)
     hidden = torch.randn(3, 20, 64, device="cuda", dtype=dtype)
     mask = torch.ones(3, 20, device="cuda", dtype=torch.long)
     before = hidden.clone()
     with torch.inference_mode():
-        want = reference.encoder(hidden).last_hidden_state
+        ref = reference.encoder(hidden.float()).last_hidden_state
+        theirs = hf_half.encoder(hidden).last_hidden_state
         got = model.encoder(hidden, attention_mask=mask).last_hidden_state
     assert model.encoder.forward.last_path == "packed"
     assert torch.equal(hidden, before)
-    assert (got.float() - want.float()).abs().max() <= HALF_ATOL
+    assert_half_close(got, ref, theirs, mask)
 
 
 def test_direct_launch_equals_triton_launch_across_specializations(monkeypatch):
