@@ -24,9 +24,13 @@ leaves part of it unwritten, which only ever touches filler rows: every other op
 keyed by (batch, bucket, max-len bound, dtype) and by the data pointers of every weight: in-place updates
 (optimizer steps, `load_state_dict`) are read by the next replay, and a weight that moved (`.to()`, a reassigned
 Parameter) makes a new graph; the q/k/v weights, which the layers read as one concatenated copy, are keyed by their
-version counters too, so an in-place update of them makes a new graph. All graphs of a stack share one memory
-pool; outputs are copied out before the next replay can overwrite them. Weights made under `torch.inference_mode`
-carry no version counter, so an in-place update of them could not be noticed: such a model runs without graphs.
+version counters too, so an in-place update of them makes a new graph. The key is checked after the replay: the
+graph last replayed for a batch shape is replayed at once, and the layers are looked up and the key built while the
+GPU runs it; if it no longer matches, that result is discarded, the graph dropped and the batch run again as a new
+shape. Each graph holds every tensor it reads, so a replay for weights that have since moved reads their old
+memory, never freed memory. All graphs of a stack share one memory pool; outputs are copied out before the next
+replay can overwrite them. Weights made under `torch.inference_mode` carry no version counter, so an in-place update
+of them could not be noticed: such a model runs without graphs.
 """
 
 from __future__ import annotations
@@ -47,9 +51,9 @@ log = logging.getLogger(__name__)
 MAX_GRAPHS = 64  # per stack; past this the oldest graph is dropped (its memory goes back to the shared pool)
 # cuda_graphs="auto": where graphs measured faster (see the module docstring), and only for shapes that repeat
 # Real tokens in the batch. With the replay ahead of the weight check (GraphedLayers.__call__), on the H200: W1 at
-# 8.2k and 13.1k real tokens (75% and 60% padding) graphs were as fast as eager on a quick host and up to 1.35x
+# 8.2k and 12.9k real tokens (75% and 60% padding) graphs were within +-5% of eager on a quick host and up to 1.6x
 # faster on a slow one, at 18.7k (W1) equal, at 24.6k and 32.8k 1-2% slower (the bucket's filler tokens);
-# bench/results/w1_h200_0f6e7e3.json and w1_h200_4b2cd97.json.
+# bench/results/w1_h200_0f6e7e3.json, w1_h200_4b2cd97.json, w1_h200_6180482.json (slow host), w1_h200_e2e9f4d.json.
 AUTO_MAX_TOKENS = 16384
 AUTO_REPEATS = 2  # a shape is captured the second time it is asked for
 AUTO_MAX_CAPTURES = 64  # then auto stops capturing and frees its graphs: too many shapes for graphs to pay

@@ -74,7 +74,7 @@ def describe(backend: str | None, device: torch.device, dtype: torch.dtype, cuda
         graphs = ""
         if varlen and cuda_graphs:  # graphs replay the varlen path only
             graphs = ("; CUDA graphs for every batch" if cuda_graphs is True
-                      else "; CUDA graphs for repeated batches of up to a few thousand tokens")
+                      else "; CUDA graphs for repeated batches of up to 16k real tokens")
         return f"packed tokens with {attention} on {where}: padding removed once, GEMMs on real tokens only{graphs}"
     if backend == "fused":
         return f"PyTorch's fused encoder-layer kernel over nested tensors on {where}: padding removed once"
