@@ -4,7 +4,8 @@ When every row of the mask holds its real tokens in one run (right padding, left
 is fully described by each row's start and length, and nothing needs the flat index of every token:
 
 - `row_plan` is one kernel over the mask (and the token ids): per row the length and the first real position,
-  the offsets `cu_seqlens` (summed by atomic adds in the same kernel), and over the batch the number of rows with
+  the offsets `cu_seqlens` (a running sum in a single program up to `ONE_PROGRAM_MAX` positions, atomic adds
+  of a program per row beyond), and over the batch the number of rows with
   holes, the longest row and the range of the ids. One transfer brings it all to the host: the batch's only wait.
   (`padding.plan` takes ~10 launches for the same.) Kernels that need only the device-side plan, such as the
   front's embeddings, are queued before that wait, so the GPU has work while the host plans on.
