@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from w1_encoder import DTYPES, batch_for, bert_base, time_ms  # noqa: E402
 
-from lit_fast.fastpath import front, padding, rows, stack, to_fast_path  # noqa: E402
+from lit_fast.fastpath import front, front_graphs, padding, rows, stack, to_fast_path  # noqa: E402
 
 # (owner, attribute, label): the host steps marked as ranges in the trace
 MARKS = [
@@ -46,8 +46,10 @@ MARKS = [
     (rows, "row_plan", "row_plan"),
     (front.EmbeddingInputs, "of", "embedding_inputs"),
     (front.EmbeddingInputs, "embed_ahead", "embed_ahead"),
-    (padding, "finish_rows", "finish_rows (wait)"),
-    (front.EmbeddingInputs, "raise_if_out_of_range", "range_check"),
+    (padding, "finish_rows", "finish_rows"),
+    (front, "raise_if_out_of_range", "range_check"),
+    (front_graphs.FrontGraphs, "replay", "front_graph_replay"),
+    (rows.HostCopy, "tolist", "wait"),
     (stack.FastStack, "run", "stack.run"),
     (stack, "packed_layer", "layer"),
     (front.FastFront, "hf_forward", "hf_forward"),
@@ -122,8 +124,7 @@ def prewait_block_us(model, ids, mask, reps: int = 40) -> dict:
     copy = rows.HostCopy()
 
     def block():
-        plan = rows.row_plan(mask, ids)
-        copy.start(plan)
+        plan = rows.row_plan(mask, ids, copy)
         inputs.embed_ahead(plan)
         return copy.tolist()
 

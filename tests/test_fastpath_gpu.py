@@ -150,6 +150,44 @@ def test_cuda_graphs_match_eager_reuse_their_capture_and_follow_the_weights():
         assert len(stack.graphed.graphs) == 2
 
 
+def test_front_graphs_read_the_inputs_and_the_embeddings_where_they_are():
+    """The front's plan and embeddings replay from a CUDA graph keyed by where the mask and the ids are
+    (front_graphs.py): new values at those addresses, in-place updates of the tables and moved tables all give the
+    eager front's result, and an id out of range still raises."""
+    model = tiny_text_model("bert").cuda().half()
+    eager = to_fast_path(copy.deepcopy(model), "packed", cuda_graphs=False)
+    graphed = to_fast_path(model, "packed")
+    graphs = graphed.encoder.forward.front.graphs
+    ids, mask = (t.cuda() for t in text_batch("right"))
+
+    def check() -> None:
+        assert_close_on_tokens(graphed(input_ids=ids, attention_mask=mask).last_hidden_state,
+                               eager(input_ids=ids, attention_mask=mask).last_hidden_state, mask, atol=1e-3)
+
+    with torch.inference_mode():
+        for call in range(3):  # eager, captured, replayed
+            check()
+            assert len(graphs.graphs) == (0 if call == 0 else 1)
+        left_ids, left_mask = text_batch("left")
+        ids.copy_(torch.randint(5, 99, ids.shape).masked_fill(left_mask == 0, 1))  # new values, same addresses
+        mask.copy_(left_mask)
+        check()
+        for target in (graphed, eager):  # read in place
+            target.embeddings.word_embeddings.weight.mul_(2.0)
+        check()
+        for target in (graphed, eager):  # moved: the graph is dropped, the embeddings made after the wait
+            table = target.embeddings.position_embeddings
+            table.weight = torch.nn.Parameter(table.weight.detach() * 0.5)
+        check()
+        assert not graphs.graphs
+        check()  # captured again
+        check()
+        assert len(graphs.graphs) == 1 and not graphs.stopped
+        ids[0, -1] = model.config.vocab_size + 5
+        with pytest.raises(ValueError, match="input_ids hold values"):
+            graphed(input_ids=ids, attention_mask=mask)
+
+
 def test_auto_cuda_graphs_replay_repeated_small_batches_only_and_match_eager(monkeypatch):
     """cuda_graphs="auto" (the default): a small batch runs eagerly the first time, is captured the second time and
     replayed after; a batch over the token limit never is."""

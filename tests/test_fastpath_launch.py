@@ -202,6 +202,54 @@ def test_a_known_shape_replays_first_and_a_stale_graph_is_dropped_after_the_chec
     assert FakeGraph.replays == 2 and key not in auto.graphs and not auto.latest
 
 
+def test_front_graphs_capture_on_the_second_sight_and_drop_a_graph_whose_embeddings_moved():
+    """The front's graphs (front_graphs.py): a key is captured the second time it is seen; a replay is followed by
+    the check of the embedding module's tensors, and a graph whose tables moved (or whose norm changed) is dropped
+    and its embeddings reported stale; after MAX_CAPTURES captures the front stops capturing."""
+    from lit_fast.fastpath import front_graphs
+    from test_fastpath import tiny_text_model
+
+    class FakeGraph:
+        replays = 0
+
+        def replay(self):
+            FakeGraph.replays += 1
+
+    class FakeCopy:
+        def target(self, count, device):
+            self.count = count
+
+        def written(self):
+            self.waiting = True
+
+    embeddings = tiny_text_model("bert").embeddings
+    graphs = front_graphs.FrontGraphs()
+    key = ("mask", "ids")
+    assert not graphs.wants(key) and graphs.wants(key)
+    assert graphs.replay(key, embeddings) is None  # nothing captured for it
+    sources, tensors = front_graphs.embedding_sources(embeddings)
+    assert len(tensors) == 7  # three tables, the norm's weight and bias, two index buffers
+
+    def entry() -> front_graphs.FrontGraph:
+        sources, tensors = front_graphs.embedding_sources(embeddings)
+        return front_graphs.FrontGraph(FakeGraph(), torch.zeros(5), torch.zeros(4, 8), FakeCopy(), 5,
+                                       torch.device("cpu"), sources, [], tensors)
+
+    graphs.graphs[key] = first = entry()
+    assert graphs.replay(key, embeddings) == (first, True) and first.copy.waiting and first.copy.count == 5
+    table = embeddings.position_embeddings
+    table.weight = torch.nn.Parameter(table.weight.detach().clone())  # moved: the replay read the old one
+    assert graphs.replay(key, embeddings) == (first, False) and key not in graphs.graphs
+    graphs.graphs[key] = second = entry()
+    embeddings.LayerNorm.eps = 1e-3  # captured as a constant
+    assert graphs.replay(key, embeddings) == (second, False) and key not in graphs.graphs
+    assert FakeGraph.replays == 3
+    graphs.graphs[key] = entry()
+    graphs.captures = front_graphs.MAX_CAPTURES
+    assert graphs.capture(("other",), embeddings, 5, [], lambda copy: None, torch.device("cpu")) is None
+    assert graphs.stopped and not graphs.graphs and not graphs.wants(key)
+
+
 def to_stack(model):
     from lit_fast.fastpath import to_fast_path
 

@@ -85,6 +85,27 @@ def test_row_plan_equals_the_reference(monkeypatch, kind, batch, seq_len, as_boo
     assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("kind,one_program", [("right", True), ("holes", True), ("left", False)])
+@triton_test
+def test_row_plan_reaches_the_host_through_a_host_copy(monkeypatch, kind, one_program):
+    """Given a HostCopy, the plan comes back through it: on CUDA the one-program kernel writes it straight into the
+    pinned buffer (no copy launched), otherwise it is copied."""
+    monkeypatch.setattr(rows, "ONE_PROGRAM_MAX", rows.ONE_PROGRAM_MAX if one_program else 0)
+    generator = torch.Generator().manual_seed(7)
+    mask = masks(kind, 6, 50, generator)
+    ids = torch.randint(0, 1000, (6, 50), generator=generator)
+    want = reference_plan(mask, ids)
+    copy = rows.HostCopy()
+    copied = []
+    real_start = rows.HostCopy.start
+    monkeypatch.setattr(rows.HostCopy, "start", lambda self, values: copied.append(1) or real_start(self, values))
+    for _ in range(2):  # the pinned buffer is reused
+        got = rows.row_plan(mask.to(DEVICE), ids.to(DEVICE), copy)
+        assert copy.tolist() == want.tolist() and torch.equal(got.cpu(), want)
+    assert rows.MAPPED_HOST
+    assert len(copied) == (0 if one_program and DEVICE == "cuda" else 2)
+
+
 
 @pytest.mark.parametrize("kind", ["right", "left", "none"])
 @pytest.mark.parametrize("dtype,width", [(torch.bfloat16, 768), (torch.float32, 1000), (torch.float16, 32)])

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_fast.fastpath import kernels, padding, policy, rows
+from lit_fast.fastpath.front_graphs import FrontGraphs
 
 try:  # transformers >= 5: the mask the HF layers expect, for the rare call that falls back to them
     from transformers.masking_utils import create_bidirectional_mask
@@ -81,6 +82,9 @@ class FastFront:
         self.call: FrontCall | None = None
         self._nan: dict[tuple, torch.Tensor] = {}
         self.copy = rows.HostCopy()  # the plan's way to the host, reused from call to call
+        self.graphs = FrontGraphs()  # the steps before the wait as CUDA graphs (with the stack's cuda_graphs)
+        # positions counted from the ids (RoBERTa family) need a range check on the device: no graphs for those
+        self.graphable = embeddings is not None and not hasattr(embeddings, "create_position_ids_from_input_ids")
         stack.front = self
 
     def hf_forward(self, *args, **kwargs):
@@ -128,16 +132,11 @@ class FastFront:
             return None
         batch, seq_len = mask.shape
         embed_here = embeds is None and self.embeddings is not None and PACKED_EMBEDDINGS
-        inputs, packing, valid, ahead = None, None, None, None
+        inputs, limits, packing, valid, ahead = None, None, None, None, None
         if ROW_PLAN and rows.row_plan_fits(mask, ids):  # CUDA: one kernel, one wait
-            plan = rows.row_plan(mask, ids if embed_here else None)  # first: the GPU idles until it is queued
-            inputs = self._embedding_inputs(named, batch, seq_len) if embed_here else None
-            checks = inputs.checks(with_ids=False) if inputs is not None else None
-            copy = self.copy.start(rows.with_checks(plan, checks))
-            if inputs is not None:  # queued behind the copy, so the GPU has it to do while the host plans on
-                ahead = inputs.embed_ahead(plan)
-            packing = padding.finish_rows(plan, copy.tolist(), batch, seq_len, inputs is not None)
-        elif embed_here:
+            plan, values, inputs, limits, ahead = self._plan_rows(named, mask, ids, embed_here, batch, seq_len)
+            packing = padding.finish_rows(plan, values, batch, seq_len, embed_here)
+        if embed_here and inputs is None and (packing is None or ahead is None):
             inputs = self._embedding_inputs(named, batch, seq_len)
         if packing is None:  # elsewhere, or rows with holes in the mask (`ahead` is then thrown away)
             ahead = None
@@ -145,13 +144,15 @@ class FastFront:
             packing = padding.plan(valid, batch, seq_len, device,
                                    inputs.checks(with_ids=True) if inputs is not None else None)
         if inputs is not None:
-            inputs.raise_if_out_of_range(packing.checks)
+            limits = inputs.limits
+        if embed_here:
+            raise_if_out_of_range(self.embeddings, limits, packing.checks)
         norm_first = first_layer is not None and first_layer.norm_first
         if stack.backend == "auto" and not policy.pays_off(backend, device, packing.padding_fraction, norm_first):
             reason = "too little padding to remove for the fast path to pay off here"
             return FrontCall(None, reason, mask, None, valid, packing)
         call = FrontCall(backend, None, mask, None, valid, packing)
-        if inputs is not None:
+        if embed_here:
             call.inputs = (ids, named.get("token_type_ids"), named.get("position_ids"))
             call.tokens = ahead[:packing.num_tokens] if ahead is not None else inputs.embed(packing)
             if EARLY_LAYERS:
@@ -159,6 +160,47 @@ class FastFront:
         # HF passes a 4-D mask on as it is; the stack knows this view by identity and never reads its values
         call.mask4d = mask[:, None, None, :]
         return call
+
+    def _plan_rows(self, named: dict, mask: torch.Tensor, ids: torch.Tensor | None, embed_here: bool, batch: int,
+                   seq_len: int) -> tuple:
+        """The row plan (rows.row_plan) and its values on the host (the batch's one wait), with `embed_here` the
+        embeddings queued ahead of that wait: (plan, values, EmbeddingInputs or None, their limits, embeddings or
+        None). Replayed from a CUDA graph where one applies (front_graphs.py; the inputs are then None)."""
+        graphs = self.graphs
+        if (embed_here and mask.is_cuda and not graphs.stopped and self.graphable and self.stack.graphed is not None
+                and named.get("token_type_ids") is None and named.get("position_ids") is None):
+            key = graphs.key(mask, ids)
+            replayed = graphs.replay(key, self.embeddings)
+            if replayed is None and graphs.wants(key):
+                replayed = self._capture(key, named, mask, ids, batch, seq_len)
+            if replayed is not None:
+                entry, fresh = replayed
+                return entry.plan, entry.copy.tolist(), None, entry.limits, entry.ahead if fresh else None
+        inputs = self._embedding_inputs(named, batch, seq_len) if embed_here else None
+        checks = inputs.checks(with_ids=False) if inputs is not None else None
+        if checks is None:  # the plan kernel sends its values to the host itself
+            plan = rows.row_plan(mask, ids if embed_here else None, self.copy)
+        else:
+            plan = rows.row_plan(mask, ids)
+            self.copy.start(rows.with_checks(plan, checks))
+        # queued behind the plan, so the GPU has it to do while the host waits and plans on
+        ahead = inputs.embed_ahead(plan) if inputs is not None else None
+        return plan, self.copy.tolist(), inputs, inputs.limits if inputs is not None else None, ahead
+
+    def _capture(self, key: tuple, named: dict, mask: torch.Tensor, ids: torch.Tensor, batch: int, seq_len: int):
+        """Capture the plan and the embeddings for `key` and replay them: what `FrontGraphs.replay` returns, or None
+        (the eager steps then run)."""
+        inputs = self._embedding_inputs(named, batch, seq_len)
+        if inputs.ranges or not inputs.ahead_fits():
+            return None
+
+        def queue(copy: rows.HostCopy) -> tuple[torch.Tensor, torch.Tensor]:
+            plan = rows.row_plan(mask, ids, copy)
+            return plan, inputs.embed_ahead(plan)
+
+        if self.graphs.capture(key, self.embeddings, rows.plan_size(batch), inputs.limits, queue, mask.device) is None:
+            return None
+        return self.graphs.replay(key, self.embeddings)
 
     def _embedding_inputs(self, named: dict, batch: int, seq_len: int) -> EmbeddingInputs | None:
         if self.embeddings is None or not PACKED_EMBEDDINGS:
@@ -260,14 +302,6 @@ class EmbeddingInputs:
         pairs = ([torch.aminmax(self.ids)] if with_ids else []) + self.ranges
         return torch.stack([value.to(torch.int64) for pair in pairs for value in pair]) if pairs else None
 
-    def raise_if_out_of_range(self, values: tuple[int, ...]) -> None:
-        for (what, size, fix), low, high in zip(self.limits, values[0::2], values[1::2]):
-            if low < 0 or high >= size:
-                raise ValueError(
-                    f"{what} hold values from {low} to {high}, outside the model's table of {size} entries "
-                    f"({type(self.module).__name__}): {fix}."
-                )
-
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
         """(word, position, token type or None) tables, and whether the Triton kernel takes them."""
         module = self.module
@@ -276,15 +310,27 @@ class EmbeddingInputs:
         tables = [position] + ([token_type] if token_type is not None else [])
         return word, position, token_type, kernels.embed_layer_norm_fits(word, tables, module.LayerNorm)
 
+    def _ahead_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """The tables for `embed_ahead`, or None where it does not apply (the kernel does not take them, or the
+        upper bound on the tokens is large)."""
+        word, position, token_type, fits = self._tables()
+        if not fits or self.ids.numel() * word.shape[1] * word.element_size() > EMBED_AHEAD_BYTES:
+            return None
+        return word, position, token_type
+
+    def ahead_fits(self) -> bool:
+        return self._ahead_tables() is not None
+
     def embed_ahead(self, plan: torch.Tensor) -> torch.Tensor | None:
         """The embeddings of the real tokens from a `rows.row_plan` buffer still on the device: `(batch * seq_len,
         width)`, of which the first `count` rows are the tokens (the host learns `count` at the wait that follows).
         Indices are clamped in the kernel; the caller checks them after the wait and discards this if one was out of
         range. None where the kernel does not apply or the upper bound is large (then `embed` runs after the wait)."""
-        word, position, token_type, fits = self._tables()
-        batch, seq_len = self.ids.shape
-        if not fits or batch * seq_len * word.shape[1] * word.element_size() > EMBED_AHEAD_BYTES:
+        tables = self._ahead_tables()
+        if tables is None:
             return None
+        word, position, token_type = tables
+        batch, seq_len = self.ids.shape
         return kernels.embed_layer_norm(batch * seq_len, seq_len, self.ids, self.positions, self.types, word, position,
                                         token_type, self.module.LayerNorm, starts=rows.starts_of(plan, batch),
                                         cu_seqlens=rows.cu_seqlens_of(plan, batch), max_len=seq_len)
@@ -309,6 +355,16 @@ class EmbeddingInputs:
             hidden = hidden + F.embedding(real(self.types), token_type)
         hidden = hidden + F.embedding(real(self.positions), position)
         return norm(hidden)
+
+
+def raise_if_out_of_range(module: nn.Module, limits: list[tuple[str, int, str]], values: tuple[int, ...]) -> None:
+    """Raise if a [min, max] pair of `values` (the plan's checks) falls outside its table (EmbeddingInputs.limits)."""
+    for (what, size, fix), low, high in zip(limits, values[0::2], values[1::2]):
+        if low < 0 or high >= size:
+            raise ValueError(
+                f"{what} hold values from {low} to {high}, outside the model's table of {size} entries "
+                f"({type(module).__name__}): {fix}."
+            )
 
 
 def _check_length(largest: int, table: int, what: str) -> None:

@@ -19,12 +19,16 @@ back to `padding.plan`'s flat indices.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from lit_fast.fastpath.kernels import MAX_WIDTH, launch, next_power_of_2, triton
 
 if triton is not None:
     import triton.language as tl
+
+log = logging.getLogger(__name__)
 
 ROW_BLOCK = 1024  # mask positions per step of the plan kernel
 MAX_ROW_PLAN = 1 << 20  # batch * seq_len above which `padding.plan` (plain PyTorch) runs instead
@@ -45,20 +49,36 @@ INT32_MAX, INT32_MIN = 2**31 - 1, -(2**31)
 _templates: dict[tuple, torch.Tensor] = {}
 
 
-def row_plan(mask: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+def row_plan(mask: torch.Tensor, ids: torch.Tensor | None, copy: HostCopy | None = None) -> torch.Tensor:
     """One int32 buffer: `cu_seqlens` (batch + 1), each row's length (batch) and first real position (batch; 0 for
     an empty row), then the number of rows whose real tokens are not one run, the longest row, and the least and
     greatest id among all real tokens (INT32_MAX and INT32_MIN when there are none, or no ids). Ids outside int32
-    are clamped to its range, which lies outside every table, so a range check on these values still fires."""
+    are clamped to its range, which lies outside every table, so a range check on these values still fires.
+
+    `copy`: the buffer also goes to the host through it (`copy.tolist()` then waits for it). The one-program kernel
+    writes it into the pinned buffer itself (pinned memory is mapped into the device's address space), which saves
+    the copy's launch; elsewhere the buffer is copied."""
     batch, seq_len = mask.shape
     mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     ids_arg = ids if ids is not None else mask_arg
+    size = plan_size(batch)
     if batch * seq_len <= ONE_PROGRAM_MAX:
-        out = torch.empty(3 * batch + 1 + PLAN_TAIL, dtype=torch.int32, device=mask.device)
+        out = torch.empty(size, dtype=torch.int32, device=mask.device)
+        host = copy.target(size, mask.device) if copy is not None and MAPPED_HOST else None
         block_s = min(next_power_of_2(seq_len), ONE_PROGRAM_TILE)
-        launch(_row_plan_one_kernel, (1,), mask_arg, mask_arg.stride(0), mask_arg.stride(1), ids_arg,
-               ids_arg.stride(0), ids_arg.stride(1), out, batch, seq_len, HAS_IDS=ids is not None,
-               BLOCK_R=max(1, ONE_PROGRAM_TILE // block_s), BLOCK_S=block_s, num_warps=8)
+        args = (mask_arg, mask_arg.stride(0), mask_arg.stride(1), ids_arg, ids_arg.stride(0), ids_arg.stride(1), out)
+        meta = dict(HAS_IDS=ids is not None, BLOCK_R=max(1, ONE_PROGRAM_TILE // block_s), BLOCK_S=block_s,
+                    num_warps=8)
+        if host is not None:
+            try:
+                launch(_row_plan_one_kernel, (1,), *args, host, batch, seq_len, TO_HOST=True, **meta)
+                copy.written()
+                return out
+            except ValueError as refused:  # Triton found the pinned buffer not mapped: copy from now on
+                _mapped_host_refused(refused)
+        launch(_row_plan_one_kernel, (1,), *args, out, batch, seq_len, TO_HOST=False, **meta)
+        if copy is not None:
+            copy.start(out)
         return out
     key = (batch, mask.device)
     if key not in _templates:  # the initial values: zeros, and the neutral elements of the id min / max
@@ -71,7 +91,24 @@ def row_plan(mask: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         ids_arg.stride(1), out, batch, seq_len, HAS_IDS=ids is not None,
         BLOCK=min(ROW_BLOCK, next_power_of_2(seq_len)), BLOCK_B=min(ROW_BLOCK, next_power_of_2(batch)),
     )
+    if copy is not None:
+        copy.start(out)
     return out
+
+
+def plan_size(batch: int) -> int:
+    """The values in a plan buffer of `batch` rows."""
+    return 3 * batch + 1 + PLAN_TAIL
+
+
+# Whether a kernel may write the plan straight into pinned host memory (cleared if Triton refuses the address).
+MAPPED_HOST = True
+
+
+def _mapped_host_refused(error: Exception) -> None:
+    global MAPPED_HOST
+    MAPPED_HOST = False
+    log.info("fast path: the plan kernel cannot write pinned host memory here (%s); it is copied instead", error)
 
 
 class HostCopy:
@@ -86,18 +123,41 @@ class HostCopy:
         self.event: torch.cuda.Event | None = None
         self.values: torch.Tensor | None = None
         self.waiting = False  # a copy is in flight behind `event`
+        self.in_graph = False  # being captured into a CUDA graph (front_graphs): the event is recorded at replay
 
     def __deepcopy__(self, memo) -> HostCopy:
         return HostCopy()  # a copied model gets its own buffer (CUDA events cannot be copied)
 
+    def target(self, count: int, device: torch.device) -> torch.Tensor | None:
+        """`count` int32 values of pinned host memory for a kernel on `device` to write (None off CUDA); queue the
+        kernel, then call `written`."""
+        if device.type != "cuda":
+            return None
+        if self.buffer is None or self.buffer.dtype != torch.int32 or self.buffer.numel() < count:
+            self._allocate(count, torch.int32)
+        self.values = self.buffer[:count]
+        return self.values
+
+    def written(self) -> HostCopy:
+        """The kernel that writes `target`'s memory is queued: `tolist` waits for it."""
+        if not self.in_graph:
+            self.event.record()
+            self.waiting = True
+        return self
+
+    def _allocate(self, count: int, dtype: torch.dtype) -> None:
+        self.buffer = torch.empty(max(count, 1024), dtype=dtype, pin_memory=True)
+        self.event = torch.cuda.Event()
+
     def start(self, values: torch.Tensor) -> HostCopy:
+        if self.in_graph:
+            raise RuntimeError("the plan's copy to the host is not captured into CUDA graphs")
         if not values.is_cuda:  # (Triton's interpreter runs the row path on CPU tensors): nothing to wait for
             self.values = values
             return self
         count = values.numel()
         if self.buffer is None or self.buffer.dtype != values.dtype or self.buffer.numel() < count:
-            self.buffer = torch.empty(max(count, 1024), dtype=values.dtype, pin_memory=True)
-            self.event = torch.cuda.Event()
+            self._allocate(count, values.dtype)
         self.values = self.buffer[:count]
         self.values.copy_(values.reshape(-1), non_blocking=True)
         self.event.record(torch.cuda.current_stream(values.device))
@@ -195,10 +255,10 @@ if triton is not None:
             tl.atomic_add(Out + 1 + k, tl.zeros([BLOCK_B], tl.int32) + length, mask=(k >= row) & (k < batch))
 
     @triton.jit
-    def _row_plan_one_kernel(Mask, s_mb, s_ms, Ids, s_ib, s_is, Out, batch, seq_len,
-                             HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _row_plan_one_kernel(Mask, s_mb, s_ms, Ids, s_ib, s_is, Out, Host, batch, seq_len, HAS_IDS: tl.constexpr,
+                             TO_HOST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
         """`_row_plan_kernel`'s buffer from a single program: BLOCK_R rows at a time, their `cu_seqlens` as a running
-        sum (no atomics, nothing to zero first)."""
+        sum (no atomics, nothing to zero first). TO_HOST: every value is stored to `Host` (pinned memory) too."""
         big, small = 9223372036854775807, -9223372036854775807
         r_off = tl.arange(0, BLOCK_R)
         c_off = tl.arange(0, BLOCK_S)
@@ -206,7 +266,7 @@ if triton is not None:
         carry, holes, longest = zero, zero, zero
         lo = zero + 2147483647
         hi = zero - 2147483647 - 1
-        tl.store(Out, zero)
+        _put(Out, Host, 0, zero, True, TO_HOST)
         for first_row in range(0, batch, BLOCK_R):
             row = first_row + r_off
             row_ok = row < batch
@@ -228,9 +288,9 @@ if triton is not None:
                     high = tl.maximum(high, tl.max(tl.where(real, ids, small), axis=1))
             real_row = count > 0
             start = tl.where(real_row, first, 0)
-            tl.store(Out + batch + 1 + row, count, mask=row_ok)
-            tl.store(Out + 2 * batch + 1 + row, start, mask=row_ok)
-            tl.store(Out + 1 + row, carry + tl.cumsum(count, axis=0), mask=row_ok)
+            _put(Out, Host, batch + 1 + row, count, row_ok, TO_HOST)
+            _put(Out, Host, 2 * batch + 1 + row, start, row_ok, TO_HOST)
+            _put(Out, Host, 1 + row, carry + tl.cumsum(count, axis=0), row_ok, TO_HOST)
             carry += tl.sum(count, axis=0)
             holes += tl.sum(tl.where(real_row & ((last + 1 - start) != count), 1, 0), axis=0)
             longest = tl.maximum(longest, tl.max(count, axis=0))
@@ -239,11 +299,17 @@ if triton is not None:
                 high32 = tl.minimum(tl.maximum(high, -2147483648), 2147483647).to(tl.int32)
                 lo = tl.minimum(lo, tl.min(tl.where(real_row, low32, 2147483647), axis=0))
                 hi = tl.maximum(hi, tl.max(tl.where(real_row, high32, -2147483647 - 1), axis=0))
-        tail = Out + 3 * batch + 1
-        tl.store(tail, holes)
-        tl.store(tail + 1, longest)
-        tl.store(tail + 2, lo)
-        tl.store(tail + 3, hi)
+        tail = 3 * batch + 1
+        _put(Out, Host, tail, holes, True, TO_HOST)
+        _put(Out, Host, tail + 1, longest, True, TO_HOST)
+        _put(Out, Host, tail + 2, lo, True, TO_HOST)
+        _put(Out, Host, tail + 3, hi, True, TO_HOST)
+
+    @triton.jit
+    def _put(Out, Host, offset, value, mask, TO_HOST: tl.constexpr):
+        tl.store(Out + offset, value, mask=mask)
+        if TO_HOST:
+            tl.store(Host + offset, value, mask=mask)
 
     @triton.jit
     def _pack_rows_kernel(Hidden, s_hb, s_hs, Starts, CU, Out, width, BLOCK: tl.constexpr):

@@ -1,0 +1,146 @@
+"""CUDA graphs of the front's steps before its wait (front.py): the row plan and the embeddings of the real tokens.
+
+Until the first GEMM of a forward is queued the GPU idles, and on the H200 machine's host the front's steps before
+its wait (the plan kernel, the index grids of the embeddings, the embedding kernel, the event) took ~300 us of host
+time at W1. Replayed from a graph they are one launch and an event.
+
+A graph reads its inputs where they are. It is keyed by the address, shape, strides and dtype of the mask and of
+the ids, and by the stream. A later call whose tensors sit at those addresses with the same layout (the same tensors
+again, or new ones the caching allocator put in the same place) replays it, and the graph reads that call's values.
+The embedding module's tables, norm and index buffers are read in place too, so in-place updates show; their
+addresses (and the norm's eps) are compared after each replay, while the GPU runs it. If one changed, the plan is
+kept (it depends on the mask and the ids only), the embeddings are made again after the wait, and the graph is
+dropped. Each graph holds the tensors it read, so a replay for weights that have since moved reads their old
+memory, never freed memory. The plan kernel writes straight into the graph's own pinned buffer (rows.row_plan).
+
+A key is captured the second time it is seen. At most MAX_GRAPHS graphs are kept (the oldest is dropped first),
+their embedding buffers at most MAX_BYTES together; after MAX_CAPTURES captures a front stops capturing (a stream of
+ever new addresses or shapes). With `to_fast_path(..., cuda_graphs=False)` the front runs its steps eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lit_fast.fastpath import rows
+
+log = logging.getLogger(__name__)
+
+MAX_GRAPHS = 4
+MAX_BYTES = 256 << 20  # the graphs' embedding buffers together (W1, bf16: 50 MB a graph)
+MAX_CAPTURES = 32
+REPEATS = 2  # a key is captured the second time it is seen
+
+
+@dataclass
+class FrontGraph:
+    graph: torch.cuda.CUDAGraph
+    plan: torch.Tensor  # the plan buffer on the device (static output)
+    ahead: torch.Tensor  # the embeddings buffer (static output): the first `count` rows are the tokens
+    copy: rows.HostCopy  # its pinned buffer is where the graph's plan kernel writes
+    size: int  # plan values
+    device: torch.device
+    sources: tuple  # embedding_sources() at capture
+    limits: list  # EmbeddingInputs.limits at capture: the range check of the ids
+    keep: tuple  # the tensors the graph reads besides its inputs, held so their memory stays valid
+
+
+class FrontGraphs:
+    """The graphs of one FastFront; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.graphs: dict[tuple, FrontGraph] = {}
+        self.seen: dict[tuple, int] = {}
+        self.captures = 0
+        self.stopped = False
+        self.pool = None
+
+    def __deepcopy__(self, memo) -> FrontGraphs:
+        return FrontGraphs()  # a cache tied to the original's tensors (and CUDA graphs cannot be copied)
+
+    @staticmethod
+    def key(mask: torch.Tensor, ids: torch.Tensor) -> tuple:
+        return (mask.data_ptr(), mask.shape, mask.stride(), mask.dtype, ids.data_ptr(), ids.stride(), ids.dtype,
+                torch._C._cuda_getCurrentRawStream(mask.get_device()))
+
+    def replay(self, key: tuple, module: nn.Module) -> tuple[FrontGraph, bool] | None:
+        """Replay the graph of `key` and queue its event: (graph, whether its embeddings are valid), or None when
+        there is no graph for `key`. Invalid embeddings (the module's tensors moved) drop the graph."""
+        entry = self.graphs.get(key)
+        if entry is None:
+            return None
+        entry.graph.replay()
+        entry.copy.target(entry.size, entry.device)
+        entry.copy.written()
+        if embedding_sources(module)[0] == entry.sources:
+            return entry, True
+        del self.graphs[key]
+        return entry, False
+
+    def wants(self, key: tuple) -> bool:
+        """Whether to capture `key` now (the second time it is seen)."""
+        if self.stopped:
+            return False
+        if len(self.seen) >= 8 * MAX_CAPTURES and key not in self.seen:
+            self.seen.clear()  # a long stream of one-off keys: forget them rather than grow
+        self.seen[key] = count = self.seen.get(key, 0) + 1
+        return count >= REPEATS
+
+    def capture(self, key: tuple, module: nn.Module, size: int, limits: list,
+                queue: Callable[[rows.HostCopy], tuple[torch.Tensor, torch.Tensor]], device: torch.device
+                ) -> FrontGraph | None:
+        """Capture `queue(copy)` (the plan into `copy`'s pinned buffer, then the embeddings; it returns both) for
+        `key`; None when this front has stopped capturing or the capture failed (then it stops)."""
+        if self.captures >= MAX_CAPTURES:
+            self.stop(f"{self.captures} captures without settling on a few input addresses and shapes")
+            return None
+        self.captures += 1
+        copy = rows.HostCopy()
+        copy.target(size, device)  # pinned memory cannot be allocated during a capture
+        copy.in_graph = True
+        stream = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device=device)  # warm up off the capture stream (compiles, lazy init)
+        side.wait_stream(stream)
+        try:
+            with torch.cuda.stream(side):
+                queue(copy)
+            stream.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                plan, ahead = queue(copy)
+        except RuntimeError as failure:  # a capture this torch/driver cannot do
+            self.stop(f"capture failed ({failure})")
+            return None
+        copy.in_graph = False
+        self.pool = graph.pool()
+        sources, tensors = embedding_sources(module)
+        entry = FrontGraph(graph, plan, ahead, copy, size, device, sources, limits, tensors)
+        while self.graphs and (len(self.graphs) >= MAX_GRAPHS or ahead.nbytes + sum(
+                g.ahead.nbytes for g in self.graphs.values()) > MAX_BYTES):
+            del self.graphs[next(iter(self.graphs))]  # the oldest
+        self.graphs[key] = entry
+        return entry
+
+    def stop(self, why: str) -> None:
+        log.info("fast path: the front's CUDA graphs are off for this model: %s", why)
+        self.stopped = True
+        self.graphs.clear()
+        self.seen.clear()
+        self.pool = None
+
+
+def embedding_sources(module: nn.Module) -> tuple[tuple, tuple]:
+    """(the address of every tensor the front's embedding kernel reads from `module`, and the norm's eps; those
+    tensors): the tables, the norm's weight and bias, and the position / token type index buffers."""
+    modules, buffers = module._modules, module._buffers
+    tensors = tuple(modules[name].weight for name in ("word_embeddings", "position_embeddings", "token_type_embeddings")
+                    if modules.get(name) is not None)
+    norm = modules["LayerNorm"]
+    tensors += tuple(t for t in (norm.weight, norm.bias) if t is not None) + tuple(
+        buffers[name] for name in ("position_ids", "token_type_ids") if buffers.get(name) is not None)
+    return tuple(t.data_ptr() for t in tensors) + (norm.eps,), tensors
