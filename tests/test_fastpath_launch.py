@@ -195,11 +195,13 @@ def test_a_known_shape_replays_first_and_a_stale_graph_is_dropped_after_the_chec
     got = auto(tokens, packing, resolve)
     assert torch.equal(got, out[:10]) and got.data_ptr() != out.data_ptr()  # a copy: the next replay reuses `out`
     assert torch.equal(auto.graphs[key].tokens[:10], tokens) and looked_up == [1]
+    view = auto(tokens, packing, resolve, copy_out=False)  # for a caller that copies it itself (unpacking)
+    assert torch.equal(view, out[:10]) and view.data_ptr() == out.data_ptr() and looked_up == [1, 2]
     dense = model.encoder.layer[1].output.dense
     dense.weight = torch.nn.Parameter(dense.weight.detach().clone())  # moved: the graph read the old one
     auto.captures = graphs.AUTO_MAX_CAPTURES  # so that no capture is tried here (it needs CUDA)
     assert auto(tokens, packing, resolve) is None
-    assert FakeGraph.replays == 2 and key not in auto.graphs and not auto.latest
+    assert FakeGraph.replays == 3 and key not in auto.graphs and not auto.latest
 
 
 def test_front_graphs_capture_on_the_second_sight_and_drop_a_graph_whose_embeddings_moved():

@@ -116,8 +116,13 @@ class FastFront:
         if named.get("past_key_values") is not None or named.get("cache") is not None:
             return None
         stack = self.stack
-        if self.owner.training or stack.owner.training or any(stack._wants(named, flag) for flag in (
-                "output_hidden_states", "output_attentions")):
+        if self.owner.training or stack.owner.training:
+            return None  # the stack serves this itself
+        # A graph of the steps before the wait replays first, so that the GPU runs it while the host checks the rest
+        # (should the checks decide against the fast path, its result is simply not used).
+        graph_key = self._graph_key(named, mask, ids, embeds)
+        replayed = self.graphs.replay(graph_key, self.embeddings) if graph_key is not None else None
+        if any(stack._wants(named, flag) for flag in ("output_hidden_states", "output_attentions")):
             return None  # the stack serves or refuses these itself
         if torch.is_grad_enabled() and ((embeds is not None and embeds.requires_grad)
                                         or any(p.requires_grad for p in self.owner.parameters())):
@@ -134,7 +139,8 @@ class FastFront:
         embed_here = embeds is None and self.embeddings is not None and PACKED_EMBEDDINGS
         inputs, limits, packing, valid, ahead = None, None, None, None, None
         if ROW_PLAN and rows.row_plan_fits(mask, ids):  # CUDA: one kernel, one wait
-            plan, values, inputs, limits, ahead = self._plan_rows(named, mask, ids, embed_here, batch, seq_len)
+            plan, values, inputs, limits, ahead = self._plan_rows(named, mask, ids, embed_here, batch, seq_len,
+                                                                 graph_key, replayed)
             packing = padding.finish_rows(plan, values, batch, seq_len, embed_here)
         if embed_here and inputs is None and (packing is None or ahead is None):
             inputs = self._embedding_inputs(named, batch, seq_len)
@@ -161,21 +167,26 @@ class FastFront:
         call.mask4d = mask[:, None, None, :]
         return call
 
+    def _graph_key(self, named: dict, mask: torch.Tensor, ids: torch.Tensor | None, embeds) -> tuple | None:
+        """The key of this call's front graph (front_graphs.py), or None where graphs do not apply: they cover the
+        embeddings from the module's own position and token type buffers, on CUDA, with the stack's cuda_graphs."""
+        if (ids is None or embeds is not None or not mask.is_cuda or not self.graphable or not PACKED_EMBEDDINGS
+                or self.graphs.stopped or self.stack.graphed is None or named.get("token_type_ids") is not None
+                or named.get("position_ids") is not None):
+            return None
+        return self.graphs.key(mask, ids)
+
     def _plan_rows(self, named: dict, mask: torch.Tensor, ids: torch.Tensor | None, embed_here: bool, batch: int,
-                   seq_len: int) -> tuple:
+                   seq_len: int, graph_key: tuple | None, replayed: tuple | None) -> tuple:
         """The row plan (rows.row_plan) and its values on the host (the batch's one wait), with `embed_here` the
         embeddings queued ahead of that wait: (plan, values, EmbeddingInputs or None, their limits, embeddings or
-        None). Replayed from a CUDA graph where one applies (front_graphs.py; the inputs are then None)."""
-        graphs = self.graphs
-        if (embed_here and mask.is_cuda and not graphs.stopped and self.graphable and self.stack.graphed is not None
-                and named.get("token_type_ids") is None and named.get("position_ids") is None):
-            key = graphs.key(mask, ids)
-            replayed = graphs.replay(key, self.embeddings)
-            if replayed is None and graphs.wants(key):
-                replayed = self._capture(key, named, mask, ids, batch, seq_len)
-            if replayed is not None:
-                entry, fresh = replayed
-                return entry.plan, entry.copy.tolist(), None, entry.limits, entry.ahead if fresh else None
+        None). From the CUDA graph `replayed` (FrontGraphs.replay) when there is one, or captured now for
+        `graph_key` when it is due (the inputs are then None)."""
+        if replayed is None and graph_key is not None and embed_here and self.graphs.wants(graph_key):
+            replayed = self._capture(graph_key, named, mask, ids, batch, seq_len)
+        if replayed is not None:
+            entry, fresh = replayed
+            return entry.plan, entry.copy.tolist(), None, entry.limits, entry.ahead if fresh else None
         inputs = self._embedding_inputs(named, batch, seq_len) if embed_here else None
         checks = inputs.checks(with_ids=False) if inputs is not None else None
         if checks is None:  # the plan kernel sends its values to the host itself

@@ -125,10 +125,12 @@ class GraphedLayers:
         self.pool = None
         self.seen.clear()
 
-    def __call__(self, tokens: torch.Tensor, packing: Packing,
-                 resolve: Callable[[], list[LayerParts]]) -> torch.Tensor | None:
+    def __call__(self, tokens: torch.Tensor, packing: Packing, resolve: Callable[[], list[LayerParts]],
+                 copy_out: bool = True) -> torch.Tensor | None:
         """The layers' output for `tokens`, replayed from a graph (captured if new); None when auto mode declines
         (the caller then runs the layers itself). `resolve()` looks the layers up (once; the caller may reuse it).
+        `copy_out=False`: the result is a view of the graph's static output, which the next replay overwrites (for a
+        caller that copies it anyway before then, such as the unpacking of a padded batch).
 
         A batch shape replayed before is replayed again at once, and the layers are looked up and the weights
         checked while the GPU runs it: that walk (~200 tensors for BERT-base) is host time the GPU would otherwise
@@ -139,7 +141,7 @@ class GraphedLayers:
         shape = (packing.batch, bucket, bound, tokens.dtype, tokens.shape[-1], tokens.device)
         known = self.latest.get(shape)
         if known is not None:
-            out = self._replay(self.graphs[known], tokens, packing)
+            out = self._replay(self.graphs[known], tokens, packing, copy_out)
             if self._key(shape, resolve()) == known:
                 return out
             self._drop(known)  # stale: the weights changed under it
@@ -158,7 +160,7 @@ class GraphedLayers:
                 return None
             entry = self._capture(key, tokens, packing, layers, bucket, bound)
         self.latest[shape] = key
-        return self._replay(entry, tokens, packing)
+        return self._replay(entry, tokens, packing, copy_out)
 
     @staticmethod
     def _key(shape: tuple, layers: list[LayerParts]) -> tuple | None:
@@ -169,12 +171,13 @@ class GraphedLayers:
         return (*shape, tuple(t.data_ptr() for parts in layers for t in _weights(parts)), versions)
 
     @staticmethod
-    def _replay(entry: _Graph, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
+    def _replay(entry: _Graph, tokens: torch.Tensor, packing: Packing, copy_out: bool = True) -> torch.Tensor:
         count = packing.num_tokens
         entry.tokens[:count].copy_(tokens)
         entry.cu_seqlens[: packing.batch + 1].copy_(packing.cu_seqlens)
         entry.graph.replay()
-        return entry.out[:count].clone()  # the next replay of any graph in the pool may overwrite `out`
+        out = entry.out[:count]
+        return out.clone() if copy_out else out  # the next replay of any graph in the pool may overwrite `out`
 
     def _drop(self, key: tuple) -> None:
         """Forget a graph (and the tensors it held) and every shape that pointed at it."""

@@ -168,7 +168,9 @@ class FastStack:
             return resolved
 
         try:
-            out = self.graphed(tokens, packing, resolve)
+            # unpacking a padded batch copies the result anyway, before any other replay
+            copy_out = not packing.padded or self.adapter.epilogue is not None
+            out = self.graphed(tokens, packing, resolve, copy_out)
             if out is not None:
                 return out
         except RuntimeError as failure:  # a capture this torch/driver cannot do: keep going without graphs
