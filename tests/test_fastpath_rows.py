@@ -85,11 +85,13 @@ def test_row_plan_equals_the_reference(monkeypatch, kind, batch, seq_len, as_boo
     assert torch.equal(got.cpu(), want)
 
 
-@pytest.mark.parametrize("kind,one_program", [("right", True), ("holes", True), ("left", False)])
+@pytest.mark.parametrize("kind,one_program,spread", [("right", True, False), ("holes", True, False),
+                                                      ("left", False, False), ("right", True, True)])
 @triton_test
-def test_row_plan_reaches_the_host_through_a_host_copy(monkeypatch, kind, one_program):
-    """Given a HostCopy, the plan comes back through it: on CUDA the one-program kernel writes it straight into the
-    pinned buffer (no copy launched), otherwise it is copied."""
+def test_row_plan_reaches_the_host_through_a_host_copy(monkeypatch, kind, one_program, spread):
+    """Given a HostCopy, the plan comes back through it: on CUDA a kernel writes it straight into the pinned buffer
+    (no copy launched; `spread`: a program per row, then a kernel that writes the host's buffer), elsewhere it is
+    copied."""
     monkeypatch.setattr(rows, "ONE_PROGRAM_MAX", rows.ONE_PROGRAM_MAX if one_program else 0)
     generator = torch.Generator().manual_seed(7)
     mask = masks(kind, 6, 50, generator)
@@ -100,11 +102,25 @@ def test_row_plan_reaches_the_host_through_a_host_copy(monkeypatch, kind, one_pr
     real_start = rows.HostCopy.start
     monkeypatch.setattr(rows.HostCopy, "start", lambda self, values: copied.append(1) or real_start(self, values))
     for _ in range(2):  # the pinned buffer is reused
-        got = rows.row_plan(mask.to(DEVICE), ids.to(DEVICE), copy)
+        got = rows.row_plan(mask.to(DEVICE), ids.to(DEVICE), copy, spread=spread)
         assert copy.tolist() == want.tolist() and torch.equal(got.cpu(), want)
     assert rows.MAPPED_HOST
-    assert len(copied) == (0 if one_program and DEVICE == "cuda" else 2)
+    assert len(copied) == (0 if DEVICE == "cuda" else 2)
 
+
+@triton_test
+def test_a_plan_value_equal_to_the_sentinel_still_reaches_the_host(monkeypatch):
+    """The host polls a mapped plan until no value is SENTINEL; a value that really is SENTINEL (an id here) ends the
+    polling with a wait for the stream, and the values read after it are final."""
+    monkeypatch.setattr(rows.HostCopy, "SPINS", 5)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    ids = torch.full((2, 8), 7)
+    ids[1, 3] = rows.SENTINEL
+    want = reference_plan(mask, ids)
+    assert rows.SENTINEL in want.tolist()
+    copy = rows.HostCopy()
+    rows.row_plan(mask.to(DEVICE), ids.to(DEVICE), copy)
+    assert copy.tolist() == want.tolist()
 
 
 @pytest.mark.parametrize("kind", ["right", "left", "none"])

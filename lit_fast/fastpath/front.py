@@ -206,7 +206,7 @@ class FastFront:
             return None
 
         def queue(copy: rows.HostCopy) -> tuple[torch.Tensor, torch.Tensor]:
-            plan = rows.row_plan(mask, ids, copy)
+            plan = rows.row_plan(mask, ids, copy, spread=True)
             return plan, inputs.embed_ahead(plan)
 
         if self.graphs.capture(key, self.embeddings, rows.plan_size(batch), inputs.limits, queue, mask.device) is None:

@@ -49,48 +49,54 @@ INT32_MAX, INT32_MIN = 2**31 - 1, -(2**31)
 _templates: dict[tuple, torch.Tensor] = {}
 
 
-def row_plan(mask: torch.Tensor, ids: torch.Tensor | None, copy: HostCopy | None = None) -> torch.Tensor:
+def row_plan(mask: torch.Tensor, ids: torch.Tensor | None, copy: HostCopy | None = None,
+             spread: bool = False) -> torch.Tensor:
     """One int32 buffer: `cu_seqlens` (batch + 1), each row's length (batch) and first real position (batch; 0 for
     an empty row), then the number of rows whose real tokens are not one run, the longest row, and the least and
     greatest id among all real tokens (INT32_MAX and INT32_MIN when there are none, or no ids). Ids outside int32
     are clamped to its range, which lies outside every table, so a range check on these values still fires.
 
-    `copy`: the buffer also goes to the host through it (`copy.tolist()` then waits for it). The one-program kernel
-    writes it into the pinned buffer itself (pinned memory is mapped into the device's address space), which saves
-    the copy's launch; elsewhere the buffer is copied."""
+    `copy`: the buffer also goes to the host through it (`copy.tolist()` then waits for it). A kernel writes it into
+    the pinned buffer itself (pinned memory is mapped into the device's address space), which saves the copy's
+    launch and lets the host read it as soon as it is written. `spread`: a program per row even for a small mask
+    (three steps instead of one: cheap inside a CUDA graph, and W1's plan then takes ~10 us of device time
+    instead of ~70)."""
     batch, seq_len = mask.shape
     mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     ids_arg = ids if ids is not None else mask_arg
     size = plan_size(batch)
-    if batch * seq_len <= ONE_PROGRAM_MAX:
+    host = copy.target(size, mask.device) if copy is not None and MAPPED_HOST else None
+    args = (mask_arg, mask_arg.stride(0), mask_arg.stride(1), ids_arg, ids_arg.stride(0), ids_arg.stride(1))
+    if batch * seq_len <= ONE_PROGRAM_MAX and not spread:
         out = torch.empty(size, dtype=torch.int32, device=mask.device)
-        host = copy.target(size, mask.device) if copy is not None and MAPPED_HOST else None
         block_s = min(next_power_of_2(seq_len), ONE_PROGRAM_TILE)
-        args = (mask_arg, mask_arg.stride(0), mask_arg.stride(1), ids_arg, ids_arg.stride(0), ids_arg.stride(1), out)
         meta = dict(HAS_IDS=ids is not None, BLOCK_R=max(1, ONE_PROGRAM_TILE // block_s), BLOCK_S=block_s,
                     num_warps=8)
         if host is not None:
             try:
-                launch(_row_plan_one_kernel, (1,), *args, host, batch, seq_len, TO_HOST=True, **meta)
+                launch(_row_plan_one_kernel, (1,), *args, out, host, batch, seq_len, TO_HOST=True, **meta)
                 copy.written()
                 return out
             except ValueError as refused:  # Triton found the pinned buffer not mapped: copy from now on
                 _mapped_host_refused(refused)
-        launch(_row_plan_one_kernel, (1,), *args, out, batch, seq_len, TO_HOST=False, **meta)
-        if copy is not None:
-            copy.start(out)
-        return out
-    key = (batch, mask.device)
-    if key not in _templates:  # the initial values: zeros, and the neutral elements of the id min / max
-        template = torch.zeros(3 * batch + 1 + PLAN_TAIL, dtype=torch.int32)
-        template[-2:] = torch.tensor([INT32_MAX, INT32_MIN], dtype=torch.int32)
-        _templates[key] = template.to(mask.device)
-    out = _templates[key].clone()
-    launch(
-        _row_plan_kernel, (batch,), mask_arg, mask_arg.stride(0), mask_arg.stride(1), ids_arg, ids_arg.stride(0),
-        ids_arg.stride(1), out, batch, seq_len, HAS_IDS=ids is not None,
-        BLOCK=min(ROW_BLOCK, next_power_of_2(seq_len)), BLOCK_B=min(ROW_BLOCK, next_power_of_2(batch)),
-    )
+                host = None
+        launch(_row_plan_one_kernel, (1,), *args, out, out, batch, seq_len, TO_HOST=False, **meta)
+    else:
+        key = (batch, mask.device)
+        if key not in _templates:  # the initial values: zeros, and the neutral elements of the id min / max
+            template = torch.zeros(size, dtype=torch.int32)
+            template[-2:] = torch.tensor([INT32_MAX, INT32_MIN], dtype=torch.int32)
+            _templates[key] = template.to(mask.device)
+        out = _templates[key].clone()
+        launch(_row_plan_kernel, (batch,), *args, out, batch, seq_len, HAS_IDS=ids is not None,
+               BLOCK=min(ROW_BLOCK, next_power_of_2(seq_len)), BLOCK_B=min(ROW_BLOCK, next_power_of_2(batch)))
+        if host is not None:
+            try:
+                launch(_to_host_kernel, (-(-size // ROW_BLOCK),), out, host, size, BLOCK=ROW_BLOCK)
+                copy.written()
+                return out
+            except ValueError as refused:
+                _mapped_host_refused(refused)
     if copy is not None:
         copy.start(out)
     return out
@@ -111,42 +117,55 @@ def _mapped_host_refused(error: Exception) -> None:
     log.info("fast path: the plan kernel cannot write pinned host memory here (%s); it is copied instead", error)
 
 
+SENTINEL = INT32_MIN + 1  # what a mapped buffer holds until the kernel has written each value
+
+
 class HostCopy:
-    """Device values on their way to the host: `start` queues a non-blocking copy into pinned memory and an event
-    behind it, `tolist` waits for that event only, so kernels queued after `start` (the front's embeddings) are
-    not waited for, and the pageable staging of `.tolist()` on a CUDA tensor is skipped. The pinned buffer and the
-    event are kept for the next call (one copy in flight at a time: each `start` is read by `tolist` before the next
-    `start`)."""
+    """Device values on their way to the host, into a pinned buffer kept from call to call (one transfer in flight at
+    a time: each is read by `tolist` before the next starts).
+
+    Two ways in: `target` hands out the pinned memory for a kernel to write itself (filled with SENTINEL first), and
+    `written` says the kernel is queued; `tolist` then reads the values as soon as none is SENTINEL any more, without
+    waiting for the kernels queued after it (the front's embeddings). A value that really is SENTINEL, or a device
+    still busy with earlier work after SPINS looks, ends the polling with a wait for the stream, after which every
+    value is final. Or `start` queues a non-blocking copy of device values and an event behind it, and `tolist` waits
+    for that event only."""
+
+    SPINS = 1000  # looks at the buffer (~1 us each) before waiting for the stream instead
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
+        self.array = None  # the buffer as a numpy array (cheap to poll)
         self.event: torch.cuda.Event | None = None
         self.values: torch.Tensor | None = None
-        self.waiting = False  # a copy is in flight behind `event`
-        self.in_graph = False  # being captured into a CUDA graph (front_graphs): the event is recorded at replay
+        self.waiting: str | None = None  # "event" (a copy is in flight behind `event`) or "mapped" (a kernel writes)
+        self.in_graph = False  # being captured into a CUDA graph (front_graphs): nothing to wait for at capture
+        self.device: torch.device | None = None  # where the kernel writing `target` runs
 
     def __deepcopy__(self, memo) -> HostCopy:
         return HostCopy()  # a copied model gets its own buffer (CUDA events cannot be copied)
 
     def target(self, count: int, device: torch.device) -> torch.Tensor | None:
-        """`count` int32 values of pinned host memory for a kernel on `device` to write (None off CUDA); queue the
-        kernel, then call `written`."""
+        """`count` int32 values of pinned host memory, set to SENTINEL, for a kernel on `device` to write (None off
+        CUDA); queue the kernel, then call `written`."""
         if device.type != "cuda":
             return None
         if self.buffer is None or self.buffer.dtype != torch.int32 or self.buffer.numel() < count:
             self._allocate(count, torch.int32)
         self.values = self.buffer[:count]
+        self.array[:count] = SENTINEL
+        self.device = device
         return self.values
 
     def written(self) -> HostCopy:
-        """The kernel that writes `target`'s memory is queued: `tolist` waits for it."""
+        """The kernel that writes `target`'s memory is queued: `tolist` polls for its values."""
         if not self.in_graph:
-            self.event.record()
-            self.waiting = True
+            self.waiting = "mapped"
         return self
 
     def _allocate(self, count: int, dtype: torch.dtype) -> None:
         self.buffer = torch.empty(max(count, 1024), dtype=dtype, pin_memory=True)
+        self.array = self.buffer.numpy()
         self.event = torch.cuda.Event()
 
     def start(self, values: torch.Tensor) -> HostCopy:
@@ -161,13 +180,20 @@ class HostCopy:
         self.values = self.buffer[:count]
         self.values.copy_(values.reshape(-1), non_blocking=True)
         self.event.record(torch.cuda.current_stream(values.device))
-        self.waiting = True
+        self.waiting = "event"
         return self
 
     def tolist(self) -> list:
-        if self.waiting:
+        values, waiting = self.values, self.waiting
+        self.values, self.waiting = None, None
+        if waiting == "event":
             self.event.synchronize()
-        values, self.values, self.waiting = self.values, None, False
+        elif waiting == "mapped":
+            array = self.array[:values.numel()]
+            for _ in range(self.SPINS):
+                if not (array == SENTINEL).any():
+                    return array.tolist()
+            torch.cuda.current_stream(self.device).synchronize()
         return values.tolist()
 
 
@@ -310,6 +336,11 @@ if triton is not None:
         tl.store(Out + offset, value, mask=mask)
         if TO_HOST:
             tl.store(Host + offset, value, mask=mask)
+
+    @triton.jit
+    def _to_host_kernel(Out, Host, size, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Host + offsets, tl.load(Out + offsets, mask=offsets < size), mask=offsets < size)
 
     @triton.jit
     def _pack_rows_kernel(Hidden, s_hb, s_hs, Starts, CU, Out, width, BLOCK: tl.constexpr):
