@@ -188,6 +188,42 @@ def test_front_graphs_read_the_inputs_and_the_embeddings_where_they_are():
             graphed(input_ids=ids, attention_mask=mask)
 
 
+def test_the_front_graph_computes_the_first_q_k_v_ahead_and_drops_a_stale_one(monkeypatch):
+    """Where the layers run eagerly after the front's graph, the graph also computes the first layer's q/k/v over all
+    rows (front.FIRST_QKV_AHEAD) and the first layer takes it; after an in-place update of q/k/v that result is not
+    used, the graph is dropped and captured again with the new weights."""
+    from lit_fast.fastpath import graphs as layer_graphs
+    from lit_fast.fastpath import stack as stack_module
+
+    monkeypatch.setattr(layer_graphs, "AUTO_MAX_TOKENS", 0)  # no graphs for the layers: they run eagerly
+    model = tiny_text_model("bert").cuda().half()
+    eager = to_fast_path(copy.deepcopy(model), "packed", cuda_graphs=False)
+    graphed = to_fast_path(model, "packed")
+    graphs = graphed.encoder.forward.front.graphs
+    depth = len(graphed.encoder.layer)
+    given = []  # per layer run: whether it was handed its q/k/v
+    real = stack_module.packed_layer
+    monkeypatch.setattr(stack_module, "packed_layer",
+                        lambda x, parts, packing, qkv=None: given.append(qkv is not None) or real(x, parts, packing, qkv))
+    ids, mask = (t.cuda() for t in text_batch("right"))
+
+    def check() -> list[bool]:
+        given.clear()
+        assert_close_on_tokens(graphed(input_ids=ids, attention_mask=mask).last_hidden_state,
+                               eager(input_ids=ids, attention_mask=mask).last_hidden_state, mask, atol=1e-3)
+        return list(given)
+
+    with torch.inference_mode():
+        assert check() == [False] * depth  # eager front
+        assert check() == [True] + [False] * (depth - 1)  # captured, with the first layer's q/k/v
+        assert check() == [True] + [False] * (depth - 1)  # replayed
+        for target in (graphed, eager):
+            target.encoder.layer[0].attention.self.value.weight.mul_(0.5)
+        assert check() == [False] * depth and not graphs.graphs  # stale: computed again, the graph dropped
+        check()
+        assert check() == [True] + [False] * (depth - 1) and len(graphs.graphs) == 1
+
+
 def test_auto_cuda_graphs_replay_repeated_small_batches_only_and_match_eager(monkeypatch):
     """cuda_graphs="auto" (the default): a small batch runs eagerly the first time, is captured the second time and
     replayed after; a batch over the token limit never is."""

@@ -234,7 +234,7 @@ def test_front_graphs_capture_on_the_second_sight_and_drop_a_graph_whose_embeddi
 
     def entry() -> front_graphs.FrontGraph:
         sources, tensors = front_graphs.embedding_sources(embeddings)
-        return front_graphs.FrontGraph(FakeGraph(), torch.zeros(5), torch.zeros(4, 8), FakeCopy(), 5,
+        return front_graphs.FrontGraph(FakeGraph(), torch.zeros(5), torch.zeros(4, 8), None, None, FakeCopy(), 5,
                                        torch.device("cpu"), sources, [], tensors)
 
     graphs.graphs[key] = first = entry()

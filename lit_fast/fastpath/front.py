@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_fast.fastpath import kernels, padding, policy, rows
+from lit_fast.fastpath import kernels, layers, padding, policy, rows
+from lit_fast.fastpath import front_graphs
 from lit_fast.fastpath.front_graphs import FrontGraphs
 
 try:  # transformers >= 5: the mask the HF layers expect, for the rare call that falls back to them
@@ -53,6 +54,10 @@ EARLY_LAYERS = True
 # With the row plan, the embeddings are queued before the batch's wait into a buffer of batch * seq_len rows (the
 # count is not known yet), up to this many bytes; larger batches embed after the wait, into exactly `count` rows.
 EMBED_AHEAD_BYTES = 256 << 20
+# In the front's CUDA graph, the first layer's q/k/v GEMM over all batch * seq_len rows of the embeddings, queued before
+# the host knows the token count: the rows of padding it computes in vain (W1: ~70 us of device time) replace the
+# GPU's wait for the host's steps between the plan and the first GEMM (~150 us). A switch for benchmarks.
+FIRST_QKV_AHEAD = True
 
 
 @dataclass
@@ -137,10 +142,11 @@ class FastFront:
             return None
         batch, seq_len = mask.shape
         embed_here = embeds is None and self.embeddings is not None and PACKED_EMBEDDINGS
-        inputs, limits, packing, valid, ahead = None, None, None, None, None
+        inputs, limits, packing, valid, ahead, qkv = None, None, None, None, None, None
         if ROW_PLAN and rows.row_plan_fits(mask, ids):  # CUDA: one kernel, one wait
-            plan, values, inputs, limits, ahead = self._plan_rows(named, mask, ids, embed_here, batch, seq_len,
-                                                                 graph_key, replayed)
+            plan, values, inputs, limits, ahead, qkv = self._plan_rows(
+                named, mask, ids, embed_here, batch, seq_len, graph_key, replayed,
+                first_layer if self._qkv_ahead_applies(first_layer, backend) else None)
             packing = padding.finish_rows(plan, values, batch, seq_len, embed_here)
         if embed_here and inputs is None and (packing is None or ahead is None):
             inputs = self._embedding_inputs(named, batch, seq_len)
@@ -160,9 +166,12 @@ class FastFront:
         call = FrontCall(backend, None, mask, None, valid, packing)
         if embed_here:
             call.inputs = (ids, named.get("token_type_ids"), named.get("position_ids"))
-            call.tokens = ahead[:packing.num_tokens] if ahead is not None else inputs.embed(packing)
+            count = packing.num_tokens
+            call.tokens = ahead[:count] if ahead is not None else inputs.embed(packing)
             if EARLY_LAYERS:
-                call.output = stack.run(None, valid, packing, backend, stack.iter_parts(first_layer), call.tokens)
+                first_qkv = qkv[:count] if qkv is not None and ahead is not None else None
+                call.output = stack.run(None, valid, packing, backend, stack.iter_parts(first_layer), call.tokens,
+                                        first_qkv)
         # HF passes a 4-D mask on as it is; the stack knows this view by identity and never reads its values
         call.mask4d = mask[:, None, None, :]
         return call
@@ -176,17 +185,31 @@ class FastFront:
             return None
         return self.graphs.key(mask, ids)
 
+    def _qkv_ahead_applies(self, first: layers.LayerParts | None, backend: str) -> bool:
+        """Whether the first layer's fused q/k/v GEMM may run in the front's graph (FIRST_QKV_AHEAD): packed layers
+        that start with it (post-LN, no prologue), outside autograd and autocast."""
+        return (FIRST_QKV_AHEAD and backend == "packed" and first is not None and not first.norm_first
+                and self.stack.adapter.prologue is None and layers.FUSE_QKV and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cuda"))
+
     def _plan_rows(self, named: dict, mask: torch.Tensor, ids: torch.Tensor | None, embed_here: bool, batch: int,
-                   seq_len: int, graph_key: tuple | None, replayed: tuple | None) -> tuple:
+                   seq_len: int, graph_key: tuple | None, replayed: tuple | None,
+                   qkv_layer: layers.LayerParts | None) -> tuple:
         """The row plan (rows.row_plan) and its values on the host (the batch's one wait), with `embed_here` the
         embeddings queued ahead of that wait: (plan, values, EmbeddingInputs or None, their limits, embeddings or
-        None). From the CUDA graph `replayed` (FrontGraphs.replay) when there is one, or captured now for
-        `graph_key` when it is due (the inputs are then None)."""
+        None, q/k/v or None). From the CUDA graph `replayed` (FrontGraphs.replay) when there is one, or captured now
+        for `graph_key` when it is due (the inputs are then None). `qkv_layer`: the first layer, where its q/k/v
+        projection may be computed in the graph (`_qkv_ahead_applies`); the result comes back only if it was made
+        from that layer's current q/k/v weights (a stale one drops the graph)."""
         if replayed is None and graph_key is not None and embed_here and self.graphs.wants(graph_key):
-            replayed = self._capture(graph_key, named, mask, ids, batch, seq_len)
+            replayed = self._capture(graph_key, named, mask, ids, batch, seq_len, qkv_layer)
         if replayed is not None:
             entry, fresh = replayed
-            return entry.plan, entry.copy.tolist(), None, entry.limits, entry.ahead if fresh else None
+            qkv = entry.qkv if fresh and qkv_layer is not None else None
+            if qkv is not None and layers.qkv_key(qkv_layer) != entry.qkv_key:
+                qkv = None
+                self.graphs.drop(graph_key)  # q/k/v changed since the capture: capture again
+            return entry.plan, entry.copy.tolist(), None, entry.limits, entry.ahead if fresh else None, qkv
         inputs = self._embedding_inputs(named, batch, seq_len) if embed_here else None
         checks = inputs.checks(with_ids=False) if inputs is not None else None
         if checks is None:  # the plan kernel sends its values to the host itself
@@ -196,20 +219,30 @@ class FastFront:
             self.copy.start(rows.with_checks(plan, checks))
         # queued behind the plan, so the GPU has it to do while the host waits and plans on
         ahead = inputs.embed_ahead(plan) if inputs is not None else None
-        return plan, self.copy.tolist(), inputs, inputs.limits if inputs is not None else None, ahead
+        return plan, self.copy.tolist(), inputs, inputs.limits if inputs is not None else None, ahead, None
 
-    def _capture(self, key: tuple, named: dict, mask: torch.Tensor, ids: torch.Tensor, batch: int, seq_len: int):
-        """Capture the plan and the embeddings for `key` and replay them: what `FrontGraphs.replay` returns, or None
-        (the eager steps then run)."""
+    def _capture(self, key: tuple, named: dict, mask: torch.Tensor, ids: torch.Tensor, batch: int, seq_len: int,
+                 qkv_layer: layers.LayerParts | None):
+        """Capture the plan, the embeddings and (`qkv_layer`) that layer's q/k/v projection of them for `key`, and
+        replay them: what `FrontGraphs.replay` returns, or None (the eager steps then run)."""
         inputs = self._embedding_inputs(named, batch, seq_len)
         if inputs.ranges or not inputs.ahead_fits():
             return None
+        qkv_key = layers.qkv_key(qkv_layer) if qkv_layer is not None else None
+        weights = layers.fused_qkv(qkv_layer) if qkv_key is not None else None  # None: no version counters
+        if weights is not None:
+            word = self.embeddings.word_embeddings.weight
+            rows_bytes = batch * seq_len * (word.shape[1] + weights[0].shape[0]) * word.element_size()
+            weights = weights if rows_bytes <= front_graphs.MAX_BYTES // 2 else None
 
-        def queue(copy: rows.HostCopy) -> tuple[torch.Tensor, torch.Tensor]:
+        def queue(copy: rows.HostCopy) -> tuple:
             plan = rows.row_plan(mask, ids, copy, spread=True)
-            return plan, inputs.embed_ahead(plan)
+            ahead = inputs.embed_ahead(plan)
+            return plan, ahead, layers.matmul(ahead, *weights) if weights is not None else None
 
-        if self.graphs.capture(key, self.embeddings, rows.plan_size(batch), inputs.limits, queue, mask.device) is None:
+        keep = tuple(t for t in weights if t is not None) if weights is not None else ()
+        if self.graphs.capture(key, self.embeddings, rows.plan_size(batch), inputs.limits, queue, mask.device,
+                               qkv_key, keep) is None:
             return None
         return self.graphs.replay(key, self.embeddings)
 

@@ -32,7 +32,7 @@ from lit_fast.fastpath import rows
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 4
-MAX_BYTES = 256 << 20  # the graphs' embedding buffers together (W1, bf16: 50 MB a graph)
+MAX_BYTES = 512 << 20  # the graphs' static outputs together (W1, bf16: 50 MB of embeddings, 151 MB of q/k/v)
 MAX_CAPTURES = 32
 REPEATS = 2  # a key is captured the second time it is seen
 
@@ -42,12 +42,18 @@ class FrontGraph:
     graph: torch.cuda.CUDAGraph
     plan: torch.Tensor  # the plan buffer on the device (static output)
     ahead: torch.Tensor  # the embeddings buffer (static output): the first `count` rows are the tokens
+    qkv: torch.Tensor | None  # the first layer's q/k/v projection of `ahead` (static output), or None
+    qkv_key: tuple | None  # layers.qkv_key of the first layer at capture: what `qkv` is valid for
     copy: rows.HostCopy  # its pinned buffer is where the graph's plan kernel writes
     size: int  # plan values
     device: torch.device
     sources: tuple  # embedding_sources() at capture
     limits: list  # EmbeddingInputs.limits at capture: the range check of the ids
     keep: tuple  # the tensors the graph reads besides its inputs, held so their memory stays valid
+
+    @property
+    def nbytes(self) -> int:
+        return self.ahead.nbytes + (self.qkv.nbytes if self.qkv is not None else 0)
 
 
 class FrontGraphs:
@@ -82,6 +88,9 @@ class FrontGraphs:
         del self.graphs[key]
         return entry, False
 
+    def drop(self, key: tuple) -> None:
+        self.graphs.pop(key, None)
+
     def wants(self, key: tuple) -> bool:
         """Whether to capture `key` now (the second time it is seen)."""
         if self.stopped:
@@ -92,10 +101,12 @@ class FrontGraphs:
         return count >= REPEATS
 
     def capture(self, key: tuple, module: nn.Module, size: int, limits: list,
-                queue: Callable[[rows.HostCopy], tuple[torch.Tensor, torch.Tensor]], device: torch.device
-                ) -> FrontGraph | None:
-        """Capture `queue(copy)` (the plan into `copy`'s pinned buffer, then the embeddings; it returns both) for
-        `key`; None when this front has stopped capturing or the capture failed (then it stops)."""
+                queue: Callable[[rows.HostCopy], tuple], device: torch.device, qkv_key: tuple | None = None,
+                keep: tuple = ()) -> FrontGraph | None:
+        """Capture `queue(copy)` for `key`: the plan into `copy`'s pinned buffer, the embeddings, and optionally the
+        first layer's q/k/v projection of them (valid for `qkv_key`); it returns the three (the last may be None).
+        `keep`: further tensors the graph reads (the q/k/v weights). None when this front has stopped capturing or
+        the capture failed (then it stops)."""
         if self.captures >= MAX_CAPTURES:
             self.stop(f"{self.captures} captures without settling on a few input addresses and shapes")
             return None
@@ -112,16 +123,17 @@ class FrontGraphs:
             stream.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                plan, ahead = queue(copy)
+                plan, ahead, qkv = queue(copy)
         except RuntimeError as failure:  # a capture this torch/driver cannot do
             self.stop(f"capture failed ({failure})")
             return None
         copy.in_graph = False
         self.pool = graph.pool()
         sources, tensors = embedding_sources(module)
-        entry = FrontGraph(graph, plan, ahead, copy, size, device, sources, limits, tensors)
-        while self.graphs and (len(self.graphs) >= MAX_GRAPHS or ahead.nbytes + sum(
-                g.ahead.nbytes for g in self.graphs.values()) > MAX_BYTES):
+        entry = FrontGraph(graph, plan, ahead, qkv, qkv_key if qkv is not None else None, copy, size, device, sources,
+                           limits, tensors + keep)
+        while self.graphs and (len(self.graphs) >= MAX_GRAPHS or entry.nbytes + sum(
+                g.nbytes for g in self.graphs.values()) > MAX_BYTES):
             del self.graphs[next(iter(self.graphs))]  # the oldest
         self.graphs[key] = entry
         return entry

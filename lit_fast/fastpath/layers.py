@@ -72,12 +72,14 @@ class LayerParts(NamedTuple):
     exact_gelu: bool  # the activation is erf GELU (HF "gelu"), which the CPU GEMM can apply in its epilogue
 
 
-def packed_layer(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:
-    """One encoder layer over packed tokens `x` (tokens, hidden) -> (tokens, hidden)."""
+def packed_layer(x: torch.Tensor, parts: LayerParts, packing: Packing, qkv: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """One encoder layer over packed tokens `x` (tokens, hidden) -> (tokens, hidden). `qkv`: the q/k/v projection of
+    `x` computed already (post-LN layers; the front's CUDA graph queues it before the host knows the token count)."""
     if parts.norm_first:
         x = x + self_attention(parts.attn_norm(x), parts, packing)
         return x + feed_forward(parts.ffn_norm(x), parts)
-    x = add_norm(x, self_attention(x, parts, packing), parts.attn_norm)
+    x = add_norm(x, self_attention(x, parts, packing, qkv), parts.attn_norm)
     return add_norm(x, feed_forward(x, parts), parts.ffn_norm)
 
 
@@ -91,12 +93,15 @@ def add_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> torch.Tens
     return kernels.add_layer_norm(x, y, norm)
 
 
-def self_attention(x: torch.Tensor, parts: LayerParts, packing: Packing) -> torch.Tensor:
-    """Multi-head self-attention of every sequence with itself; (tokens, hidden) -> (tokens, hidden)."""
+def self_attention(x: torch.Tensor, parts: LayerParts, packing: Packing, qkv: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Multi-head self-attention of every sequence with itself; (tokens, hidden) -> (tokens, hidden). `qkv`: `x`'s
+    fused q/k/v projection when it was computed ahead (see `packed_layer`)."""
     heads = parts.num_heads
-    if FUSE_QKV and not torch.is_grad_enabled():
-        weight, bias = fused_qkv(parts)
-        q, k, v = matmul(x, weight, bias).unflatten(-1, (3, heads, -1)).unbind(1)
+    if qkv is not None or (FUSE_QKV and not torch.is_grad_enabled()):
+        if qkv is None:
+            qkv = matmul(x, *fused_qkv(parts))
+        q, k, v = qkv.unflatten(-1, (3, heads, -1)).unbind(1)
     else:
         q = linear(x, parts.query).unflatten(-1, (heads, -1))
         k = linear(x, parts.key).unflatten(-1, (heads, -1))

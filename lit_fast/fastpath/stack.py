@@ -111,9 +111,11 @@ class FastStack:
         return out if self.adapter.output is None else self.adapter.output(last_hidden_state=out)
 
     def run(self, hidden: torch.Tensor | None, valid: torch.Tensor | None, packing: padding.Packing, backend: str,
-            layers: Iterable[LayerParts], tokens: torch.Tensor | None = None):
+            layers: Iterable[LayerParts], tokens: torch.Tensor | None = None, first_qkv: torch.Tensor | None = None):
         """The fast path proper: prologue, pack, layers, epilogue, unpack. `tokens`: the input already packed
-        (the front's embeddings), which the prologue then maps row by row. `layers` may be `iter_parts()`."""
+        (the front's embeddings), which the prologue then maps row by row. `layers` may be `iter_parts()`.
+        `first_qkv`: the first layer's q/k/v projection of `tokens`, computed ahead by the front (used where the
+        layers run eagerly; the adapter then has no prologue)."""
         if tokens is not None:
             if self.adapter.prologue is not None:
                 tokens = self.adapter.prologue(self.owner, tokens, None)
@@ -125,7 +127,7 @@ class FastStack:
             tokens = self._run_graphed(tokens, packing, layers)
         elif backend == "packed":
             for parts in layers:
-                tokens = packed_layer(tokens, parts, packing)
+                tokens, first_qkv = packed_layer(tokens, parts, packing, first_qkv), None
         else:
             tokens = self._run_fused(tokens, packing, layers)
         if self.adapter.epilogue is not None:
