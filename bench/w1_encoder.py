@@ -11,8 +11,8 @@ scenario draws its lengths after `torch.manual_seed(0)` and pads on the right to
 Variants on the same weights and inputs: HF eager, HF sdpa, lit_fast fused (nested tensors through PyTorch's
 fused encoder-layer kernel), packed (packed tokens + varlen attention, no CUDA graphs), packed+graphs
 (`cuda_graphs=True`) and auto (what `to_fast_path(model)` runs: CUDA graphs for small repeated batches).
-`--explore` adds what-if variants that are not in the library (see EXPLORE below) and the time of the packed GEMMs
-alone. `--scenarios w1_batch1 ... w1_batch64` times the W1 mix at other batch sizes (not in a default run).
+`--explore [NAME ...]` adds what-if variants (all, or those named) that are not in the library (see EXPLORE below)
+and the time of the packed GEMMs alone. `--scenarios w1_batch1 ... w1_batch64` times the W1 mix at other batch sizes (not in a default run).
 
 Protocol: CUDA events, median of `--reps` after `--warmup`, `torch.inference_mode()`. The variants are timed round
 robin (one call of each in turn, `--reps` rounds), so that a drift in GPU clocks or host speed during the run falls
@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 import transformers  # noqa: E402
 
+from lit_fast.fastpath import front as fast_front  # noqa: E402
 from lit_fast.fastpath import layers as fast_layers  # noqa: E402
 from lit_fast.fastpath import to_fast_path  # noqa: E402
 
@@ -135,22 +136,27 @@ def _add_norm_compiled(x, y, norm):
     return _compiled_add_norm(x, y, norm.weight, norm.bias, norm.eps)
 
 
-EXPLORE = {
+EXPLORE = {  # name -> {attribute of fastpath.layers (or "front.<attribute>" of fastpath.front): replacement}
     "packed+exact_gelu": {"linear": _linear_exact_gelu},
     "packed+compile": {"add_norm": _add_norm_compiled},
+    "auto-qkv_ahead": {"front.FIRST_QKV_AHEAD": False},  # auto without the first q/k/v GEMM in the front's graph
 }
+
+
+def _owner(name: str) -> tuple:
+    return (fast_front, name[len("front."):]) if name.startswith("front.") else (fast_layers, name)
 
 
 @contextlib.contextmanager
 def patched(replacements: dict):
-    saved = {name: getattr(fast_layers, name) for name in replacements}
+    saved = {name: getattr(*_owner(name)) for name in replacements}
     for name, fn in replacements.items():
-        setattr(fast_layers, name, fn)
+        setattr(*_owner(name), fn)
     try:
         yield
     finally:
         for name, fn in saved.items():
-            setattr(fast_layers, name, fn)
+            setattr(*_owner(name), fn)
 
 
 def gemms_only(model: transformers.BertModel, mask: torch.Tensor, dtype: torch.dtype):
@@ -183,9 +189,9 @@ def measure_dtype(dtype_name: str, scenarios: list[str], args, peak: float) -> l
         variants[backend] = (to_fast_path(copy.deepcopy(base), backend, cuda_graphs=graphs), {})
     if dtype != torch.float32:
         variants["packed+graphs"] = (to_fast_path(copy.deepcopy(base), "packed", cuda_graphs=True), {})
-    if args.explore and dtype != torch.float32:
+    if args.explore is not None and dtype != torch.float32:
         variants.update({name: (to_fast_path(copy.deepcopy(base), "packed"), replacements)
-                         for name, replacements in EXPLORE.items()})
+                         for name, replacements in EXPLORE.items() if not args.explore or name in args.explore})
     rows = []
     for scenario in scenarios:
         ids, mask = batch_for(scenario)
@@ -213,7 +219,7 @@ def measure_dtype(dtype_name: str, scenarios: list[str], args, peak: float) -> l
                 result["variants"][name] = {"median_ms": statistics.median(times[name]), "times_ms": times[name],
                                             "max_abs_diff_vs_fp32_eager": diffs[name],
                                             "within_tolerance": diffs[name] <= TOLERANCE[dtype]}
-            if args.explore:
+            if args.explore is not None:
                 times = time_ms(gemms_only(base, mask, dtype), args.warmup, args.reps)
                 result["gemms_only_ms"] = statistics.median(times)
         sdpa = result["variants"]["hf_sdpa"]
@@ -264,7 +270,8 @@ def main() -> None:
     parser.add_argument("--fp32-scenarios", nargs="+", default=["w1"], choices=list(ALL_SCENARIOS))
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--explore", action="store_true")
+    parser.add_argument("--explore", nargs="*", choices=list(EXPLORE),
+                        help="add what-if variants (all of them when none is named)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/w1_h100.json"))
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
