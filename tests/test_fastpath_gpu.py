@@ -207,11 +207,12 @@ def test_the_front_graph_computes_the_first_q_k_v_ahead_and_drops_a_stale_one(mo
                         lambda x, parts, packing, qkv=None: given.append(qkv is not None) or real(x, parts, packing, qkv))
     ids, mask = (t.cuda() for t in text_batch("right"))
 
-    def check() -> list[bool]:
+    def check() -> list[bool]:  # what the graphed model's layers were handed
         given.clear()
-        assert_close_on_tokens(graphed(input_ids=ids, attention_mask=mask).last_hidden_state,
-                               eager(input_ids=ids, attention_mask=mask).last_hidden_state, mask, atol=1e-3)
-        return list(given)
+        got = graphed(input_ids=ids, attention_mask=mask).last_hidden_state
+        handed = list(given)
+        assert_close_on_tokens(got, eager(input_ids=ids, attention_mask=mask).last_hidden_state, mask, atol=1e-3)
+        return handed
 
     with torch.inference_mode():
         assert check() == [False] * depth  # eager front

@@ -13,8 +13,15 @@ kept (it depends on the mask and the ids only), the embeddings are made again af
 dropped. Each graph holds the tensors it read, so a replay for weights that have since moved reads their old
 memory, never freed memory. The plan kernel writes straight into the graph's own pinned buffer (rows.row_plan).
 
+Where the first layer starts with its fused q/k/v GEMM and runs eagerly (front.FIRST_QKV_AHEAD), the graph also
+computes that GEMM over all `batch * seq_len` rows of the embeddings, before the host knows how many are real: at W1
+the ~70 us spent on padding rows replace ~150 us the GPU would wait for the host's steps between the plan and the
+first GEMM (W1 2.7-3.1% faster, `bench/w1_encoder.py --explore auto-qkv_ahead`). That result is used only if the q/k/v
+weights' addresses and versions are those of the capture (else the graph is dropped and captured again); it is
+wasted (the GPU's time, not the host's) where the layers then replay as a CUDA graph of their own.
+
 A key is captured the second time it is seen. At most MAX_GRAPHS graphs are kept (the oldest is dropped first),
-their embedding buffers at most MAX_BYTES together; after MAX_CAPTURES captures a front stops capturing (a stream of
+their static outputs at most MAX_BYTES together; after MAX_CAPTURES captures a front stops capturing (a stream of
 ever new addresses or shapes). With `to_fast_path(..., cuda_graphs=False)` the front runs its steps eagerly.
 """
 
