@@ -60,6 +60,27 @@ TOL = {"bf16": 3e-2, "fp16": 5e-3}  # max abs diff vs the fp32 reference above w
 if triton is not None:
 
     @triton.jit
+    def _masked_block(q, K, V, begin, start, length, cols, dims, head, sk_t, sk_h, sv_t, sv_h, qk_scale, m_i, l_i, acc,
+                      PRESCALE: tl.constexpr):
+        """One key block from `start` on, keys past `length` masked: the online-softmax update of (m_i, l_i, acc)."""
+        n = start + cols
+        n_ok = n < length
+        tok = (begin + n).to(tl.int64)
+        k = tl.load(K + tok[:, None] * sk_t + head * sk_h + dims[None, :], mask=n_ok[:, None], other=0.0)
+        if PRESCALE:
+            s = tl.dot(q, tl.trans(k))
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + tok[:, None] * sv_t + head * sv_h + dims[None, :], mask=n_ok[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        return m_new, l_i, acc
+
+    @triton.jit
     def _attn_variant(Q, K, V, Out, CU, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       PRESCALE: tl.constexpr, SPLIT_TAIL: tl.constexpr):
@@ -96,40 +117,12 @@ if triton is not None:
                 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
                 m_i = m_new
             if full < length:  # the one partial block, masked
-                n = full + cols
-                n_ok = n < length
-                tok = (begin + n).to(tl.int64)
-                k = tl.load(K + tok[:, None] * sk_t + head * sk_h + dims[None, :], mask=n_ok[:, None], other=0.0)
-                if PRESCALE:
-                    s = tl.dot(q, tl.trans(k))
-                else:
-                    s = tl.dot(q, tl.trans(k)) * qk_scale
-                s = tl.where(n_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                p = tl.math.exp2(s - m_new[:, None])
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(V + tok[:, None] * sv_t + head * sv_h + dims[None, :], mask=n_ok[:, None], other=0.0)
-                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-                m_i = m_new
+                m_i, l_i, acc = _masked_block(q, K, V, begin, full, length, cols, dims, head, sk_t, sk_h, sv_t, sv_h,
+                                              qk_scale, m_i, l_i, acc, PRESCALE)
         else:  # the library's loop: every block masked
             for start in range(0, length, BLOCK_N):
-                n = start + cols
-                n_ok = n < length
-                tok = (begin + n).to(tl.int64)
-                k = tl.load(K + tok[:, None] * sk_t + head * sk_h + dims[None, :], mask=n_ok[:, None], other=0.0)
-                if PRESCALE:
-                    s = tl.dot(q, tl.trans(k))
-                else:
-                    s = tl.dot(q, tl.trans(k)) * qk_scale
-                s = tl.where(n_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                p = tl.math.exp2(s - m_new[:, None])
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(V + tok[:, None] * sv_t + head * sv_h + dims[None, :], mask=n_ok[:, None], other=0.0)
-                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-                m_i = m_new
+                m_i, l_i, acc = _masked_block(q, K, V, begin, start, length, cols, dims, head, sk_t, sk_h, sv_t, sv_h,
+                                              qk_scale, m_i, l_i, acc, PRESCALE)
         out = acc / l_i[:, None]
         tl.store(Out + row_tok[:, None] * so_t + head * so_h + dims[None, :], out.to(Out.dtype.element_ty),
                  mask=row_ok[:, None])
