@@ -70,8 +70,8 @@ def row_plan(mask: torch.Tensor, ids: torch.Tensor | None, copy: HostCopy | None
     if batch * seq_len <= ONE_PROGRAM_MAX and not spread:
         out = torch.empty(size, dtype=torch.int32, device=mask.device)
         block_s = min(next_power_of_2(seq_len), ONE_PROGRAM_TILE)
-        meta = dict(HAS_IDS=ids is not None, BLOCK_R=max(1, ONE_PROGRAM_TILE // block_s), BLOCK_S=block_s,
-                    num_warps=8)
+        meta = {"HAS_IDS": ids is not None, "BLOCK_R": max(1, ONE_PROGRAM_TILE // block_s), "BLOCK_S": block_s,
+                "num_warps": 8}
         if host is not None:
             try:
                 launch(_row_plan_one_kernel, (1,), *args, out, host, batch, seq_len, TO_HOST=True, **meta)
