@@ -252,6 +252,28 @@ def test_front_graphs_capture_on_the_second_sight_and_drop_a_graph_whose_embeddi
     assert graphs.stopped and not graphs.graphs and not graphs.wants(key)
 
 
+def test_front_graphs_keep_at_most_max_graphs_and_max_bytes_dropping_the_oldest(monkeypatch):
+    from lit_fast.fastpath import front_graphs
+
+    monkeypatch.setattr(front_graphs, "MAX_GRAPHS", 3)
+    monkeypatch.setattr(front_graphs, "MAX_BYTES", 1000)
+
+    def entry(ahead_bytes: int, qkv_bytes: int = 0) -> front_graphs.FrontGraph:
+        qkv = torch.zeros(qkv_bytes, dtype=torch.uint8) if qkv_bytes else None
+        return front_graphs.FrontGraph(None, torch.zeros(1), torch.zeros(ahead_bytes, dtype=torch.uint8), qkv, None,
+                                       None, 1, torch.device("cpu"), (), [], ())
+
+    graphs = front_graphs.FrontGraphs()
+    for key in "abc":
+        graphs.admit(key, entry(100))
+    graphs.admit("d", entry(100))  # a fourth: the oldest goes
+    assert list(graphs.graphs) == ["b", "c", "d"]
+    graphs.admit("e", entry(300, 600))  # 900 bytes: only "d" (100) may stay beside it
+    assert list(graphs.graphs) == ["d", "e"] and graphs.graphs["e"].nbytes == 900
+    graphs.admit("f", entry(2000))  # larger than the limit alone: kept, alone
+    assert list(graphs.graphs) == ["f"]
+
+
 def to_stack(model):
     from lit_fast.fastpath import to_fast_path
 

@@ -139,11 +139,16 @@ class FrontGraphs:
         sources, tensors = embedding_sources(module)
         entry = FrontGraph(graph, plan, ahead, qkv, qkv_key if qkv is not None else None, copy, size, device, sources,
                            limits, tensors + keep)
+        self.admit(key, entry)
+        return entry
+
+    def admit(self, key: tuple, entry: FrontGraph) -> None:
+        """Keep `entry` for `key`, dropping the oldest graphs first while more than MAX_GRAPHS, or more than
+        MAX_BYTES of static outputs, would be kept."""
         while self.graphs and (len(self.graphs) >= MAX_GRAPHS or entry.nbytes + sum(
                 g.nbytes for g in self.graphs.values()) > MAX_BYTES):
-            del self.graphs[next(iter(self.graphs))]  # the oldest
+            del self.graphs[next(iter(self.graphs))]
         self.graphs[key] = entry
-        return entry
 
     def stop(self, why: str) -> None:
         log.info("fast path: the front's CUDA graphs are off for this model: %s", why)
