@@ -145,6 +145,9 @@ def test_auto_graphs_wait_for_a_repeated_small_shape_and_never_take_large_batche
     assert not any(auto.wants(large, torch.float16) for _ in range(3))
     always = graphs.GraphedLayers(auto=False)
     assert always.wants(large, torch.float16) and always.wants(small, torch.float16)
+    # what the front asks before it computes the first layer's q/k/v in its graph
+    assert auto.will_replay(1000) and not auto.will_replay(graphs.AUTO_MAX_TOKENS + 1)
+    assert always.will_replay(graphs.AUTO_MAX_TOKENS + 1)
 
 
 def test_auto_graphs_stop_and_free_everything_after_too_many_captures(monkeypatch):

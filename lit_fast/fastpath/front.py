@@ -52,7 +52,8 @@ ROW_PLAN = True
 EARLY_LAYERS = True
 # In the front's CUDA graph, the first layer's q/k/v GEMM over all batch * seq_len rows of the embeddings, queued before
 # the host knows the token count: the rows of padding it computes in vain (W1: ~70 us of device time) replace the
-# GPU's wait for the host's steps between the plan and the first GEMM (~150 us). A switch for benchmarks.
+# GPU's wait for the host's steps between the plan and the first GEMM (~150 us). Only where the layers run eagerly
+# (judged by the key's latest token count; layers replaying their own graph would not use it). A benchmark switch.
 FIRST_QKV_AHEAD = True
 
 
@@ -153,6 +154,8 @@ class FastFront:
                                    inputs.checks(with_ids=True) if inputs is not None else None)
         if inputs is not None:
             limits = inputs.limits
+        if graph_key is not None and replayed is None:  # for the capture: will the layers then run eagerly?
+            self.graphs.tokens[graph_key] = packing.num_tokens
         if embed_here:
             raise_if_out_of_range(self.embeddings, limits, packing.checks)
         norm_first = first_layer is not None and first_layer.norm_first
@@ -224,6 +227,9 @@ class FastFront:
         inputs = self._embedding_inputs(named, batch, seq_len)
         if inputs.ranges or not inputs.ahead_fits():
             return None
+        graphed = self.stack.graphed  # layers that replay a graph of their own would not use the q/k/v
+        if qkv_layer is not None and graphed is not None and graphed.will_replay(self.graphs.tokens.get(key, 0)):
+            qkv_layer = None
         qkv_key = layers.qkv_key(qkv_layer) if qkv_layer is not None else None
         weights = layers.fused_qkv(qkv_layer) if qkv_key is not None else None  # None: no version counters
         if weights is not None:

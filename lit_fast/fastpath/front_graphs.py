@@ -17,8 +17,9 @@ Where the first layer starts with its fused q/k/v GEMM and runs eagerly (front.F
 computes that GEMM over all `batch * seq_len` rows of the embeddings, before the host knows how many are real: at W1
 the ~70 us spent on padding rows replace ~150 us the GPU would wait for the host's steps between the plan and the
 first GEMM (W1 2.7-3.1% faster, `bench/w1_encoder.py --explore auto-qkv_ahead`). That result is used only if the q/k/v
-weights' addresses and versions are those of the capture (else the graph is dropped and captured again); it is
-wasted (the GPU's time, not the host's) where the layers then replay as a CUDA graph of their own.
+weights' addresses and versions are those of the capture (else the graph is dropped and captured again). It is left
+out where the key's latest call had few enough tokens for the layers to replay a CUDA graph of their own
+(`GraphedLayers.will_replay`), which would not use it.
 
 A key is captured the second time it is seen. At most MAX_GRAPHS graphs are kept (the oldest is dropped first),
 their static outputs at most MAX_BYTES together; after MAX_CAPTURES captures a front stops capturing (a stream of
@@ -69,6 +70,7 @@ class FrontGraphs:
     def __init__(self) -> None:
         self.graphs: dict[tuple, FrontGraph] = {}
         self.seen: dict[tuple, int] = {}
+        self.tokens: dict[tuple, int] = {}  # the real tokens of the latest call of each key seen, not captured
         self.captures = 0
         self.stopped = False
         self.pool = None
@@ -104,6 +106,7 @@ class FrontGraphs:
             return False
         if len(self.seen) >= 8 * MAX_CAPTURES and key not in self.seen:
             self.seen.clear()  # a long stream of one-off keys: forget them rather than grow
+            self.tokens.clear()
         self.seen[key] = count = self.seen.get(key, 0) + 1
         return count >= REPEATS
 
@@ -155,6 +158,7 @@ class FrontGraphs:
         self.stopped = True
         self.graphs.clear()
         self.seen.clear()
+        self.tokens.clear()
         self.pool = None
 
 

@@ -115,6 +115,11 @@ class GraphedLayers:
         self.seen[shape] = count
         return count >= AUTO_REPEATS
 
+    def will_replay(self, num_tokens: int) -> bool:
+        """Whether a batch of `num_tokens` real tokens would replay a graph, once its shape has been seen (`wants`
+        without the count of sightings)."""
+        return not self.auto or (not self.stopped and num_tokens <= AUTO_MAX_TOKENS)
+
     def stop(self) -> None:
         """Auto mode gives up on graphs for this stack (too many shapes) and frees their memory."""
         log.info("fast path: %d CUDA graph captures without settling on a few batch shapes; the layers run without "
