@@ -16,9 +16,10 @@ and the time of the packed GEMMs alone. `--scenarios w1_batch1 ... w1_batch64` t
 
 Protocol: CUDA events, median of `--reps` after `--warmup`, `torch.inference_mode()`. The variants are timed round
 robin (one call of each in turn, `--reps` rounds), so that a drift in GPU clocks or host speed during the run falls
-on all of them alike rather than on whichever ran last; the order rotates by one each round, so that each variant
-follows each other one equally often (where the host sets the pace, a call right after an eager variant, which leaves
-the host's caches cold, measured ~10% slower: batch 8 at 64bbfbd). The floor is the real
+on all of them alike rather than on whichever ran last; the order is shuffled each round (seeded), so that no
+variant always runs right after the same one (where the host sets the pace, a call right after an eager variant,
+which leaves the host's caches cold, measured 6-13% slower: batch 8 at 64bbfbd and 55c562f, where `auto` always
+followed the eager `packed`; a rotation of the order, tried at 36a6efa, keeps who follows whom). The floor is the real
 tokens' FLOPs (GEMMs + attention) over an 8192^3 bf16 matmul measured in the same run. Correctness in the same
 run: max abs diff on real tokens against HF eager in fp32 (TF32 off) on the same weights; the fp16/bf16 tolerance
 is 2e-2 (outputs are LayerNorm outputs, unit scale), 1e-4 for fp32, and every variant is also compared with HF
@@ -35,6 +36,7 @@ import contextlib
 import copy
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -192,7 +194,8 @@ def measure_dtype(dtype_name: str, scenarios: list[str], args, peak: float) -> l
     if dtype != torch.float32:
         variants["packed+graphs"] = (to_fast_path(copy.deepcopy(base), "packed", cuda_graphs=True), {})
     if args.explore is not None and dtype != torch.float32:
-        variants.update({name: (to_fast_path(copy.deepcopy(base), "packed"), replacements)
+        variants.update({name: (to_fast_path(copy.deepcopy(base), "auto" if name.startswith("auto") else "packed"),
+                                replacements)
                          for name, replacements in EXPLORE.items() if not args.explore or name in args.explore})
     rows = []
     for scenario in scenarios:
@@ -213,10 +216,11 @@ def measure_dtype(dtype_name: str, scenarios: list[str], args, peak: float) -> l
                 del out
             torch.cuda.synchronize()
             times = {name: [] for name in variants}
-            names = list(variants)
-            for round_ in range(args.reps):  # round robin: drift in clocks or host speed falls on every variant alike
-                shift = round_ % len(names)  # and each variant follows each other one equally often
-                for name in names[shift:] + names[:shift]:
+            order = list(variants)
+            shuffle = random.Random(0).shuffle
+            for _ in range(args.reps):  # round robin: drift in clocks or host speed falls on every variant alike
+                shuffle(order)  # and a new order each round: no variant always runs right after the same one
+                for name in order:
                     model, replacements = variants[name]
                     with patched(replacements):
                         times[name].append(time_once(lambda: model(input_ids=ids, attention_mask=mask)))
