@@ -18,10 +18,10 @@ from lit_fast.generation import CausalLM
 from lit_fast.seq2seq import Seq2SeqLM
 from lit_fast.lora import LoraSettings
 from lit_fast.qlora import export_qlora, prepare_qlora
+from lit_fast.precision_checks import check_strategy_precision
 from lit_fast.quantization import (
     QUANTIZATION_MODES,
     bnb_config,
-    check_strategy_precision,
     quantize_embeddings,
     weight_footprint,
 )

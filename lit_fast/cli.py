@@ -29,7 +29,8 @@ from lit_fast.data import TextDataModule
 from lit_fast.errors import ConfigError, LitFastError, OutputExistsError
 from lit_fast.module import LitTransformer
 from lit_fast.progress import ThroughputProgressBar
-from lit_fast.quantization import check_strategy_precision, explain_precision_errors, quantizes_embeddings, training_refused
+from lit_fast.precision_checks import check_strategy_precision, explain_precision_errors
+from lit_fast.quantization import quantizes_embeddings, training_refused
 from lit_fast.writers import PredictionWriter, check_output
 
 log = logging.getLogger("lit_fast")

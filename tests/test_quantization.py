@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from lit_fast.errors import ConfigError  # noqa: E402
+from lit_fast import precision_checks as checks  # noqa: E402
 from lit_fast import quantization as q  # noqa: E402
 
 FOUR_BIT = ("nf4", "nf4-dq", "fp4", "fp4-dq")
@@ -136,27 +137,27 @@ def test_fast_path_forced_on_quantized_model():
 # ---- strategies and Lightning's plugin ----------------------------------------------------------------------
 def test_fsdp_refused_with_what_works():
     with pytest.raises(ConfigError, match="does not combine with the 'fsdp' strategy.*ddp"):
-        q.check_strategy_precision("fsdp", None, "nf4")
+        checks.check_strategy_precision("fsdp", None, "nf4")
     plugin = {"class_path": "lightning.pytorch.plugins.BitsandbytesPrecision", "init_args": {"mode": "nf4"}}
     with pytest.raises(ConfigError, match="fsdpstrategy.*ddp"):
-        q.check_strategy_precision({"class_path": "lightning.pytorch.strategies.FSDPStrategy"}, [plugin], None)
+        checks.check_strategy_precision({"class_path": "lightning.pytorch.strategies.FSDPStrategy"}, [plugin], None)
     with pytest.raises(ConfigError, match="deepspeed"):
-        q.check_strategy_precision("deepspeed_stage_3", None, "int8")
+        checks.check_strategy_precision("deepspeed_stage_3", None, "int8")
 
 
 def test_two_routes_at_once_refused():
     from lightning.pytorch.plugins import BitsandbytesPrecision
 
     with pytest.raises(ConfigError, match="both quantize"):
-        q.check_strategy_precision("ddp", [BitsandbytesPrecision("nf4")], "nf4")
+        checks.check_strategy_precision("ddp", [BitsandbytesPrecision("nf4")], "nf4")
 
 
 def test_plugin_on_cpu_refused_and_fine_combinations_pass():
     with pytest.raises(ConfigError, match="CUDA GPUs only.*--model.quantization"):
-        q.check_strategy_precision("auto", "lightning.pytorch.plugins.BitsandbytesPrecision", None, "cpu")
+        checks.check_strategy_precision("auto", "lightning.pytorch.plugins.BitsandbytesPrecision", None, "cpu")
     for strategy in ("auto", "ddp", None):
-        q.check_strategy_precision(strategy, None, "nf4", "cpu")
-    q.check_strategy_precision("fsdp", None, None)  # no quantization: nothing to say
+        checks.check_strategy_precision(strategy, None, "nf4", "cpu")
+    checks.check_strategy_precision("fsdp", None, None)  # no quantization: nothing to say
 
 
 def test_plugin_next_to_a_precision_setting():
@@ -164,8 +165,8 @@ def test_plugin_next_to_a_precision_setting():
 
     plugin = Namespace(class_path="lightning.pytorch.plugins.BitsandbytesPrecision", init_args=Namespace(mode="nf4"))
     with pytest.raises(ConfigError, match="sets the precision itself.*--trainer.precision 32-true"):
-        q.check_strategy_precision("auto", [plugin], None, "cuda", "32-true")
-    q.check_strategy_precision("auto", [plugin], None, "cuda", None)
+        checks.check_strategy_precision("auto", [plugin], None, "cuda", "32-true")
+    checks.check_strategy_precision("auto", [plugin], None, "cuda", None)
 
 
 @pytest.mark.parametrize("precision, match", [("32-true", "set --trainer.precision null"), (None, "CUDA GPUs only")])
@@ -175,7 +176,7 @@ def test_lightning_trainer_errors_are_explained(precision, match):
 
     kwargs = {"precision": precision} if precision else {}
     with pytest.raises(ConfigError, match=match):
-        with q.explain_precision_errors():
+        with checks.explain_precision_errors():
             L.Trainer(accelerator="cpu", plugins=[BitsandbytesPrecision("nf4")], logger=False, **kwargs)
 
 
@@ -185,10 +186,10 @@ def test_lightning_fsdp_type_error_is_explained():
 
     strategy = FSDPStrategy()
     with pytest.raises(ConfigError, match="FSDPPrecision.*What works: --trainer.strategy ddp"):
-        with q.explain_precision_errors():
+        with checks.explain_precision_errors():
             strategy.precision_plugin = BitsandbytesPrecision("nf4")  # Lightning raises TypeError here
     with pytest.raises(TypeError, match="unrelated"):  # other errors pass through untouched
-        with q.explain_precision_errors():
+        with checks.explain_precision_errors():
             raise TypeError("unrelated")
 
 
