@@ -215,3 +215,28 @@ def test_plan_rows_without_ids_reports_zero_ids_and_an_all_empty_batch_packs_not
     got = padding.plan_rows(mask, None)
     assert got.checks == (0, 0) and got.lengths == (0, 0, 0) and got.num_tokens == 0
     assert padding.flat_indices(got).numel() == 0
+
+
+def test_a_kernel_refused_the_pinned_buffer_switches_the_plan_to_copies(monkeypatch):
+    """`rows._wrote_host`: a launch that writes the host's buffer tells the HostCopy; one Triton refuses (the pinned
+    buffer not mapped here) launched nothing, so the caller copies instead, from then on."""
+    class Copy:
+        waiting = False
+
+        def written(self):
+            self.waiting = True
+
+    launched = []
+    monkeypatch.setattr(rows, "MAPPED_HOST", True)
+    monkeypatch.setattr(rows, "launch", lambda kernel, grid, *args, **meta: launched.append((kernel, grid, args)))
+    copy = Copy()
+    assert rows._wrote_host(copy, "kernel", (1,), "out", "host", BLOCK=4)
+    assert launched == [("kernel", (1,), ("out", "host"))] and copy.waiting and rows.MAPPED_HOST
+
+    def refuse(*args, **meta):
+        raise ValueError("Pointer argument (at 1) cannot be accessed from Triton (cpu tensor?)")
+
+    monkeypatch.setattr(rows, "launch", refuse)
+    copy = Copy()
+    assert not rows._wrote_host(copy, "kernel", (1,), "out", "host")
+    assert not copy.waiting and not rows.MAPPED_HOST

@@ -143,7 +143,7 @@ class FastFront:
         if ROW_PLAN and rows.row_plan_fits(mask, ids):  # CUDA: one kernel, one wait
             plan, values, inputs, limits, ahead, qkv = self._plan_rows(
                 named, mask, ids, embed_here, batch, seq_len, graph_key, replayed,
-                first_layer if self._qkv_ahead_applies(first_layer, backend) else None)
+                first_layer if graph_key is not None and self._qkv_ahead_applies(first_layer, backend) else None)
             packing = padding.finish_rows(plan, values, batch, seq_len, embed_here)
         if embed_here and inputs is None and (packing is None or ahead is None):
             inputs = self._embedding_inputs(named, batch, seq_len)

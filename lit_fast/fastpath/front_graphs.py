@@ -16,10 +16,10 @@ memory, never freed memory. The plan kernel writes straight into the graph's own
 Where the first layer starts with its fused q/k/v GEMM and runs eagerly (front.FIRST_QKV_AHEAD), the graph also
 computes that GEMM over all `batch * seq_len` rows of the embeddings, before the host knows how many are real: at W1
 the ~70 us spent on padding rows replace ~150 us the GPU would wait for the host's steps between the plan and the
-first GEMM (W1 0.7-3.1% faster in two runs, `bench/w1_encoder.py --explore auto-qkv_ahead`). That result is used only if the q/k/v
-weights' addresses and versions are those of the capture (else the graph is dropped and captured again). It is left
-out where the key's latest call had few enough tokens for the layers to replay a CUDA graph of their own
-(`GraphedLayers.will_replay`), which would not use it.
+first GEMM (W1 0.7-3.1% faster in two runs, `bench/w1_encoder.py --explore auto-qkv_ahead`). That result is used
+only if the q/k/v weights' addresses and versions are those of the capture (else the graph is dropped and captured
+again). It is left out where the key's latest call had few enough tokens for the layers to replay a CUDA graph of
+their own (`GraphedLayers.will_replay`), which would not use it.
 
 A key is captured the second time it is seen. At most MAX_GRAPHS graphs are kept (the oldest is dropped first),
 their static outputs at most MAX_BYTES together; after MAX_CAPTURES captures a front stops capturing (a stream of

@@ -72,14 +72,9 @@ def row_plan(mask: torch.Tensor, ids: torch.Tensor | None, copy: HostCopy | None
         block_s = min(next_power_of_2(seq_len), ONE_PROGRAM_TILE)
         meta = {"HAS_IDS": ids is not None, "BLOCK_R": max(1, ONE_PROGRAM_TILE // block_s), "BLOCK_S": block_s,
                 "num_warps": 8}
-        if host is not None:
-            try:
-                launch(_row_plan_one_kernel, (1,), *args, out, host, batch, seq_len, TO_HOST=True, **meta)
-                copy.written()
-                return out
-            except ValueError as refused:  # Triton found the pinned buffer not mapped: copy from now on
-                _mapped_host_refused(refused)
-                host = None
+        if host is not None and _wrote_host(copy, _row_plan_one_kernel, (1,), *args, out, host, batch, seq_len,
+                                            TO_HOST=True, **meta):
+            return out
         launch(_row_plan_one_kernel, (1,), *args, out, out, batch, seq_len, TO_HOST=False, **meta)
     else:
         key = (batch, mask.device)
@@ -90,13 +85,9 @@ def row_plan(mask: torch.Tensor, ids: torch.Tensor | None, copy: HostCopy | None
         out = _templates[key].clone()
         launch(_row_plan_kernel, (batch,), *args, out, batch, seq_len, HAS_IDS=ids is not None,
                BLOCK=min(ROW_BLOCK, next_power_of_2(seq_len)), BLOCK_B=min(ROW_BLOCK, next_power_of_2(batch)))
-        if host is not None:
-            try:
-                launch(_to_host_kernel, (-(-size // ROW_BLOCK),), out, host, size, BLOCK=ROW_BLOCK)
-                copy.written()
-                return out
-            except ValueError as refused:
-                _mapped_host_refused(refused)
+        if host is not None and _wrote_host(copy, _to_host_kernel, (-(-size // ROW_BLOCK),), out, host, size,
+                                            BLOCK=ROW_BLOCK):
+            return out
     if copy is not None:
         copy.start(out)
     return out
@@ -111,10 +102,18 @@ def plan_size(batch: int) -> int:
 MAPPED_HOST = True
 
 
-def _mapped_host_refused(error: Exception) -> None:
+def _wrote_host(copy: HostCopy, kernel, grid: tuple, *args, **constexprs) -> bool:
+    """Launch `kernel`, which writes the plan into `copy.target`'s pinned buffer, and tell `copy`; False when Triton
+    refuses that address (pinned memory not mapped here): nothing was launched, and the plan is copied from now on."""
     global MAPPED_HOST
-    MAPPED_HOST = False
-    log.info("fast path: the plan kernel cannot write pinned host memory here (%s); it is copied instead", error)
+    try:
+        launch(kernel, grid, *args, **constexprs)
+    except ValueError as refused:
+        MAPPED_HOST = False
+        log.info("fast path: the plan kernel cannot write pinned host memory here (%s); it is copied instead", refused)
+        return False
+    copy.written()
+    return True
 
 
 SENTINEL = INT32_MIN + 1  # what a mapped buffer holds until the kernel has written each value
@@ -150,9 +149,7 @@ class HostCopy:
         CUDA); queue the kernel, then call `written`."""
         if device.type != "cuda":
             return None
-        if self.buffer is None or self.buffer.dtype != torch.int32 or self.buffer.numel() < count:
-            self._allocate(count, torch.int32)
-        self.values = self.buffer[:count]
+        self.values = self._slot(count, torch.int32)
         self.array[:count] = SENTINEL
         self.device = device
         return self.values
@@ -163,10 +160,13 @@ class HostCopy:
             self.waiting = "mapped"
         return self
 
-    def _allocate(self, count: int, dtype: torch.dtype) -> None:
-        self.buffer = torch.empty(max(count, 1024), dtype=dtype, pin_memory=True)
-        self.array = self.buffer.numpy()
-        self.event = torch.cuda.Event()
+    def _slot(self, count: int, dtype: torch.dtype) -> torch.Tensor:
+        """The first `count` values of the pinned buffer, allocated (with the event) when missing or unfit."""
+        if self.buffer is None or self.buffer.dtype != dtype or self.buffer.numel() < count:
+            self.buffer = torch.empty(max(count, 1024), dtype=dtype, pin_memory=True)
+            self.array = self.buffer.numpy()
+            self.event = torch.cuda.Event()
+        return self.buffer[:count]
 
     def start(self, values: torch.Tensor) -> HostCopy:
         if self.in_graph:
@@ -174,10 +174,7 @@ class HostCopy:
         if not values.is_cuda:  # (Triton's interpreter runs the row path on CPU tensors): nothing to wait for
             self.values = values
             return self
-        count = values.numel()
-        if self.buffer is None or self.buffer.dtype != values.dtype or self.buffer.numel() < count:
-            self._allocate(count, values.dtype)
-        self.values = self.buffer[:count]
+        self.values = self._slot(values.numel(), values.dtype)
         self.values.copy_(values.reshape(-1), non_blocking=True)
         self.event.record(torch.cuda.current_stream(values.device))
         self.waiting = "event"
