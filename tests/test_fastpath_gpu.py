@@ -377,18 +377,26 @@ def test_direct_launch_equals_triton_launch_across_specializations(monkeypatch):
     assert len(kernels._compiled) == len(cases)
 
 
+@pytest.mark.parametrize("key_tile", ["wide", "narrow"])
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
-def test_triton_varlen_attention_matches_fp32_like_flash(dtype, head_dim):
+def test_triton_varlen_attention_matches_fp32_like_flash(dtype, head_dim, key_tile, monkeypatch):
     """lit_fast's Triton varlen attention on strided views of one fused projection (what the packed layer passes):
     against fp32 SDPA per sequence it is as close as torch's flash varlen kernel (within 2x, or two units in the
-    last place of the largest output); a loose max_len bound (what CUDA graphs pass) changes nothing."""
+    last place of the largest output); a loose max_len bound (what CUDA graphs pass) changes nothing. With both key
+    tile widths (`ATTN_BLOCK_N`, and `ATTN_SHORT_BLOCK_N` for batches of short sequences)."""
     import itertools
 
     import torch.nn.functional as F
 
     from lit_fast.fastpath import kernels
     from lit_fast.fastpath.layers import varlen_attn
+
+    if key_tile == "narrow":  # every batch counts as short, at every head size
+        monkeypatch.setattr(kernels, "ATTN_SHORT_MEAN", 10**9)
+        monkeypatch.setattr(kernels, "ATTN_SHORT_HEAD_DIMS", (head_dim,))
+    else:
+        monkeypatch.setattr(kernels, "ATTN_SHORT_MEAN", 0)
 
     torch.manual_seed(head_dim)
     lengths, heads = [1, 7, 64, 65, 130, 256, 33], 4

@@ -135,7 +135,9 @@ def _add_layer_norm_triton(x, y, weight, bias, eps: float) -> torch.Tensor:
     if rows == 0:
         return out
     block = next_power_of_2(width)
-    warps = min(max(block // 256, 1), 8)
+    # a warp per 512 columns: at W1 (18.7k rows of 768, H200, `bench/w1_kernel_options.py addnorm`) 2 warps took
+    # 22.2 us, 1 warp 23.2, 4 warps 23.9 (the former choice), 8 warps 35
+    warps = min(max(block // 512, 1), 8)
     launch(_add_layer_norm_kernel, (rows,), x, y, weight, bias, out, x.stride(0), y.stride(0), out.stride(0), width,
            eps, BLOCK=block, num_warps=warps)
     return out
@@ -266,6 +268,10 @@ if triton is not None:
 # were slower. Head size 16 works (tested) but was not timed, so `auto` leaves it to flash.
 ATTN_BLOCK_M, ATTN_BLOCK_N, ATTN_WARPS, ATTN_STAGES = 64, 64, 4, 3
 ATTN_MEASURED_HEAD_DIMS = (32, 64, 128)
+# Batches of short sequences waste less of a narrower key tile. Head size 64 on the H200 (bench/w1_kernel_options.py
+# attention, 128 sequences, us a layer, 64-wide against 32-wide key tiles): mean 64 tokens (75% padding) 27.6 / 24.2,
+# mean 102 (60%) 41.6 / 38.8, mean 146 (W1) 63.0 / 62.6, mean 192 (25%) 83.5 / 84.2, all 256 101.2 / 111+.
+ATTN_SHORT_BLOCK_N, ATTN_SHORT_MEAN, ATTN_SHORT_HEAD_DIMS = 32, 160, (64,)
 LOG2E = 1.4426950408889634
 
 
@@ -292,10 +298,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         return out
     scale = head_dim**-0.5 if scale is None else scale
     grid = (-(-max_len // ATTN_BLOCK_M), sequences, heads)
+    short = head_dim in ATTN_SHORT_HEAD_DIMS and tokens <= ATTN_SHORT_MEAN * sequences
     launch(
         _varlen_attention_kernel, grid, q, k, v, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), out.stride(0), out.stride(1), scale * LOG2E, HEAD_DIM=head_dim,
-        BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N, num_warps=ATTN_WARPS, num_stages=ATTN_STAGES,
+        BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_SHORT_BLOCK_N if short else ATTN_BLOCK_N, num_warps=ATTN_WARPS,
+        num_stages=ATTN_STAGES,
     )
     return out
 
