@@ -268,9 +268,10 @@ if triton is not None:
 # were slower. Head size 16 works (tested) but was not timed, so `auto` leaves it to flash.
 ATTN_BLOCK_M, ATTN_BLOCK_N, ATTN_WARPS, ATTN_STAGES = 64, 64, 4, 3
 ATTN_MEASURED_HEAD_DIMS = (32, 64, 128)
-# Batches of short sequences waste less of a narrower key tile. Head size 64 on the H200 (bench/w1_kernel_options.py
-# attention, 128 sequences, us a layer, 64-wide against 32-wide key tiles): mean 64 tokens (75% padding) 27.6 / 24.2,
-# mean 102 (60%) 41.6 / 38.8, mean 146 (W1) 63.0 / 62.6, mean 192 (25%) 83.5 / 84.2, all 256 101.2 / 111+.
+# Batches of short sequences waste less of a narrower key tile. Head size 64 on the H200 (`bench/w1_kernel_options.py
+# attention`, 128 sequences, bf16, us a layer, 64-wide against 32-wide key tiles): mean 64 tokens (75% padding)
+# 26.6 / 23.7, mean 101 (60%) 41.1 / 38.9, mean 146 (W1) 64.4 / 63.1, mean 195 (24%) mixed (88.2 / 84.1 in one run,
+# 83.5 / 84.2 in another), all 256 101.8 / 111.5.
 ATTN_SHORT_BLOCK_N, ATTN_SHORT_MEAN, ATTN_SHORT_HEAD_DIMS = 32, 160, (64,)
 LOG2E = 1.4426950408889634
 
