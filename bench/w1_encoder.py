@@ -144,6 +144,8 @@ EXPLORE = {  # name -> {attribute of fastpath.layers (or "front.<attribute>" of 
     "packed+exact_gelu": {"linear": _linear_exact_gelu},
     "packed+compile": {"add_norm": _add_norm_compiled},
     "auto-qkv_ahead": {"front.FIRST_QKV_AHEAD": False},  # auto without the first q/k/v GEMM in the front's graph
+    # auto with that GEMM over all batch * seq_len rows (as before 2026-11-30) instead of the previous call's count
+    "auto-qkv_all_rows": {"front.bucket_tokens": lambda count: 1 << 40},
 }
 
 

@@ -225,6 +225,54 @@ def test_the_front_graph_computes_the_first_q_k_v_ahead_and_drops_a_stale_one(mo
         assert check() == [True] + [False] * (depth - 1) and len(graphs.graphs) == 1
 
 
+def test_the_front_graphs_q_k_v_covers_the_previous_calls_tokens_and_a_longer_call_projects_the_rest(monkeypatch):
+    """The front graph projects q/k/v for as many rows as the key's previous call had real tokens (rounded up to a
+    bucket; here not rounded). A later call at the same addresses with more real tokens projects the rest after the
+    wait, one with fewer uses part of it; both match the path without graphs."""
+    from lit_fast.fastpath import front as front_module
+    from lit_fast.fastpath import graphs as layer_graphs
+    from lit_fast.fastpath import layers as layers_module
+    from lit_fast.fastpath import stack as stack_module
+
+    monkeypatch.setattr(layer_graphs, "AUTO_MAX_TOKENS", 0)  # the layers run eagerly
+    monkeypatch.setattr(front_module, "bucket_tokens", lambda n: n)  # projected rows = previous count + 1
+    model = tiny_text_model("bert").cuda().half()
+    eager = to_fast_path(copy.deepcopy(model), "packed", cuda_graphs=False)
+    graphed = to_fast_path(model, "packed")
+    graphs = graphed.encoder.forward.front.graphs
+    depth = len(graphed.encoder.layer)
+    given = []
+    real = stack_module.packed_layer
+    monkeypatch.setattr(stack_module, "packed_layer",
+                        lambda x, parts, packing, qkv=None: given.append(qkv is not None) or real(x, parts, packing, qkv))
+    ids, mask = (t.cuda() for t in text_batch("right"))
+
+    def check() -> list[bool]:
+        given.clear()
+        got = graphed(input_ids=ids, attention_mask=mask).last_hidden_state
+        handed = list(given)
+        assert_close_on_tokens(got, eager(input_ids=ids, attention_mask=mask).last_hidden_state, mask, atol=1e-3)
+        return handed
+
+    with torch.inference_mode():
+        first = int(mask.sum())
+        assert first + 1 < mask.numel()  # room for a longer call
+        check()
+        assert check() == [True] + [False] * (depth - 1)  # captured
+        (entry,) = graphs.graphs.values()
+        assert entry.qkv_rows == first + 1 and entry.qkv.shape[0] == mask.numel()
+        tails = []
+        into = layers_module.matmul_into
+        monkeypatch.setattr(layers_module, "matmul_into", lambda out, *a: tails.append(out.shape[0]) or into(out, *a))
+        mask.fill_(1)  # every position real: more tokens than the graph projected
+        assert check() == [True] + [False] * (depth - 1)
+        assert tails == [mask.numel() - first - 1]
+        mask.zero_()
+        mask[:, :3] = 1  # fewer
+        assert check() == [True] + [False] * (depth - 1)
+        assert tails == [mask.numel() - first - 1] and len(graphs.graphs) == 1
+
+
 def test_auto_cuda_graphs_replay_repeated_small_batches_only_and_match_eager(monkeypatch):
     """cuda_graphs="auto" (the default): a small batch runs eagerly the first time, is captured the second time and
     replayed after; a batch over the token limit never is."""

@@ -33,6 +33,7 @@ from torch import nn
 from lit_fast.fastpath import front_graphs, layers, padding, policy, rows
 from lit_fast.fastpath.embeddings import EmbeddingInputs, raise_if_out_of_range
 from lit_fast.fastpath.front_graphs import FrontGraphs
+from lit_fast.fastpath.graphs import bucket_tokens
 
 try:  # transformers >= 5: the mask the HF layers expect, for the rare call that falls back to them
     from transformers.masking_utils import create_bidirectional_mask
@@ -50,10 +51,11 @@ ROW_PLAN = True
 # while the host is still in HF's Python (the stack then returns the result). Off: the stack runs them when HF
 # calls it. A switch for benchmarks; leave it on.
 EARLY_LAYERS = True
-# In the front's CUDA graph, the first layer's q/k/v GEMM over all batch * seq_len rows of the embeddings, queued before
-# the host knows the token count: the rows of padding it computes in vain (W1: ~70 us of device time) replace the
-# GPU's wait for the host's steps between the plan and the first GEMM (~150 us). Only where the layers run eagerly
-# (judged by the key's latest token count; layers replaying their own graph would not use it). A benchmark switch.
+# In the front's CUDA graph, the first layer's q/k/v GEMM, queued before the host knows the token count, over as many
+# rows of the embeddings as the key's previous call had real tokens, rounded up to a bucket (graphs.bucket_tokens);
+# a call with more projects the rest after the wait (`_first_qkv`). It keeps the GPU busy through the host's steps
+# between the plan and the first GEMM. Only where the layers run eagerly (judged by the key's latest token count;
+# layers replaying their own graph would not use it). A benchmark switch.
 FIRST_QKV_AHEAD = True
 
 
@@ -168,7 +170,7 @@ class FastFront:
             count = packing.num_tokens
             call.tokens = ahead[:count] if ahead is not None else inputs.embed(packing)
             if EARLY_LAYERS:
-                first_qkv = qkv[:count] if qkv is not None and ahead is not None else None
+                first_qkv = _first_qkv(qkv, ahead, count, first_layer) if qkv is not None and ahead is not None else None
                 call.output = stack.run(None, valid, packing, backend, stack.iter_parts(first_layer), call.tokens,
                                         first_qkv)
         # HF passes a 4-D mask on as it is; the stack knows this view by identity and never reads its values
@@ -204,7 +206,7 @@ class FastFront:
             replayed = self._capture(graph_key, named, mask, ids, batch, seq_len, qkv_layer)
         if replayed is not None:
             entry, fresh = replayed
-            qkv = entry.qkv if fresh and qkv_layer is not None else None
+            qkv = (entry.qkv, entry.qkv_rows) if fresh and qkv_layer is not None and entry.qkv is not None else None
             if qkv is not None and layers.qkv_key(qkv_layer) != entry.qkv_key:
                 qkv = None
                 self.graphs.drop(graph_key)  # q/k/v changed since the capture: capture again
@@ -236,15 +238,21 @@ class FastFront:
             word = self.embeddings.word_embeddings.weight
             rows_bytes = batch * seq_len * (word.shape[1] + weights[0].shape[0]) * word.element_size()
             weights = weights if rows_bytes <= front_graphs.MAX_BYTES // 2 else None
+        seen = self.graphs.tokens.get(key, 0)  # the real tokens of this key's previous call
+        qkv_rows = min(batch * seq_len, bucket_tokens(seen + 1)) if seen else batch * seq_len
 
         def queue(copy: rows.HostCopy) -> tuple:
             plan = rows.row_plan(mask, ids, copy, spread=True)
             ahead = inputs.embed_ahead(plan)
-            return plan, ahead, layers.matmul(ahead, *weights) if weights is not None else None
+            if weights is None:
+                return plan, ahead, None
+            qkv = ahead.new_empty(ahead.shape[0], weights[0].shape[0])  # every row: room for a longer call's
+            layers.matmul_into(qkv[:qkv_rows], ahead[:qkv_rows], *weights)
+            return plan, ahead, qkv
 
         keep = tuple(t for t in weights if t is not None) if weights is not None else ()
         if self.graphs.capture(key, self.embeddings, rows.plan_size(batch), inputs.limits, queue, mask.device,
-                               qkv_key, keep) is None:
+                               qkv_key, keep, qkv_rows) is None:
             return None
         return self.graphs.replay(key, self.embeddings)
 
@@ -284,6 +292,16 @@ class FastEmbeddings:
                 call.placeholder = self.front.placeholder(call, *ids.shape)
                 return call.placeholder
         return type(self.owner).forward(self.owner, *args, **kwargs)
+
+
+def _first_qkv(qkv: tuple[torch.Tensor, int], ahead: torch.Tensor, count: int, first: layers.LayerParts
+               ) -> torch.Tensor:
+    """The first layer's q/k/v projection of the `count` real tokens from the front graph's (buffer, rows it
+    projected): a call with more real tokens than that projects the rest now, into the same buffer."""
+    buffer, done = qkv
+    if count > done:
+        layers.matmul_into(buffer[done:count], ahead[done:count], *layers.fused_qkv(first))
+    return buffer[:count]
 
 
 def hf_mask(config, hidden: torch.Tensor, call: FrontCall) -> torch.Tensor | None:

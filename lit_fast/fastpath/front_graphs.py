@@ -14,9 +14,10 @@ dropped. Each graph holds the tensors it read, so a replay for weights that have
 memory, never freed memory. The plan kernel writes straight into the graph's own pinned buffer (rows.row_plan).
 
 Where the first layer starts with its fused q/k/v GEMM and runs eagerly (front.FIRST_QKV_AHEAD), the graph also
-computes that GEMM over all `batch * seq_len` rows of the embeddings, before the host knows how many are real: at W1
-the ~70 us spent on padding rows replace ~150 us the GPU would wait for the host's steps between the plan and the
-first GEMM (W1 0.7-3.1% faster in two runs, `bench/w1_encoder.py --explore auto-qkv_ahead`). That result is used
+computes that GEMM before the host knows how many rows are real: over as many as the key's previous call had, rounded
+up to a bucket (a call with more projects the rest after the wait). It keeps the GPU busy through the host's steps
+between the plan and the first GEMM (W1 0.7-3.1% faster in two runs, `bench/w1_encoder.py --explore auto-qkv_ahead`,
+when it still covered all `batch * seq_len` rows, ~70 us of them padding at W1). That result is used
 only if the q/k/v weights' addresses and versions are those of the capture (else the graph is dropped and captured
 again). It is left out where the key's latest call had few enough tokens for the layers to replay a CUDA graph of
 their own (`GraphedLayers.will_replay`), which would not use it.
@@ -50,7 +51,7 @@ class FrontGraph:
     graph: torch.cuda.CUDAGraph
     plan: torch.Tensor  # the plan buffer on the device (static output)
     ahead: torch.Tensor  # the embeddings buffer (static output): the first `count` rows are the tokens
-    qkv: torch.Tensor | None  # the first layer's q/k/v projection of `ahead` (static output), or None
+    qkv: torch.Tensor | None  # the first layer's q/k/v projection of `ahead` (static output, as many rows), or None
     qkv_key: tuple | None  # layers.qkv_key of the first layer at capture: what `qkv` is valid for
     copy: rows.HostCopy  # its pinned buffer is where the graph's plan kernel writes
     size: int  # plan values
@@ -58,6 +59,7 @@ class FrontGraph:
     sources: tuple  # embedding_sources() at capture
     limits: list  # EmbeddingInputs.limits at capture: the range check of the ids
     keep: tuple  # the tensors the graph reads besides its inputs, held so their memory stays valid
+    qkv_rows: int = 0  # how many leading rows of `qkv` the graph computes (the rest is room for a longer call)
 
     @property
     def nbytes(self) -> int:
@@ -112,10 +114,10 @@ class FrontGraphs:
 
     def capture(self, key: tuple, module: nn.Module, size: int, limits: list,
                 queue: Callable[[rows.HostCopy], tuple], device: torch.device, qkv_key: tuple | None = None,
-                keep: tuple = ()) -> FrontGraph | None:
+                keep: tuple = (), qkv_rows: int = 0) -> FrontGraph | None:
         """Capture `queue(copy)` for `key`: the plan into `copy`'s pinned buffer, the embeddings, and optionally the
-        first layer's q/k/v projection of them (valid for `qkv_key`); it returns the three (the last may be None).
-        `keep`: further tensors the graph reads (the q/k/v weights). None when this front has stopped capturing or
+        first layer's q/k/v projection of them (valid for `qkv_key`, its first `qkv_rows` rows computed); it returns
+        the three (the last may be None). `keep`: further tensors the graph reads (the q/k/v weights). None when this front has stopped capturing or
         the capture failed (then it stops)."""
         if self.captures >= MAX_CAPTURES:
             self.stop(f"{self.captures} captures without settling on a few input addresses and shapes")
@@ -141,7 +143,7 @@ class FrontGraphs:
         self.pool = graph.pool()
         sources, tensors = embedding_sources(module)
         entry = FrontGraph(graph, plan, ahead, qkv, qkv_key if qkv is not None else None, copy, size, device, sources,
-                           limits, tensors + keep)
+                           limits, tensors + keep, qkv_rows if qkv is not None else 0)
         self.admit(key, entry)
         return entry
 

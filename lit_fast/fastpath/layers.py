@@ -207,6 +207,15 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     return F.gelu(y) if gelu else y
 
 
+def matmul_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """`out = x @ weight.T + bias` for a contiguous `out` (rows of a larger buffer): cuBLASLt adds the bias in its
+    epilogue and writes `out` in place, as `F.linear` would write a new tensor."""
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
 def _onednn_fits(x: torch.Tensor) -> bool:
     """oneDNN's fp32 linear applies: CPU, fp32, no autocast (which it would ignore), no autograd (it has none)."""
     return (
