@@ -40,8 +40,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENS = int(w1_lengths().sum())  # 18,685
 
 
-def graph_us(fn, launches: int = 20, reps: int = 15) -> float:
-    """Per-launch us of `fn`: `launches` calls in one CUDA graph, median of `reps` replays (after a warm-up)."""
+def capture(fn, launches: int = 1) -> torch.cuda.CUDAGraph:
+    """`launches` calls of `fn` as one CUDA graph (after a call on a side stream: lazy init stays out of it)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -51,6 +51,12 @@ def graph_us(fn, launches: int = 20, reps: int = 15) -> float:
     with torch.cuda.graph(graph):
         for _ in range(launches):
             fn()
+    return graph
+
+
+def graph_us(fn, launches: int = 20, reps: int = 15) -> float:
+    """Per-launch us of `fn`: `launches` calls in one CUDA graph, median of `reps` replays (after a warm-up)."""
+    graph = capture(fn, launches)
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
@@ -196,14 +202,7 @@ def part_headstart() -> dict:
 
         with torch.no_grad():
             run()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                run()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                run()
+            graph = capture(run)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             run()

@@ -188,10 +188,10 @@ def test_front_graphs_read_the_inputs_and_the_embeddings_where_they_are():
             graphed(input_ids=ids, attention_mask=mask)
 
 
-def test_the_front_graph_computes_the_first_q_k_v_ahead_and_drops_a_stale_one(monkeypatch):
-    """Where the layers run eagerly after the front's graph, the graph also computes the first layer's q/k/v over all
-    rows (front.FIRST_QKV_AHEAD) and the first layer takes it; after an in-place update of q/k/v that result is not
-    used, the graph is dropped and captured again with the new weights."""
+def _first_qkv_setup(monkeypatch):
+    """A tiny fp16 BERT whose layers run eagerly after the front's graph, a copy without graphs, a right-padded batch,
+    and `check()`: the graphed model's output against the copy's (on the real tokens) and, per layer run, whether it
+    was handed its q/k/v."""
     from lit_fast.fastpath import graphs as layer_graphs
     from lit_fast.fastpath import stack as stack_module
 
@@ -199,21 +199,29 @@ def test_the_front_graph_computes_the_first_q_k_v_ahead_and_drops_a_stale_one(mo
     model = tiny_text_model("bert").cuda().half()
     eager = to_fast_path(copy.deepcopy(model), "packed", cuda_graphs=False)
     graphed = to_fast_path(model, "packed")
-    graphs = graphed.encoder.forward.front.graphs
-    depth = len(graphed.encoder.layer)
-    given = []  # per layer run: whether it was handed its q/k/v
+    given = []
     real = stack_module.packed_layer
     monkeypatch.setattr(stack_module, "packed_layer",
                         lambda x, parts, packing, qkv=None: given.append(qkv is not None) or real(x, parts, packing, qkv))
     ids, mask = (t.cuda() for t in text_batch("right"))
 
-    def check() -> list[bool]:  # what the graphed model's layers were handed
+    def check() -> list[bool]:
         given.clear()
         got = graphed(input_ids=ids, attention_mask=mask).last_hidden_state
         handed = list(given)
         assert_close_on_tokens(got, eager(input_ids=ids, attention_mask=mask).last_hidden_state, mask, atol=1e-3)
         return handed
 
+    return graphed, eager, mask, check
+
+
+def test_the_front_graph_computes_the_first_q_k_v_ahead_and_drops_a_stale_one(monkeypatch):
+    """Where the layers run eagerly after the front's graph, the graph also computes the first layer's q/k/v
+    (front.FIRST_QKV_AHEAD) and the first layer takes it; after an in-place update of q/k/v that result is not
+    used, the graph is dropped and captured again with the new weights."""
+    graphed, eager, _, check = _first_qkv_setup(monkeypatch)
+    graphs = graphed.encoder.forward.front.graphs
+    depth = len(graphed.encoder.layer)
     with torch.inference_mode():
         assert check() == [False] * depth  # eager front
         assert check() == [True] + [False] * (depth - 1)  # captured, with the first layer's q/k/v
@@ -230,47 +238,29 @@ def test_the_front_graphs_q_k_v_covers_the_previous_calls_tokens_and_a_longer_ca
     bucket; here not rounded). A later call at the same addresses with more real tokens projects the rest after the
     wait, one with fewer uses part of it; both match the path without graphs."""
     from lit_fast.fastpath import front as front_module
-    from lit_fast.fastpath import graphs as layer_graphs
     from lit_fast.fastpath import layers as layers_module
-    from lit_fast.fastpath import stack as stack_module
 
-    monkeypatch.setattr(layer_graphs, "AUTO_MAX_TOKENS", 0)  # the layers run eagerly
-    monkeypatch.setattr(front_module, "bucket_tokens", lambda n: n)  # projected rows = previous count + 1
-    model = tiny_text_model("bert").cuda().half()
-    eager = to_fast_path(copy.deepcopy(model), "packed", cuda_graphs=False)
-    graphed = to_fast_path(model, "packed")
+    monkeypatch.setattr(front_module, "bucket_tokens", lambda n: n)  # projected rows = previous count
+    graphed, _, mask, check = _first_qkv_setup(monkeypatch)
     graphs = graphed.encoder.forward.front.graphs
-    depth = len(graphed.encoder.layer)
-    given = []
-    real = stack_module.packed_layer
-    monkeypatch.setattr(stack_module, "packed_layer",
-                        lambda x, parts, packing, qkv=None: given.append(qkv is not None) or real(x, parts, packing, qkv))
-    ids, mask = (t.cuda() for t in text_batch("right"))
-
-    def check() -> list[bool]:
-        given.clear()
-        got = graphed(input_ids=ids, attention_mask=mask).last_hidden_state
-        handed = list(given)
-        assert_close_on_tokens(got, eager(input_ids=ids, attention_mask=mask).last_hidden_state, mask, atol=1e-3)
-        return handed
-
+    handed = [True] + [False] * (len(graphed.encoder.layer) - 1)
     with torch.inference_mode():
         first = int(mask.sum())
-        assert first + 1 < mask.numel()  # room for a longer call
+        assert first < mask.numel()  # room for a longer call
         check()
-        assert check() == [True] + [False] * (depth - 1)  # captured
+        assert check() == handed  # captured
         (entry,) = graphs.graphs.values()
-        assert entry.qkv_rows == first + 1 and entry.qkv.shape[0] == mask.numel()
+        assert entry.qkv_rows == first and entry.qkv.shape[0] == mask.numel()
         tails = []
         into = layers_module.matmul_into
         monkeypatch.setattr(layers_module, "matmul_into", lambda out, *a: tails.append(out.shape[0]) or into(out, *a))
         mask.fill_(1)  # every position real: more tokens than the graph projected
-        assert check() == [True] + [False] * (depth - 1)
-        assert tails == [mask.numel() - first - 1]
+        assert check() == handed
+        assert tails == [mask.numel() - first]
         mask.zero_()
         mask[:, :3] = 1  # fewer
-        assert check() == [True] + [False] * (depth - 1)
-        assert tails == [mask.numel() - first - 1] and len(graphs.graphs) == 1
+        assert check() == handed
+        assert tails == [mask.numel() - first] and len(graphs.graphs) == 1
 
 
 def test_auto_cuda_graphs_replay_repeated_small_batches_only_and_match_eager(monkeypatch):

@@ -170,7 +170,7 @@ class FastFront:
             count = packing.num_tokens
             call.tokens = ahead[:count] if ahead is not None else inputs.embed(packing)
             if EARLY_LAYERS:
-                first_qkv = _first_qkv(qkv, ahead, count, first_layer) if qkv is not None and ahead is not None else None
+                first_qkv = None if qkv is None or ahead is None else _first_qkv(qkv, ahead, count, first_layer)
                 call.output = stack.run(None, valid, packing, backend, stack.iter_parts(first_layer), call.tokens,
                                         first_qkv)
         # HF passes a 4-D mask on as it is; the stack knows this view by identity and never reads its values
@@ -239,7 +239,7 @@ class FastFront:
             rows_bytes = batch * seq_len * (word.shape[1] + weights[0].shape[0]) * word.element_size()
             weights = weights if rows_bytes <= front_graphs.MAX_BYTES // 2 else None
         seen = self.graphs.tokens.get(key, 0)  # the real tokens of this key's previous call
-        qkv_rows = min(batch * seq_len, bucket_tokens(seen + 1)) if seen else batch * seq_len
+        qkv_rows = min(batch * seq_len, bucket_tokens(seen)) if seen else batch * seq_len
 
         def queue(copy: rows.HostCopy) -> tuple:
             plan = rows.row_plan(mask, ids, copy, spread=True)

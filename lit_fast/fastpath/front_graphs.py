@@ -117,8 +117,8 @@ class FrontGraphs:
                 keep: tuple = (), qkv_rows: int = 0) -> FrontGraph | None:
         """Capture `queue(copy)` for `key`: the plan into `copy`'s pinned buffer, the embeddings, and optionally the
         first layer's q/k/v projection of them (valid for `qkv_key`, its first `qkv_rows` rows computed); it returns
-        the three (the last may be None). `keep`: further tensors the graph reads (the q/k/v weights). None when this front has stopped capturing or
-        the capture failed (then it stops)."""
+        the three (the last may be None). `keep`: further tensors the graph reads (the q/k/v weights). None when this
+        front has stopped capturing or the capture failed (then it stops)."""
         if self.captures >= MAX_CAPTURES:
             self.stop(f"{self.captures} captures without settling on a few input addresses and shapes")
             return None

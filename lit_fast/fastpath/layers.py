@@ -208,8 +208,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
 
 
 def matmul_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """`out = x @ weight.T + bias` for a contiguous `out` (rows of a larger buffer): cuBLASLt adds the bias in its
-    epilogue and writes `out` in place, as `F.linear` would write a new tensor."""
+    """`out = x @ weight.T + bias` written into `out` (contiguous rows of a larger buffer) instead of a new tensor."""
     if bias is None:
         torch.mm(x, weight.t(), out=out)
     else:
