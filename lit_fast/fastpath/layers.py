@@ -208,7 +208,9 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
 
 
 def matmul_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """`out = x @ weight.T + bias` written into `out` (contiguous rows of a larger buffer) instead of a new tensor."""
+    """`out = x @ weight.T + bias` written into `out` (contiguous rows of a larger buffer) instead of a new tensor.
+    On CUDA this runs the same cuBLASLt kernel, bias in its epilogue, as `F.linear` (W1's q/k/v on the H200: the
+    same kernel, the same time, bit-identical results)."""
     if bias is None:
         torch.mm(x, weight.t(), out=out)
     else:
