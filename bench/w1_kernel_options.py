@@ -11,8 +11,10 @@ Parts (all by default; name some to run those):
   headstart  the 12 packed layers of W1 (eager launches and one CUDA graph), with and without the GPU busy on a
              sleep kernel first: a GPU that has just been idle runs the same kernels slower (its clock ramps up and,
              at ~700 W, is capped), which no launch scheme removes
+  clocks     HF sdpa and lit_fast's default path on W1, each called back to back for 4 s, with the SM clock and the
+             power nvidia-smi reports meanwhile: both run at the power limit, the denser one at a lower clock
 
-    PYTHONPATH=$PWD python3 bench/w1_kernel_options.py [addnorm attention gemm headstart] [--out FILE]
+    PYTHONPATH=$PWD python3 bench/w1_kernel_options.py [addnorm attention gemm headstart clocks] [--out FILE]
 """
 
 from __future__ import annotations
@@ -227,7 +229,53 @@ def part_headstart() -> dict:
     return result
 
 
-PARTS = {"addnorm": part_addnorm, "attention": part_attention, "gemm": part_gemm, "headstart": part_headstart}
+def part_clocks(seconds: float = 4.0) -> dict:
+    """HF sdpa and lit_fast's default path on the W1 batch, each called back to back for `seconds` (events around
+    each call and a wait after it, as bench/w1_encoder.py times them), twice in turn, with nvidia-smi sampling the SM
+    clock and the power every 100 ms (the first 0.5 s of each stretch, the previous one's state, left out)."""
+    import copy
+
+    from w1_encoder import batch_for, bert_base
+
+    from lit_fast.fastpath import to_fast_path
+
+    ids, mask = batch_for("w1")
+    result = {}
+    for name, dtype in DTYPES.items():
+        hf = bert_base().cuda().to(dtype)
+        models = {"hf_sdpa": hf, "auto": to_fast_path(copy.deepcopy(hf))}
+        with torch.inference_mode():
+            for _ in range(5):
+                for model in models.values():
+                    model(input_ids=ids, attention_mask=mask)
+            torch.cuda.synchronize()
+            for turn in range(2):
+                for variant, model in models.items():
+                    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw",
+                                            "--format=csv,noheader,nounits", "-lms", "100"],
+                                           stdout=subprocess.PIPE, text=True)
+                    times, stop = [], time.time() + seconds
+                    while time.time() < stop:
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        model(input_ids=ids, attention_mask=mask)
+                        end.record()
+                        end.synchronize()
+                        times.append(start.elapsed_time(end))
+                    smi.terminate()
+                    samples = [tuple(float(v) for v in line.split(",")) for line in smi.communicate()[0].splitlines()
+                               if line.count(",") == 1][5:]
+                    row = {"ms": round(statistics.median(times), 2), "calls": len(times),
+                           "sm_mhz": statistics.median(s[0] for s in samples) if samples else None,
+                           "watts": round(statistics.median(s[1] for s in samples)) if samples else None}
+                    print(f"clocks {name} turn {turn} {variant}: {row['ms']} ms ({row['calls']} calls), SM clock "
+                          f"{row['sm_mhz']} MHz, {row['watts']} W (medians)", flush=True)
+                    result[f"{name} {variant} {turn}"] = row
+    return result
+
+
+PARTS = {"addnorm": part_addnorm, "attention": part_attention, "gemm": part_gemm, "headstart": part_headstart,
+         "clocks": part_clocks}
 
 
 def main() -> None:
