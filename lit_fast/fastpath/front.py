@@ -229,8 +229,9 @@ class FastFront:
         inputs = self._embedding_inputs(named, batch, seq_len)
         if inputs.ranges or not inputs.ahead_fits():
             return None
+        seen = self.graphs.tokens.get(key, 0)  # the real tokens of this key's previous call
         graphed = self.stack.graphed  # layers that replay a graph of their own would not use the q/k/v
-        if qkv_layer is not None and graphed is not None and graphed.will_replay(self.graphs.tokens.get(key, 0)):
+        if qkv_layer is not None and graphed is not None and graphed.will_replay(seen):
             qkv_layer = None
         qkv_key = layers.qkv_key(qkv_layer) if qkv_layer is not None else None
         weights = layers.fused_qkv(qkv_layer) if qkv_key is not None else None  # None: no version counters
@@ -238,7 +239,6 @@ class FastFront:
             word = self.embeddings.word_embeddings.weight
             rows_bytes = batch * seq_len * (word.shape[1] + weights[0].shape[0]) * word.element_size()
             weights = weights if rows_bytes <= front_graphs.MAX_BYTES // 2 else None
-        seen = self.graphs.tokens.get(key, 0)  # the real tokens of this key's previous call
         qkv_rows = min(batch * seq_len, bucket_tokens(seen)) if seen else batch * seq_len
 
         def queue(copy: rows.HostCopy) -> tuple:
