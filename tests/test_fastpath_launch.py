@@ -35,7 +35,7 @@ class FakeKernel:
     def __getitem__(self, grid):
         def call(*args, **kwargs):
             self.through_triton.append((grid, args, kwargs))
-            key = tuple(kernels._specialization(a) for a in args) + tuple(kwargs.items())
+            key = tuple(kernels._specializations(args)) + tuple(kwargs.items())
             return self.compiled.setdefault(key, FakeCompiled())
         return call
 

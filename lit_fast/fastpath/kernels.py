@@ -94,10 +94,6 @@ def _specializations(args) -> list[tuple]:
             else (type(a),) for a in args]
 
 
-def _specialization(arg) -> tuple:
-    return _specializations((arg,))[0]
-
-
 TRITON_ADD_NORM = True  # a switch for benchmarks (bench/w1_encoder.py --explore); leave it on
 MAX_WIDTH = 8192  # one row per program; wider rows go to PyTorch
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -135,8 +131,9 @@ def _add_layer_norm_triton(x, y, weight, bias, eps: float) -> torch.Tensor:
     if rows == 0:
         return out
     block = next_power_of_2(width)
-    # a warp per 512 columns: at W1 (18.7k rows of 768, H200, `bench/w1_kernel_options.py addnorm`) 2 warps took
-    # 22.2 us, 1 warp 23.2, 4 warps 23.9 (the former choice), 8 warps 35
+    # a warp per 512 columns: at W1 (18.7k rows of 768, H200, `bench/w1_kernel_options.py addnorm`,
+    # bench/results/w1_kernel_options_h200_c3392c8.json, bf16) 2 warps took 22.1 us, 1 warp 23.0, 4 warps 24.3 (the
+    # former choice), 8 warps 35.2
     warps = min(max(block // 512, 1), 8)
     launch(_add_layer_norm_kernel, (rows,), x, y, weight, bias, out, x.stride(0), y.stride(0), out.stride(0), width,
            eps, BLOCK=block, num_warps=warps)
