@@ -17,7 +17,8 @@ Where the first layer starts with its fused q/k/v GEMM and runs eagerly (front.F
 computes that GEMM before the host knows how many rows are real: over as many as the key's previous call had, rounded
 up to a bucket (a call with more projects the rest after the wait). It keeps the GPU busy through the host's steps
 between the plan and the first GEMM (W1 0.7-3.1% faster in two runs, `bench/w1_encoder.py --explore auto-qkv_ahead`,
-when it still covered all `batch * seq_len` rows, ~70 us of them padding at W1). That result is used
+when it still covered all `batch * seq_len` rows, ~70 us of them padding at W1; over the previous call's rows, W1
+was 2.1% (fp16) / 1.7% (bf16) faster than over all rows, `--explore auto-qkv_all_rows`, c3e80e2). That result is used
 only if the q/k/v weights' addresses and versions are those of the capture (else the graph is dropped and captured
 again). It is left out where the key's latest call had few enough tokens for the layers to replay a CUDA graph of
 their own (`GraphedLayers.will_replay`), which would not use it.
