@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lit_fast import sharding
 from lit_fast.errors import ConfigError, InputDataError
-from lit_fast.readers import check_texts, read_columns, read_table, require_column
+from lit_fast.readers import check_texts, read_table
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,16 @@ class TextDataModule(L.LightningDataModule):
             seed: seed for splits, subsets and shuffling.
         """
         super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ConfigError(f"data.max_tokens must be >= 1 (padded tokens per batch), or null for no cap; got "
+                              f"{max_tokens}")
+        for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 <= fraction < 1:
+                raise ConfigError(f"data.{name} must be at least 0 and below 1, got {fraction}")
+        if max_rows is not None and max_rows < 1:
+            raise ConfigError(f"data.max_rows must be >= 1, got {max_rows}")
         self.save_hyperparameters()
         self.splits: dict[str, Split] = {}
         self.examples: dict[str, list[dict]] = {}
@@ -188,12 +198,15 @@ class TextDataModule(L.LightningDataModule):
     # ---- reading -------------------------------------------------------------------------------------------
     def _records(self, path: str, *, need_label: bool, need_target: bool) -> Split:
         hp = self.hparams
-        columns, file = read_columns(path, hp.text_column)
-        texts = require_column(columns, hp.text_column, file, "text")
+        used = {"text": hp.text_column, "label": hp.label_column if need_label else None,
+                "target": hp.target_column if need_target else None, "id": hp.id_column}
+        table, file = read_table(path, used)
+        columns = {name: table.column(name).to_pylist() for name in table.column_names}
+        texts = columns[hp.text_column]
         n = len(texts)
-        labels = require_column(columns, hp.label_column, file, "label") if need_label else None
-        targets = require_column(columns, hp.target_column, file, "target") if need_target else None
-        ids = require_column(columns, hp.id_column, file, "id") if hp.id_column else None
+        labels = columns[hp.label_column] if need_label else None
+        targets = columns[hp.target_column] if need_target else None
+        ids = columns[hp.id_column] if hp.id_column else None
         keep = set(hp.keep_labels) if (hp.keep_labels and labels is not None) else None
         records = []
         for i in range(n):
@@ -282,10 +295,10 @@ class TextDataModule(L.LightningDataModule):
         hp = self.hparams
         if not hp.path:
             raise ConfigError("no input: set --data.path")
-        table, file = read_table(hp.path, hp.text_column)
-        texts = require_column(table, hp.text_column, file, "text")
+        table, file = read_table(hp.path, {"text": hp.text_column, "id": hp.id_column})
+        texts = table.column(hp.text_column)
         check_texts(texts, file, hp.text_column, hp.allow_empty_text)
-        self._ids = require_column(table, hp.id_column, file, "id") if hp.id_column else None
+        self._ids = table.column(hp.id_column) if hp.id_column else None
         self._texts = texts
         self.num_rows["predict"] = table.num_rows
         chars = pc.fill_null(pc.utf8_length(texts.cast("string")), 0).to_numpy()

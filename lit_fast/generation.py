@@ -22,7 +22,7 @@ from lit_fast.collate import pad_ids
 from lit_fast.decoding import FastDecoder, SamplingConfig, hf_generate, unsupported_reason
 from lit_fast.errors import ConfigError, InputDataError
 from lit_fast.lora import LoraSettings, apply_lora, export_lora
-from lit_fast.module import Attention, LitTransformer
+from lit_fast.module import Attention, LitTransformer, position_limit
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens without loss (prompt, padding): transformers' cross-entropy skips it
@@ -47,11 +47,7 @@ class _Generator(LitTransformer):
         self.stop_strings = [s for s in (stop_strings or []) if s]
         self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.sdpa_backends = parse_sdpa_backends(sdpa_backends)
-        from lit_fast.loading import load_config
-
-        config = load_config(pretrained, revision=base.get("revision"),
-                             trust_remote_code=base.get("trust_remote_code", False))
-        self.default_max_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.default_max_length = position_limit(self.hf_config)
         if self.tokenizer.pad_token is None:  # GPT-2, Llama: no pad token; padding is masked anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token
 

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -82,6 +83,10 @@ def resolve_pretrained(name: str) -> str:
         raise ConfigError("model.pretrained is empty: give a local model directory, a packaged model or a hub id")
     path = Path(name).expanduser()
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"model folder '{name}' has no config.json: a model folder holds config.json, the weights "
+                "(model.safetensors) and the tokenizer's files, as transformers' save_pretrained writes them")
         return str(path.resolve())
     if name in _PACKAGED:
         return _PACKAGED[name]()
@@ -140,7 +145,8 @@ def _hub_kwargs(source: str, revision: str | None = None) -> dict[str, Any]:
 
 def _load_error(name: str, source: str, err: Exception) -> ModelLoadError:
     if Path(source).is_dir():
-        return ModelLoadError(f"could not load model from '{source}': {type(err).__name__}: {err}".splitlines()[0])
+        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        return ModelLoadError(f"could not load model from '{source}': {type(err).__name__}: {text}")
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ModelLoadError(
         f"could not load hub model '{name}' ({first}). Offline? Use a local directory or a packaged model "
@@ -148,11 +154,29 @@ def _load_error(name: str, source: str, err: Exception) -> ModelLoadError:
     )
 
 
+def refused_pickle(path: str, err: BaseException) -> ModelLoadError | None:
+    """The one-line error for a pickle that `torch.load(weights_only=True)` refused, or None for other errors."""
+    text = str(err)
+    if "Weights only load failed" not in text and "weights_only" not in text:
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    what = f" (it asks to run {found.group(1)})" if found else ""
+    return ModelLoadError(
+        f"{path} is a pickle that holds more than tensors{what}; lit_fast loads only plain tensors and will not run "
+        "code from a checkpoint. Use safetensors weights: ask the model's author for them, or convert the file "
+        "yourself where you trust its origin")
+
+
 def _with_hub_errors(name: str, source: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except LitFastError:
         raise
+    except pickle.UnpicklingError as err:
+        refused = refused_pickle(source, err)
+        if refused is None:
+            raise _load_error(name, source, err) from err
+        raise refused from None
     except (OSError, ValueError) as err:
         # transformers raises OSError for missing files and ValueError for unrecognized configs
         raise _load_error(name, source, err) from err

@@ -17,7 +17,14 @@ import torch
 
 from lit_fast import sharding
 from lit_fast.errors import ConfigError, LitFastError, UnsupportedModelError
-from lit_fast.loading import load_pretrained, load_tokenizer, parse_dtype, resolve_pretrained
+from lit_fast.loading import (
+    load_config,
+    load_pretrained,
+    load_tokenizer,
+    parse_dtype,
+    refused_pickle,
+    resolve_pretrained,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +69,15 @@ class LitTransformer(L.LightningModule):
 
             normalize_mode(quantization)
             check_fast_path(quantization, fast_path)
+        if max_length is not None and max_length < 1:
+            raise ConfigError(f"model.max_length must be a positive number of tokens, got {max_length}")
         self.source = resolve_pretrained(pretrained)
         self.tokenizer = load_tokenizer(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+        self.hf_config = load_config(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+        limit = position_limit(self.hf_config)
+        if max_length is not None and limit is not None and max_length > limit and not _rotary(self.hf_config):
+            raise ConfigError(f"model.max_length {max_length} is more than {pretrained} can take ({limit} positions); "
+                              f"use at most {limit}")
         self.model: Optional[torch.nn.Module] = None
         self.fast_path_used: Optional[str] = None
         self.default_max_length: Optional[int] = None  # a task may know better than the tokenizer (e.g. ST config)
@@ -290,8 +304,30 @@ class LitTransformer(L.LightningModule):
         try:
             state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unpickling failure becomes one clear message
+            refused = refused_pickle(checkpoint_path, err)
+            if refused is not None:
+                raise refused from None
             raise LitFastError(f"could not read checkpoint {checkpoint_path}: {err}".splitlines()[0]) from err
         self.load_state_dict(state["state_dict"])
+
+
+# Models whose position ids start after the padding index (RoBERTa's embeddings): that many fewer usable positions.
+_POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer")
+
+
+def position_limit(config) -> Optional[int]:
+    """How many tokens the model has position embeddings for; None for relative positions (T5)."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not positions:
+        return None
+    if getattr(config, "model_type", None) in _POSITIONS_AFTER_PADDING and config.pad_token_id is not None:
+        positions -= config.pad_token_id + 1
+    return int(positions)
+
+
+def _rotary(config) -> bool:
+    """Rotary positions (Llama family): the trained context is a default, not a table that ends there."""
+    return any("rope" in key or "rotary" in key for key in config.to_dict())
 
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")

@@ -10,13 +10,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Optional
 
 from lit_fast.errors import InputDataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 _COMPRESSED = (".gz", ".bz2")
+TEXT_ROLES = ("text", "target")  # columns that must hold text
 
 
 def resolve_data_path(path: str) -> Path:
@@ -42,8 +44,14 @@ def file_format(path: Path) -> str:
     return {".json": ".jsonl", ".tsv": ".csv"}.get(suffix, suffix)
 
 
-def read_table(path: str, text_column: str = "text"):
-    """Read a file into an Arrow table (memory-mapped for Parquet). A .txt file has one column, `text_column`."""
+def read_table(path: str, columns: Optional[Mapping[str, Optional[str]]] = None, text_column: str = "text"):
+    """Read a file into an Arrow table (memory-mapped for Parquet).
+
+    `columns`: the columns the task uses, {role: name} with roles "text", "label", "target" and "id" (None values
+    are not used). Only those are read (other columns may hold anything) and a missing one is an error that lists
+    the columns there are; CSV cells are read as text, never guessed into numbers. Without `columns` every column
+    is read. A .txt file has one column, named `text_column` (or `columns["text"]`).
+    """
     file = resolve_data_path(path)
     if not file.exists():
         raise InputDataError(f"input file not found: {file}")
@@ -52,17 +60,41 @@ def read_table(path: str, text_column: str = "text"):
     fmt = file_format(file)
     if file.stat().st_size == 0:
         raise InputDataError(f"{file}: the file is empty")
+    used = {role: name for role, name in (columns or {}).items() if name}
     reader = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet, ".txt": _read_txt}[fmt]
-    table = reader(file, text_column)
+    try:
+        table = reader(file, used.get("text", text_column), used or None)
+    except (EOFError, zlib.error) as err:
+        raise _decompress_error(file, err) from None
+    except OSError as err:  # gzip.BadGzipFile, bz2's "Invalid data stream", pyarrow's decompression errors
+        if file.suffix.lower() not in _COMPRESSED:
+            raise
+        raise _decompress_error(file, err) from None
     if table.num_rows == 0:
         raise InputDataError(f"{file}: no rows")
     return table, file
 
 
+def _decompress_error(file: Path, err: BaseException) -> InputDataError:
+    kind = {".gz": "gzip", ".bz2": "bzip2"}.get(file.suffix.lower(), "compressed")
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return InputDataError(f"{file}: cannot be read as {kind} ({reason}); the file is damaged, cut short or not "
+                          f"{kind}-compressed: check it, or rename it without '{file.suffix}' if it is plain text")
+
+
 def read_columns(path: str, text_column: str = "text") -> tuple[dict[str, list[Any]], Path]:
-    """Read a file into {column: Python values} (for training sets, which are small enough to hold)."""
-    table, file = read_table(path, text_column)
+    """Read every column of a file into {column: Python values} (small files; tests)."""
+    table, file = read_table(path, text_column=text_column)
     return {name: table.column(name).to_pylist() for name in table.column_names}, file
+
+
+def _select(table, used: Optional[Mapping[str, str]], file: Path):
+    """The used columns of `table` ({role: name}), or an error naming the missing one and the columns there are."""
+    if used is None:
+        return table
+    for role, name in used.items():
+        require_column(table, name, file, role)
+    return table.select(list(dict.fromkeys(used.values())))
 
 
 def _open_text(file: Path):
@@ -96,16 +128,16 @@ def _raw_bytes(file: Path) -> bytes:
     return file.read_bytes()
 
 
-def _read_txt(file: Path, text_column: str):
+def _read_txt(file: Path, text_column: str, used: Optional[Mapping[str, str]] = None):
     import pyarrow as pa
 
-    return pa.table({text_column: pa.array(_read_lines(file), pa.string())})
+    return _select(pa.table({text_column: pa.array(_read_lines(file), pa.string())}), used, file)
 
 
 _BLANK_LINE = re.compile(rb"(^|\n)[ \t\r]*(\n|$)")
 
 
-def _read_jsonl(file: Path, text_column: str):
+def _read_jsonl(file: Path, text_column: str, used: Optional[Mapping[str, str]] = None):
     """pyarrow's JSON reader for speed; the line-by-line reader whenever it objects, so the error names the line."""
     import pyarrow as pa
     import pyarrow.json as pajson
@@ -115,14 +147,57 @@ def _read_jsonl(file: Path, text_column: str):
         # pyarrow neither checks UTF-8 nor complains about blank lines (it skips them); we do both
         if _is_utf8(data) and not _BLANK_LINE.search(data.rstrip(b"\n") if data.endswith(b"\n") else data):
             try:
-                return pajson.read_json(pa.BufferReader(data))
-            except pa.ArrowInvalid:
+                table = _select(pajson.read_json(pa.BufferReader(data)), used, file)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
                 pass  # fall through: the careful reader says where and what
-    columns = _read_jsonl_rows(file)
-    try:
-        return pa.table({name: pa.array(values) for name, values in columns.items()})
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise InputDataError(f"{file}: a column mixes value types ({str(err).splitlines()[0]})") from None
+            else:
+                if all(_text_typed(table.column(name)) for role, name in (used or {}).items() if role in TEXT_ROLES):
+                    return table
+    rows = _read_jsonl_rows(file)
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    if used is not None:
+        for role, name in used.items():
+            require_column(list(names), name, file, role)
+    wanted = list(dict.fromkeys(used.values())) if used is not None else list(names)
+    roles = {name: role for role, name in (used or {}).items()}
+    columns = {name: _jsonl_column(rows, name, roles.get(name), file) for name in wanted}
+    return pa.table({name: pa.array(values) for name, values in columns.items()})
+
+
+def _text_typed(column) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    return f"a JSON {'list' if isinstance(value, list) else 'object'}"
+
+
+def _jsonl_column(rows: list[dict], name: str, role: Optional[str], file: Path) -> list[Any]:
+    """One column's values; every value of one kind (text for the text and target columns), else an error that
+    names the line and the column."""
+    values = [row.get(name) for row in rows]
+    first = next((k for k, v in enumerate(values) if v is not None), None)
+    if first is None:
+        return values
+    expected = "text" if role in TEXT_ROLES else _kind(values[first])
+    for line, value in enumerate(values, start=1):
+        if value is not None and _kind(value) != expected:
+            if role in TEXT_ROLES:
+                raise InputDataError(f"{file}: line {line}, column '{name}': {_kind(value)} where text is expected; "
+                                     f"quote it as a JSON string")
+            raise InputDataError(f"{file}: line {line}, column '{name}': {_kind(value)}, but line {first + 1} has "
+                                 f"{expected}; every value of a column must be of one kind")
+    return values
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -133,7 +208,7 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
-def _read_jsonl_rows(file: Path) -> dict[str, list[Any]]:
+def _read_jsonl_rows(file: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for number, line in enumerate(_read_lines(file), start=1):
         if not line.strip():
@@ -145,13 +220,10 @@ def _read_jsonl_rows(file: Path) -> dict[str, list[Any]]:
         if not isinstance(row, dict):
             raise InputDataError(f"{file}: line {number} is a JSON {type(row).__name__}, expected an object {{...}}")
         rows.append(row)
-    names: dict[str, None] = {}
-    for row in rows:
-        names.update(dict.fromkeys(row))
-    return {name: [row.get(name) for row in rows] for name in names}
+    return rows
 
 
-def _read_csv(file: Path, text_column: str):
+def _read_csv(file: Path, text_column: str, used: Optional[Mapping[str, str]] = None):
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -160,15 +232,27 @@ def _read_csv(file: Path, text_column: str):
         table = pacsv.read_csv(
             file,
             parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            # text stays text: no "1" -> int or "" -> null guessing on the columns people read as strings
-            convert_options=pacsv.ConvertOptions(strings_can_be_null=False, quoted_strings_can_be_null=False),
+            # text stays text: no "1" -> int or "true" -> bool guessing on the columns the task reads; the
+            # other columns are not read at all
+            convert_options=pacsv.ConvertOptions(
+                strings_can_be_null=False, quoted_strings_can_be_null=False,
+                column_types={name: pa.string() for name in (used or {}).values()},
+                include_columns=list(dict.fromkeys(used.values())) if used else None),
         )
-    except pa.ArrowInvalid as err:
+    except (pa.ArrowInvalid, pa.ArrowKeyError) as err:
         message = str(err).splitlines()[0]
         if "UTF8" in message or "utf8" in message.lower():
             raise InputDataError(f"{file}: bytes that are not UTF-8 ({message}); re-encode the file as UTF-8") from None
         if "Empty CSV file" in message:
             raise InputDataError(f"{file}: the file is empty") from None
+        missing = re.search(r"Column '([^']+)' in include_columns does not exist", message)
+        if missing and used:
+            import csv
+
+            with _open_text(file) as f:
+                header = next(csv.reader(f, delimiter=delimiter), [])
+            role = next(r for r, n in used.items() if n == missing.group(1))
+            require_column(header, missing.group(1), file, role)
         raise InputDataError(f"{file}: not a readable CSV file ({message})") from None
     for name in table.column_names:
         # pyarrow reads a column with invalid UTF-8 as binary instead of failing: find the first bad row
@@ -184,25 +268,33 @@ def _read_csv(file: Path, text_column: str):
     return table
 
 
-def _read_parquet(file: Path, text_column: str):
+def _read_parquet(file: Path, text_column: str, used: Optional[Mapping[str, str]] = None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(file, memory_map=True)
+        schema = pq.read_schema(file, memory_map=True)
+        if used is not None:
+            for role, name in used.items():
+                require_column(schema.names, name, file, role)
+        table = pq.read_table(file, memory_map=True,
+                              columns=list(dict.fromkeys(used.values())) if used is not None else None)
     except (pa.ArrowInvalid, OSError) as err:
         raise InputDataError(f"{file}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
     return table
 
 
 def require_column(columns, name: str, file: Path, role: str):
-    """`columns[name]` of a dict or an Arrow table, or an error listing the columns there are."""
+    """`columns[name]` of a dict or an Arrow table (or just the check, for a list of names), or an error listing the
+    columns there are."""
     names = list(columns.column_names if hasattr(columns, "column_names") else columns)
     if name not in names:
         raise InputDataError(
             f"{file}: no {role} column '{name}'; the columns are: {', '.join(names) or '(none)'} "
             f"(choose one with --data.{role}_column)"
         )
+    if isinstance(columns, list):
+        return None
     return columns.column(name) if hasattr(columns, "column_names") else columns[name]
 
 

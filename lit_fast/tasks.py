@@ -202,10 +202,7 @@ class Classifier(_EncoderTask):
         self.labels: Optional[list[str]] = list(labels) if labels else self._labels_of_checkpoint()
 
     def _labels_of_checkpoint(self) -> Optional[list[str]]:
-        from lit_fast.loading import load_config
-
-        config = load_config(self.hparams.pretrained, revision=self.hparams.revision,
-                             trust_remote_code=self.hparams.trust_remote_code)
+        config = self.hf_config
         names = [config.id2label[i] for i in sorted(config.id2label)] if getattr(config, "id2label", None) else []
         is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
         # "LABEL_0" names are transformers' placeholders, not labels anyone chose

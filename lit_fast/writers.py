@@ -12,35 +12,18 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lit_fast import sharding
-from lit_fast.errors import ConfigError, LitFastError, OutputExistsError
+from lit_fast.errors import LitFastError
+from lit_fast.outputs import clean_stale, publish_file, run_token, temp_sibling
 from lit_fast.progress import Throughput
 
 log = logging.getLogger(__name__)
-
-OUTPUT_FORMATS = (".jsonl", ".parquet")
-
-
-def check_output(path: str, overwrite: bool) -> Path:
-    """Fail before any work if the output cannot be written."""
-    out = Path(path).expanduser()
-    if out.suffix.lower() not in OUTPUT_FORMATS:
-        raise ConfigError(f"--output {path}: unsupported format '{out.suffix}'; use {' or '.join(OUTPUT_FORMATS)}")
-    if out.is_dir():
-        raise ConfigError(f"--output {path} is a directory; give a file path")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"--output {path} exists; pass --overwrite true to replace it")
-    if not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-    return out
-
 
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
@@ -66,8 +49,11 @@ def _to_arrow(rows: list[dict]):
 class PredictionWriter(BasePredictionWriter):
     """Writes the rows returned by `predict_step` (a list of dicts with "index") to `output` in input order."""
 
-    def __init__(self, output: str, overwrite: bool = False):
+    def __init__(self, output: str, overwrite: bool = False, before_publish: Optional[Callable[[], None]] = None):
+        """`before_publish`: called just before the complete output replaces the path (the command holds stops from
+        then on: a run whose output is in place has nothing left to stop)."""
         super().__init__(write_interval="batch")
+        self.before_publish = before_publish
         self.output = Path(output).expanduser()
         self.overwrite = overwrite
         self.format = self.output.suffix.lower()
@@ -80,8 +66,10 @@ class PredictionWriter(BasePredictionWriter):
 
     # ---- per rank ------------------------------------------------------------------------------------------
     def on_predict_start(self, trainer, pl_module) -> None:
-        run_id = trainer.strategy.broadcast(uuid.uuid4().hex[:12], src=0)
-        self._shard_dir = self.output.parent / f".{self.output.name}.parts-{run_id}"
+        if trainer.is_global_zero:
+            clean_stale(self.output)  # what killed runs for this output left behind
+        self._token = trainer.strategy.broadcast(run_token(), src=0)  # rank 0's host and pid name the temporaries
+        self._shard_dir = temp_sibling(self.output, "parts", self._token)
         self._shard_dir.mkdir(parents=True, exist_ok=True)
         shard = self._shard_dir / f"rank{trainer.global_rank:05d}{self.format}"
         self._offsets, self._parquet_rows, self._parquet_writer = [], [], None
@@ -190,10 +178,12 @@ class PredictionWriter(BasePredictionWriter):
             raise LitFastError(f"internal error: {n} rows predicted for {expected} input rows; no output written")
 
     def _merge(self, expected: Optional[int]) -> int:
-        tmp = self.output.parent / f".{self.output.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = temp_sibling(self.output, "tmp", self._token)
         try:
             n = self._merge_jsonl(tmp, expected) if self.format == ".jsonl" else self._merge_parquet(tmp, expected)
-            os.replace(tmp, self.output)  # atomic: readers see the old file or the complete new one
+            if self.before_publish is not None:
+                self.before_publish()
+            publish_file(tmp, self.output, self.overwrite)  # readers see the old file or the complete new one
         finally:
             if tmp.exists():
                 tmp.unlink()

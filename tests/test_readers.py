@@ -102,3 +102,64 @@ def test_num_workers_auto_shares_the_cores_among_the_ranks(monkeypatch):
     assert TextDataModule(num_workers=3)._num_workers() == 3
     with pytest.raises(ConfigError, match="data.num_workers must be a number >= 0 or auto"):
         TextDataModule(num_workers="many")._num_workers()
+
+
+@pytest.mark.parametrize("name, make, message", [
+    ("cut.jsonl.gz", lambda raw: __import__("gzip").compress(raw)[:-12], "cannot be read as gzip"),
+    ("plain.jsonl.gz", lambda raw: raw, "cannot be read as gzip"),
+    ("garbage.csv.gz", lambda raw: b"\x1f\x8b\x08\x00garbage" * 4, "cannot be read as gzip"),
+    ("cut.csv.bz2", lambda raw: bz2.compress(raw)[:-10], "cannot be read as bzip2"),
+    ("plain.txt.bz2", lambda raw: raw, "cannot be read as bzip2"),
+    ("plain.csv.bz2", lambda raw: raw, "cannot be read as bzip2"),
+])
+def test_damaged_or_mislabelled_compressed_files(tmp_path, name, make, message):
+    raw = b"text\n" + b"".join(f"row {i}\n".encode() for i in range(200)) if ".csv" in name or ".txt" in name else \
+        b"".join(f'{{"text": "row {i}"}}\n'.encode() for i in range(200))
+    path = tmp_path / name
+    path.write_bytes(make(raw))
+    with pytest.raises(InputDataError, match=message):
+        read_columns(str(path))
+
+
+def test_csv_text_that_looks_like_numbers_stays_text(tmp_path):
+    from lit_fast.readers import read_table
+
+    (tmp_path / "n.csv").write_text("text,label,id\n1,true,007\n2.50,false,8\ntrue,true,9\n")
+    table, _ = read_table(str(tmp_path / "n.csv"), {"text": "text", "label": "label", "id": "id"})
+    assert table.to_pydict() == {"text": ["1", "2.50", "true"], "label": ["true", "false", "true"],
+                                 "id": ["007", "8", "9"]}
+
+
+def test_unused_columns_may_hold_anything(tmp_path):
+    from lit_fast.readers import read_table
+
+    (tmp_path / "m.jsonl").write_text('{"text": "a", "meta": 1}\n{"text": "b", "meta": "x"}\n{"text": "c", "meta": [1]}\n')
+    (tmp_path / "m.csv").write_text("text,meta\na,1\nb,x\n")
+    for name in ("m.jsonl", "m.csv"):
+        table, _ = read_table(str(tmp_path / name), {"text": "text"})
+        assert table.column_names == ["text"] and table.column("text").to_pylist()[:2] == ["a", "b"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "a"}\n{"text": 3}\n', r"line 2, column 'text': a number where text is expected"),
+    ('{"text": "a", "label": "x"}\n{"text": "b", "label": 2}\n',
+     r"line 2, column 'label': a number, but line 1 has text"),
+    ('{"text": "a"}\n{"text": ["b"]}\n', r"line 2, column 'text': a JSON list where text is expected"),
+])
+def test_jsonl_type_errors_name_the_line_and_the_column(tmp_path, content, message):
+    from lit_fast.readers import read_table
+
+    (tmp_path / "t.jsonl").write_text(content)
+    with pytest.raises(InputDataError, match=message):
+        read_table(str(tmp_path / "t.jsonl"), {"text": "text", "label": "label" if "label" in content else None})
+
+
+def test_missing_used_column_lists_the_columns_in_every_format(tmp_path):
+    from lit_fast.readers import read_table
+
+    (tmp_path / "a.jsonl").write_text('{"body": "x", "id": 1}\n')
+    (tmp_path / "a.csv").write_text("body,id\nx,1\n")
+    pq.write_table(pa.table({"body": ["x"], "id": [1]}), tmp_path / "a.parquet")
+    for name in ("a.jsonl", "a.csv", "a.parquet"):
+        with pytest.raises(InputDataError, match=r"no text column 'text'; the columns are: body, id"):
+            read_table(str(tmp_path / name), {"text": "text"})

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_fast.errors import InputDataError
 from lit_fast.fastpath import kernels, padding, rows
 
 # With the row plan, the embeddings are queued before the batch's wait into a buffer of batch * seq_len rows (the
@@ -135,7 +136,7 @@ def raise_if_out_of_range(module: nn.Module, limits: list[tuple[str, int, str]],
     """Raise if a [min, max] pair of `values` (the plan's checks) falls outside its table (EmbeddingInputs.limits)."""
     for (what, size, fix), low, high in zip(limits, values[0::2], values[1::2]):
         if low < 0 or high >= size:
-            raise ValueError(
+            raise InputDataError(
                 f"{what} hold values from {low} to {high}, outside the model's table of {size} entries "
                 f"({type(module).__name__}): {fix}."
             )
@@ -143,7 +144,7 @@ def raise_if_out_of_range(module: nn.Module, limits: list[tuple[str, int, str]],
 
 def _check_length(largest: int, table: int, what: str) -> None:
     if largest >= table:
-        raise ValueError(
+        raise InputDataError(
             f"The batch needs position {largest} ({what}), but the model has {table} position embeddings: "
             f"truncate the inputs to the model's maximum length."
         )

@@ -1,0 +1,369 @@
+"""The commands' LightningCLI: parsing, the checks before any weights load, the run, and what it prints.
+
+Config: `model` is any `LitTransformer` subclass (`class_path: lit_fast.Embedder`, ...), `data` is the
+`TextDataModule`, `trainer` is Lightning's Trainer (devices, strategy, precision, plugins...). Every key can be
+overridden on the command line (`--model.pretrained DIR`, `--trainer.devices 2`); `--print_config` shows the
+whole resolved config.
+
+Errors a user can fix (bad input, unknown keys, missing models) print as one line on stderr and exit with status
+2; no traceback, no output file. A run stopped by SIGTERM, SIGINT or SIGHUP exits with 128 + the signal number
+(143 for SIGTERM) and one line saying what was and was not written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lit_fast import sharding
+from lit_fast.console import HeldLogs, config_message, lit_fast_cause, one_line, quiet_libraries
+from lit_fast.data import TextDataModule
+from lit_fast.errors import ConfigError, LitFastError
+from lit_fast.generation import CausalLM  # noqa: F401 - the task classes a config names, by short name too
+from lit_fast.module import LitTransformer
+from lit_fast.seq2seq import Seq2SeqLM  # noqa: F401
+from lit_fast.tasks import Classifier, Embedder  # noqa: F401
+from lit_fast.outputs import (
+    check_export_dir,
+    check_output_file,
+    clean_stale,
+    publish_dir,
+    run_token,
+    temp_sibling,
+    write_export_marker,
+)
+from lit_fast.progress import ThroughputProgressBar
+from lit_fast.precision_checks import check_strategy_precision, explain_precision_errors
+from lit_fast.quantization import quantizes_embeddings, training_refused
+from lit_fast.readers import resolve_data_path
+from lit_fast.signals import SIGNALS, StopOnSignals, Stopped
+from lit_fast.writers import PredictionWriter
+
+log = logging.getLogger("lit_fast")
+
+# What a config may name as a class_path; anything else is refused before it is imported (--allow_import widens it).
+ALLOWED_IMPORTS = ("lit_fast", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric",
+                   "torch.optim")
+
+
+class RunEvents(Callback):
+    """What the command needs to know while the Trainer runs: when the run has really started (held log lines are
+    printed), where a stop may land (never inside a training step), and the checkpoint left when one did."""
+
+    def __init__(self, signals: StopOnSignals, logs: HeldLogs) -> None:
+        self.signals, self.logs = signals, logs
+        self.phase = "starting"
+        self.checkpoint: Optional[str] = None
+        self._per_step = True
+
+    def _started(self, phase: str) -> None:
+        self.phase = phase
+        self.logs.release()
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._started("predicting")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._started("training")
+        # With several ranks, Lightning stops them together on SIGTERM at a step boundary (its own handler); a stop
+        # raised by one rank alone could leave the others waiting in a collective.
+        self._per_step = trainer.world_size == 1
+        if not self._per_step:
+            self.signals.hold(signal_numbers=[s for s in SIGNALS if s.name == "SIGTERM"])
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._started("testing")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._per_step:
+            self.signals.hold()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._per_step:
+            self.signals.raise_pending()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        stopped = isinstance(exception, SIGTERMException) or (isinstance(exception, Stopped) and self._per_step)
+        if not (stopped and trainer.state.fn == "fit" and trainer.global_step > 0):
+            return
+        checkpoints = trainer.checkpoint_callback
+        if checkpoints is None or not checkpoints.dirpath:
+            return
+        final = Path(checkpoints.dirpath) / "last.ckpt"
+        tmp = temp_sibling(final, "tmp", run_token())
+        trainer.save_checkpoint(str(tmp))
+        if trainer.is_global_zero:
+            if final.is_dir():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # a checkpoint that is there is complete
+        self.checkpoint = str(final)
+
+
+class LitCLI(LightningCLI):
+    def __init__(self, mode: str, args: Any = None, events: Optional[RunEvents] = None):
+        self.mode = mode
+        self.events = events
+        predict = mode == "predict"
+        super().__init__(
+            LitTransformer,
+            TextDataModule,
+            subclass_mode_model=True,
+            run=False,
+            args=args,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+            parser_kwargs={"exit_on_error": False},
+            trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False}
+            if predict
+            else {"default_root_dir": "runs"},
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        if self.mode == "predict":
+            parser.add_argument("--output", type=Optional[str], default=None,
+                                help="where predictions go (.jsonl or .parquet): one row per input row, in input order")
+        else:
+            parser.add_argument("--export_dir", type=Optional[str], default=None,
+                                help="after training, write the best model here in Hugging Face format")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="replace an existing --output file, or an earlier lit_fast export in --export_dir")
+        parser.add_argument("--allow_import", type=Optional[str], default=None,
+                            help="modules (comma-separated) a class_path may name besides lit_fast, Lightning and "
+                                 "torch.optim; command line only: a config cannot widen what it may import")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config
+        if config.get("allow_import") != _allow_import_argument(self._args):
+            raise ConfigError("allow_import can be given only on the command line (--allow_import MODULE): a config "
+                              "file cannot widen what it may import")
+        data = config.data
+        inputs = [str(resolve_data_path(p)) for p in (data.get("path"), data.get("val_path"), data.get("test_path"))
+                  if p]
+        # fail before loading any weights when the output cannot be written
+        if self.mode == "predict":
+            if not config.get("output"):
+                raise ConfigError("no output file: pass --output PATH (.jsonl or .parquet)")
+            check_output_file(config.output, config.overwrite, inputs)
+        elif config.get("export_dir"):
+            protected = {f"the input {p}": p for p in inputs}
+            protected["the checkpoints (trainer.default_root_dir)"] = config.trainer.get("default_root_dir") or "runs"
+            pretrained = config.model.init_args.get("pretrained") if config.model.get("init_args") else None
+            if pretrained and Path(pretrained).expanduser().is_dir():
+                protected["the model it starts from"] = pretrained
+            check_export_dir(config.export_dir, config.overwrite, protected)
+        trainer, model = config.trainer, config.model
+        quantization = model.init_args.get("quantization") if model.get("init_args") else None
+        if self.mode == "train" and quantizes_embeddings(quantization):
+            raise training_refused(quantization)
+        if quantization or trainer.get("plugins"):
+            # bitsandbytes with FSDP/DeepSpeed, two quantization routes, the plugin on CPU: say so before loading
+            check_strategy_precision(trainer.get("strategy"), trainer.get("plugins"), quantization,
+                                     trainer.get("accelerator"), trainer.get("precision"))
+
+    def parse_arguments(self, parser, args) -> None:
+        self._args = list(args) if args is not None else sys.argv[1:]
+        super().parse_arguments(parser, args)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        with explain_precision_errors(getattr(self.model.hparams, "quantization", None)):
+            trainer = super().instantiate_trainer(**kwargs)
+        if self.events is not None:
+            trainer.callbacks.insert(0, self.events)  # first: held log lines print before the progress bar starts
+        if self.mode == "predict":
+            hold = self.events.signals.hold if self.events is not None else None
+            trainer.callbacks.append(PredictionWriter(self.config.output, self.config.overwrite, before_publish=hold))
+            bars = [c for c in trainer.callbacks if type(c) in (TQDMProgressBar, RichProgressBar)]
+            if bars and trainer.progress_bar_callback is bars[0]:
+                # Lightning's default bar, not one the user configured: show rows/s and tokens/s instead
+                trainer.callbacks[trainer.callbacks.index(bars[0])] = ThroughputProgressBar()
+        else:
+            checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+            if not any(c.monitor for c in checkpoints):
+                # keep only the best model by the task's own metric (val_acc for classifiers, else val_loss)
+                for c in checkpoints:
+                    trainer.callbacks.remove(c)
+                monitor, mode = self.model.monitor
+                trainer.callbacks.insert(0, ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1,
+                                                            filename="best-{step}"))
+        return trainer
+
+
+def _allow_import_argument(args: Optional[list[str]]) -> Optional[str]:
+    """The value of --allow_import on the command line, read before parsing (which already imports)."""
+    value = None
+    args = list(args or [])
+    for k, arg in enumerate(args):
+        if arg == "--allow_import" and k + 1 < len(args):
+            value = args[k + 1]
+        elif arg.startswith("--allow_import="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _modules(value: Optional[str]) -> list[str]:
+    return [m.strip() for m in (value or "").split(",") if m.strip()]
+
+
+@contextmanager
+def _import_policy(extra: Optional[list[str]]) -> Iterator[None]:
+    """Class paths in a config may import only ALLOWED_IMPORTS (and `extra`): checked by jsonargparse before it
+    imports anything."""
+    from jsonargparse import set_parsing_settings
+    from jsonargparse._common import parsing_settings  # restored afterwards: the policy belongs to this run
+
+    saved = {key: parsing_settings.get(key) for key in ("import_path_verdicts", "import_paths_enforced")}
+    set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=[*ALLOWED_IMPORTS, *(extra or [])])
+    try:
+        yield
+    finally:
+        parsing_settings.update(saved)
+
+
+def _stopped_message(mode: str, stop: BaseException, events: RunEvents, config: Any) -> str:
+    name = stop.name if isinstance(stop, Stopped) else "SIGTERM"
+    if mode == "predict":
+        output = config.get("output") if config is not None else None
+        return (f"stopped by {name} before the predictions were complete; "
+                + (f"nothing was written to {output} (a file already there is as it was)" if output else
+                   "nothing was written"))
+    parts = [f"stopped by {name} while {events.phase}"]
+    if events.checkpoint:
+        parts.append(f"a resumable checkpoint is at {events.checkpoint}")
+    export_dir = config.get("export_dir") if config is not None else None
+    if export_dir:
+        parts.append(f"no export was written to {export_dir} (an earlier export there is as it was)")
+    return "; ".join(parts)
+
+
+def run(mode: str, args: Any, signals: StopOnSignals) -> int:
+    """The command of `mode` ("predict" or "train"), under `signals` (lit_fast/cli/__init__.py installs them)."""
+    from jsonargparse import ArgumentError
+
+    quiet_libraries()
+    body = {"predict": _predict, "train": _train}[mode]
+    cli: Optional[LitCLI] = None
+    with HeldLogs() as logs, _import_policy(_modules(_allow_import_argument(
+            args if args is not None else sys.argv[1:]))):
+        events = RunEvents(signals, logs)
+        try:
+            cli = LitCLI(mode, args=args, events=events)
+            body(cli, events)
+            return 0
+        except (Stopped, SIGTERMException) as stop:
+            config = cli.config if cli is not None else None
+            _error(_stopped_message(mode, stop, events, config))
+            return stop.exit_code if isinstance(stop, Stopped) else 128 + 15
+        except LitFastError as err:
+            _error(one_line(err))
+        except (ArgumentError, ValueError, TypeError, ImportError) as err:
+            cause = lit_fast_cause(err)
+            if cause is not None:
+                _error(one_line(cause))
+            elif (isinstance(err, ArgumentError) or type(err).__module__.startswith("jsonargparse")
+                  or "Union subtypes" in str(err)):
+                _error(f"invalid configuration: {config_message(err)} (see --help)")
+            else:
+                logs.release()  # a bug: show what led up to it with the traceback
+                raise
+        except BaseException:
+            logs.release()
+            raise
+        finally:
+            _leave_process_group()
+    return 2
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _leave_process_group() -> None:
+    """Tear down torch.distributed before the interpreter exits. Left to the interpreter's exit, the process
+    group's threads were destroyed while still joinable and a rank aborted after its work was done
+    ("terminate called without an active exception"; seen with gloo under torchrun)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _predict(cli: LitCLI, events: RunEvents) -> None:
+    """`predict`: one row per input row, written to --output in input order."""
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
+    if cli.trainer.is_global_zero:
+        writer = next(c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter))
+        print(f"wrote {writer.rows_written} rows to {writer.output}")
+
+
+def _train(cli: LitCLI, events: RunEvents) -> None:
+    """`train`: fit, test on held-out rows, export the best model to --export_dir."""
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    trainer.fit(model, datamodule=data)
+    chosen = _load_best(trainer, model, data)
+    if "test" in data.splits:
+        trainer.test(model, datamodule=data)
+    if cli.config.get("export_dir"):
+        events.phase = "exporting"
+        fsdp = sharding.is_fsdp(trainer.strategy)
+        state = sharding.full_state_dict(trainer) if fsdp else None  # a collective: every rank takes part
+        if trainer.is_global_zero:
+            export(model, cli.config.export_dir, cli.config.overwrite, state, before_publish=events.signals.hold)
+            print(f"exported {chosen} to {cli.config.export_dir}")
+
+
+def _load_best(trainer, model: LitTransformer, data: TextDataModule) -> str:
+    """Load the best checkpoint's weights into `model`; where no validation ran during training (max_steps ended
+    before the first one), validate the final model instead. Returns what will be exported, for the log."""
+    callback = trainer.checkpoint_callback
+    best = callback.best_model_path if callback is not None else ""
+    if best:
+        if sharding.is_fsdp(trainer.strategy):  # sharded or full FSDP checkpoints: the strategy loads its own format
+            trainer.strategy.load_model_state_dict(trainer.strategy.load_checkpoint(best), strict=True)
+        else:
+            model.load_weights(best)  # weights_only=True
+        log.info("best checkpoint: %s (%s=%.4g)", best, callback.monitor, float(callback.best_model_score))
+        return f"the best model ({callback.monitor}={float(callback.best_model_score):.4g}, {Path(best).name})"
+    if "val" not in data.splits:
+        log.info("no validation rows: the final model (step %d) is the one exported", trainer.global_step)
+        return f"the final model (step {trainer.global_step}; no validation rows)"
+    log.info("no validation ran during training (it ended at step %d, before the first validation); validating the "
+             "final model", trainer.global_step)
+    metrics = trainer.validate(model, datamodule=data, verbose=False)[0]
+    monitor = callback.monitor if callback is not None else None
+    score = f", {monitor}={metrics[monitor]:.4g}" if monitor in metrics else ""
+    log.info("exporting the final model (step %d%s): the only one validated", trainer.global_step, score)
+    return f"the final model (step {trainer.global_step}{score}; validated after training)"
+
+
+def export(model: LitTransformer, directory: str, overwrite: bool = False, gathered: Optional[dict] = None,
+           before_publish: Optional[Callable[[], None]] = None) -> None:
+    """Write into a hidden sibling folder, mark it as an export, then swap it in: no half-written export, and only an
+    earlier export is ever replaced (outputs.py).
+
+    `gathered`: the full state dict of a sharded (FSDP) model, exported through a fresh unsharded copy.
+    `before_publish`: called just before the swap (the command holds stops from then on).
+    """
+    out = Path(os.path.abspath(Path(directory).expanduser()))
+    clean_stale(out)
+    token = run_token()
+    tmp = temp_sibling(out, "tmp", token)
+    try:
+        if gathered is not None:
+            sharding.export_consolidated(model, str(tmp), gathered)
+        else:
+            model.export(str(tmp))
+        write_export_marker(tmp, task=type(model).__name__, pretrained=model.hparams.get("pretrained"))
+        if before_publish is not None:
+            before_publish()
+        publish_dir(tmp, out, overwrite, token)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
