@@ -22,25 +22,27 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _LAZY = {
-    "TextDataModule": "lit_fast.data",
+    "TextDataModule": "lit_fast.data.datamodule",
+    "FastPathOptions": "lit_fast.fastpath",
+    "plan_fast_path": "lit_fast.fastpath",
     "fast_path_architectures": "lit_fast.fastpath",
     "is_fast_path": "lit_fast.fastpath",
     "revert_fast_path": "lit_fast.fastpath",
     "to_fast_path": "lit_fast.fastpath",
-    "CausalLM": "lit_fast.generation",
-    "Seq2SeqLM": "lit_fast.seq2seq",
-    "LoraSettings": "lit_fast.lora",
-    "export_qlora": "lit_fast.qlora",
-    "prepare_qlora": "lit_fast.qlora",
-    "check_strategy_precision": "lit_fast.precision_checks",
-    "QUANTIZATION_MODES": "lit_fast.quantization",
-    "bnb_config": "lit_fast.quantization",
-    "quantize_embeddings": "lit_fast.quantization",
-    "weight_footprint": "lit_fast.quantization",
-    "LitTransformer": "lit_fast.module",
-    "Classifier": "lit_fast.tasks",
-    "Embedder": "lit_fast.tasks",
-    "PredictionWriter": "lit_fast.writers",
+    "CausalLM": "lit_fast.tasks.causal_lm",
+    "Seq2SeqLM": "lit_fast.tasks.seq2seq",
+    "LoraSettings": "lit_fast.models.lora",
+    "export_qlora": "lit_fast.models.qlora",
+    "prepare_qlora": "lit_fast.models.qlora",
+    "check_strategy_precision": "lit_fast.models.precision_checks",
+    "QUANTIZATION_MODES": "lit_fast.models.quantization",
+    "bnb_config": "lit_fast.models.quantization",
+    "quantize_embeddings": "lit_fast.models.quantization",
+    "weight_footprint": "lit_fast.models.quantization",
+    "LitTransformer": "lit_fast.tasks.base",
+    "Classifier": "lit_fast.tasks.encoder",
+    "Embedder": "lit_fast.tasks.encoder",
+    "PredictionWriter": "lit_fast.data.writers",
 }
 
 __all__ = sorted([*_LAZY, "ConfigError", "InputDataError", "LitFastError", "ModelLoadError", "OutputExistsError",
@@ -61,14 +63,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from lit_fast.data import TextDataModule
-    from lit_fast.fastpath import fast_path_architectures, is_fast_path, revert_fast_path, to_fast_path
-    from lit_fast.generation import CausalLM
-    from lit_fast.lora import LoraSettings
-    from lit_fast.module import LitTransformer
-    from lit_fast.precision_checks import check_strategy_precision
-    from lit_fast.qlora import export_qlora, prepare_qlora
-    from lit_fast.quantization import QUANTIZATION_MODES, bnb_config, quantize_embeddings, weight_footprint
-    from lit_fast.seq2seq import Seq2SeqLM
-    from lit_fast.tasks import Classifier, Embedder
-    from lit_fast.writers import PredictionWriter
+    from lit_fast.data.datamodule import TextDataModule
+    from lit_fast.fastpath import (FastPathOptions, fast_path_architectures, is_fast_path, plan_fast_path,
+                                   revert_fast_path, to_fast_path)
+    from lit_fast.tasks.causal_lm import CausalLM
+    from lit_fast.models.lora import LoraSettings
+    from lit_fast.tasks.base import LitTransformer
+    from lit_fast.models.precision_checks import check_strategy_precision
+    from lit_fast.models.qlora import export_qlora, prepare_qlora
+    from lit_fast.models.quantization import QUANTIZATION_MODES, bnb_config, quantize_embeddings, weight_footprint
+    from lit_fast.tasks.seq2seq import Seq2SeqLM
+    from lit_fast.tasks.encoder import Classifier, Embedder
+    from lit_fast.data.writers import PredictionWriter

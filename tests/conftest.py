@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
 def minilm_dir() -> str:
     """The packaged MiniLM; on a machine without the package, LIT_FAST_MINILM_TOKENIZER may name a folder with
     its tokenizer files (enough for the tiny random-init models; the GPU machine's image lacks the package)."""
-    from lit_fast.loading import resolve_pretrained
+    from lit_fast.models.loading import resolve_pretrained
 
     if os.environ.get("LIT_FAST_MINILM_TOKENIZER"):
         return os.environ["LIT_FAST_MINILM_TOKENIZER"]

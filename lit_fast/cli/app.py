@@ -24,14 +24,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_fast import sharding
+from lit_fast.models import sharding
 from lit_fast.console import HeldLogs, config_message, lit_fast_cause, one_line, quiet_libraries
-from lit_fast.data import TextDataModule
+from lit_fast.data.datamodule import TextDataModule
 from lit_fast.errors import ConfigError, LitFastError
-from lit_fast.generation import CausalLM  # noqa: F401 - the task classes a config names, by short name too
-from lit_fast.module import LitTransformer
-from lit_fast.seq2seq import Seq2SeqLM  # noqa: F401
-from lit_fast.tasks import Classifier, Embedder  # noqa: F401
+from lit_fast.tasks.causal_lm import CausalLM  # noqa: F401 - the task classes a config names, by short name too
+from lit_fast.tasks.base import LitTransformer
+from lit_fast.tasks.seq2seq import Seq2SeqLM  # noqa: F401
+from lit_fast.tasks.encoder import Classifier, Embedder  # noqa: F401
 from lit_fast.outputs import (
     check_export_dir,
     check_output_file,
@@ -41,12 +41,12 @@ from lit_fast.outputs import (
     temp_sibling,
     write_export_marker,
 )
-from lit_fast.progress import ThroughputProgressBar
-from lit_fast.precision_checks import check_strategy_precision, explain_precision_errors
-from lit_fast.quantization import quantizes_embeddings, training_refused
-from lit_fast.readers import resolve_data_path
+from lit_fast.data.progress import ThroughputProgressBar
+from lit_fast.models.precision_checks import check_strategy_precision, explain_precision_errors
+from lit_fast.models.quantization import quantizes_embeddings, training_refused
+from lit_fast.data.readers import resolve_data_path
 from lit_fast.signals import SIGNALS, StopOnSignals, Stopped
-from lit_fast.writers import PredictionWriter
+from lit_fast.data.writers import PredictionWriter
 
 log = logging.getLogger("lit_fast")
 

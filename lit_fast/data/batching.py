@@ -1,0 +1,163 @@
+"""Batches: rows grouped by length under a token budget, dealt out to ranks, tokenized in loader workers.
+
+Batches are made here, not by Lightning's samplers: each rank takes every world_size-th batch of one shared, seeded
+list of batches, so no row is duplicated or dropped in predict (an unpadded split, like Lightning's
+`UnrepeatedDistributedSampler`), and in training every rank sees the same number of batches. Loader workers receive
+the examples (or the input texts) and the task's codec (tasks/codecs.py): never the model.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from lit_fast.errors import ConfigError
+
+
+def make_batches(
+    lengths: list[int],
+    batch_size: int,
+    max_tokens: int | None = None,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    bucket_batches: int = 50,
+) -> list[list[int]]:
+    """Group positions into batches of similar length.
+
+    Predict (shuffle=False): longest first, so the largest batch runs first (an out-of-memory error shows at once)
+    and padding is minimal. Training (shuffle=True): shuffle, then sort inside buckets of `bucket_batches` batches
+    and shuffle the batch order: little padding, still random. `max_tokens` caps padded tokens per batch
+    (rows x longest row); a single row longer than the budget gets a batch of its own.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+    order = list(range(len(lengths)))
+    rng = random.Random(seed)
+    if shuffle:
+        rng.shuffle(order)
+        bucket = batch_size * bucket_batches
+        chunks = [sorted(order[i:i + bucket], key=lambda j: -lengths[j]) for i in range(0, len(order), bucket)]
+    else:
+        chunks = [sorted(order, key=lambda j: (-lengths[j], j))]
+    batches: list[list[int]] = []
+    for chunk in chunks:
+        current: list[int] = []
+        longest = 0
+        for j in chunk:
+            grown = max(longest, lengths[j])
+            full = len(current) >= batch_size or (max_tokens is not None and current and grown * (len(current) + 1) > max_tokens)
+            if full:
+                batches.append(current)
+                current, grown = [], lengths[j]
+            current.append(j)
+            longest = grown
+        if current:
+            batches.append(current)
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """A rank's training (or evaluation) batches for an epoch: rows dealt out to ranks first, then length-bucketed
+    per rank. In training every rank runs the same number of steps (the few batches over the smallest rank's count
+    are left out of that epoch; a new shuffle each epoch leaves out others)."""
+
+    lengths: tuple[int, ...]
+    batch_size: int
+    max_tokens: Optional[int]
+    seed: int
+    rank: int
+    world: int
+    shuffle: bool
+
+    def _rank_batches(self, epoch: int, rank: int) -> list[list[int]]:
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(order)
+        mine = order[rank::self.world]
+        made = make_batches([self.lengths[j] for j in mine], self.batch_size, self.max_tokens, shuffle=self.shuffle,
+                            seed=self.seed + epoch)
+        return [[mine[k] for k in batch] for batch in made]
+
+    def __call__(self, epoch: int) -> list[list[int]]:
+        mine = self._rank_batches(epoch if self.shuffle else 0, self.rank)
+        if self.shuffle and self.world > 1:
+            mine = mine[: min(len(self._rank_batches(epoch, r)) for r in range(self.world))]
+        return mine
+
+
+class Batches(IterableDataset):
+    """Yields this rank's collated batches of one epoch (and, with loader workers, this worker's share of them).
+    What workers receive: the examples, the batch list and the codec's collate; never the model."""
+
+    def __init__(self, examples: list[dict], batches: list[list[int]], collate: Callable):
+        self.examples, self.batches, self.collate = examples, batches, collate
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict]:
+        mine = self.batches
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            mine = mine[info.id::info.num_workers]
+        for batch in mine:
+            yield self.collate([self.examples[j] for j in batch])
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader of `Batches` that plans each epoch's batches in the main process, before workers start."""
+
+    def __init__(self, dataset: Batches, plan: EpochPlan, epoch: Callable[[], int], num_workers: int = 0):
+        super().__init__(dataset, batch_size=None, num_workers=num_workers)
+        self.plan, self.epoch = plan, epoch
+
+    def __iter__(self):
+        self.dataset.batches = self.plan(self.epoch())
+        return super().__iter__()
+
+
+class PredictBatches(IterableDataset):
+    """Predict batches, planned from character lengths and tokenized lazily by the rank (and worker) that runs them.
+
+    The plan needs no tokenizer pass over the whole input and is the same for any number of ranks, so N ranks
+    compute exactly the batches one process would (the same numbers, bit for bit where the math is
+    deterministic), and each rank tokenizes only its own share. `max_tokens` is enforced after tokenization by
+    splitting a batch that is over budget.
+    """
+
+    def __init__(self, texts, plan: list[np.ndarray], codec, max_tokens: Optional[int], rank: int, world: int):
+        self.texts, self.plan, self.codec = texts, plan, codec
+        self.max_tokens, self.rank, self.world = max_tokens, rank, world
+
+    def __len__(self) -> int:
+        if self.max_tokens is not None:
+            # batches over the token budget are split after tokenization, so the count is not known in advance;
+            # Lightning stops a sized loader after len() batches, so an estimate would lose rows: report none
+            raise TypeError("the number of predict batches is known only after tokenization when max_tokens is set")
+        return len(self.plan[self.rank::self.world])
+
+    def __iter__(self) -> Iterator[dict]:
+        mine = self.plan[self.rank::self.world]
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            mine = mine[info.id::info.num_workers]
+        for rows in mine:
+            texts = self.texts.take(rows).to_pylist()
+            records = [{"index": int(i), "text": t if t is not None else ""} for i, t in zip(rows, texts)]
+            examples = self.codec.encode(records, "predict")
+            if self.max_tokens is None:
+                yield self.codec.collate(examples)
+                continue
+            for part in make_batches([e["length"] for e in examples], len(examples), self.max_tokens):
+                yield self.codec.collate([examples[j] for j in part])
+
+

@@ -1,0 +1,250 @@
+"""DataModule: local files -> records -> the task's codec -> length-bucketed batches, sharded per rank.
+
+What a row *means* (tokenization, labels, collation) is the task's codec (tasks/codecs.py), which the DataModule
+takes from the task in `setup`; this file owns reading, validating, splitting and the loaders; batching.py makes
+the batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader
+
+from lit_fast.data.batching import Batches, EpochLoader, EpochPlan, PredictBatches, make_batches
+from lit_fast.data.readers import check_texts, read_table
+from lit_fast.errors import ConfigError, InputDataError
+from lit_fast.models import sharding
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    records: list[dict[str, Any]]
+    source: str
+
+
+class TextDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        text_column: str = "text",
+        label_column: Optional[str] = None,
+        target_column: Optional[str] = None,
+        id_column: Optional[str] = None,
+        val_path: Optional[str] = None,
+        test_path: Optional[str] = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
+        keep_labels: Optional[list[str]] = None,
+        max_rows: Optional[int] = None,
+        allow_empty_text: bool = False,
+        batch_size: int = 32,
+        max_tokens: Optional[int] = None,
+        num_workers: Union[int, Literal["auto"]] = 0,
+        seed: int = 0,
+    ):
+        """Local text data for every task.
+
+        Args:
+            path: input file (.jsonl, .csv, .parquet, .txt: one text per line). For training, the training rows;
+                `package:NAME/rel/path` names a file shipped inside an installed Python package.
+            text_column: the column with the text (prompts, for generation).
+            label_column: the column with class labels (classification training/evaluation).
+            target_column: the column with target text (completions for causal LM, outputs for seq2seq).
+            id_column: an optional column copied to every output row as "id".
+            val_path: validation file; without it, `val_fraction` of `path` is held out (seeded).
+            test_path: test file; without it, `test_fraction` of `path` is held out (seeded).
+            val_fraction: share of `path` held out for validation when `val_path` is not given.
+            test_fraction: share of `path` held out for testing when `test_path` is not given.
+            keep_labels: keep only rows whose label is one of these (the others are skipped and counted in the log);
+                also fixes the label order.
+            max_rows: use at most this many rows of `path` (after label filtering; a seeded random subset).
+            allow_empty_text: accept empty or missing texts (they are encoded as empty strings) instead of
+                stopping with an error that names the row.
+            batch_size: rows per batch (at most).
+            max_tokens: cap on padded tokens per batch (rows x longest row); long rows get smaller batches.
+            num_workers: DataLoader worker processes (they tokenize, one thread each); "auto": the CPU cores
+                this process may use, shared by the ranks of this machine, less one for the rank itself (at most 16).
+            seed: seed for splits, subsets and shuffling.
+        """
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ConfigError(f"data.max_tokens must be >= 1 (padded tokens per batch), or null for no cap; got "
+                              f"{max_tokens}")
+        for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 <= fraction < 1:
+                raise ConfigError(f"data.{name} must be at least 0 and below 1, got {fraction}")
+        if max_rows is not None and max_rows < 1:
+            raise ConfigError(f"data.max_rows must be >= 1, got {max_rows}")
+        self.save_hyperparameters()
+        self.splits: dict[str, Split] = {}
+        self.examples: dict[str, list[dict]] = {}
+        self._ids = None  # the id column (Arrow), predict only
+        self.num_rows: dict[str, int] = {}
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    def _records(self, path: str, *, need_label: bool, need_target: bool) -> Split:
+        hp = self.hparams
+        used = {"text": hp.text_column, "label": hp.label_column if need_label else None,
+                "target": hp.target_column if need_target else None, "id": hp.id_column}
+        table, file = read_table(path, used)
+        columns = {name: table.column(name).to_pylist() for name in table.column_names}
+        texts = columns[hp.text_column]
+        n = len(texts)
+        labels = columns[hp.label_column] if need_label else None
+        targets = columns[hp.target_column] if need_target else None
+        ids = columns[hp.id_column] if hp.id_column else None
+        keep = set(hp.keep_labels) if (hp.keep_labels and labels is not None) else None
+        records = []
+        for i in range(n):
+            if keep is not None and str(labels[i]) not in keep:
+                continue  # rows of other labels are not used at all (counted in the log below)
+            text = texts[i]
+            if text is None or (isinstance(text, str) and not text.strip()):
+                if not hp.allow_empty_text:
+                    raise InputDataError(
+                        f"{file}: row {i} (0-based) has an empty '{hp.text_column}'; fix the row or pass "
+                        "--data.allow_empty_text true"
+                    )
+                text = "" if text is None else text
+            if not isinstance(text, str):
+                raise InputDataError(
+                    f"{file}: row {i} (0-based): '{hp.text_column}' is a {type(text).__name__}, expected text"
+                )
+            record: dict[str, Any] = {"index": i, "text": text}
+            if labels is not None:
+                if labels[i] is None or str(labels[i]) == "":
+                    raise InputDataError(f"{file}: row {i} (0-based) has no label in '{hp.label_column}'")
+                record["label"] = str(labels[i])
+            if targets is not None:
+                if not isinstance(targets[i], str):
+                    raise InputDataError(
+                        f"{file}: row {i} (0-based): '{hp.target_column}' must be text, got {type(targets[i]).__name__}"
+                    )
+                record["target"] = targets[i]
+            if ids is not None:
+                record["id"] = ids[i]
+            records.append(record)
+        if keep is not None:
+            log.info("%s: kept %d of %d rows whose label is one of %s", file, len(records), n, hp.keep_labels)
+            if not records:
+                raise InputDataError(f"{file}: no row has a label in {hp.keep_labels} (column '{hp.label_column}')")
+        return Split(records, str(file))
+
+    def _fit_splits(self, need_label: bool, need_target: bool) -> None:
+        hp = self.hparams
+        if not hp.path:
+            raise ConfigError("no training data: set --data.path")
+        train = self._records(hp.path, need_label=need_label, need_target=need_target)
+        records = list(train.records)
+        rng = random.Random(hp.seed)
+        rng.shuffle(records)
+        if hp.max_rows:
+            records = records[: hp.max_rows]
+        held: dict[str, list] = {}
+        total = len(records)  # fractions are of all rows, so 0.1/0.1 of 3,750 rows leaves 3,000 to train on
+        for name, other, fraction in (("test", hp.test_path, hp.test_fraction), ("val", hp.val_path, hp.val_fraction)):
+            if other:
+                held[name] = self._records(other, need_label=need_label, need_target=need_target).records
+            elif fraction > 0:
+                if not 0 < fraction < 1:
+                    raise ConfigError(f"data.{name}_fraction must be between 0 and 1, got {fraction}")
+                k = max(1, int(round(total * fraction)))
+                held[name], records = records[:k], records[k:]
+        if not records:
+            raise InputDataError(f"{train.source}: no training rows left after holding out validation/test rows")
+        self.splits["fit"] = Split(records, train.source)
+        for name, other in (("val", hp.val_path), ("test", hp.test_path)):
+            if name in held:
+                self.splits[name] = Split(held[name], other or train.source)
+        log.info("rows: train %d, val %d, test %d", len(records), len(held.get("val", [])), len(held.get("test", [])))
+
+    # ---- Lightning hooks -----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        task = self.trainer.lightning_module
+        hp = self.hparams
+        if stage == "predict":
+            self._predict_table()
+            self.codec = task.codec()
+            return
+        if "fit" not in self.splits:
+            need_target = getattr(task, "needs_target", False) and hp.target_column is not None
+            self._fit_splits(getattr(task, "needs_label", False), need_target)
+        task.prepare_data_splits({k: v.records for k, v in self.splits.items()})  # e.g. a classifier's labels
+        self.codec = task.codec()
+        for name, split in self.splits.items():
+            if name not in self.examples:
+                self.examples[name] = self.codec.encode(split.records, name)
+
+    def _predict_table(self) -> None:
+        """Keep the input as Arrow (memory-mapped for Parquet): millions of rows need not become Python objects."""
+        import pyarrow.compute as pc
+
+        hp = self.hparams
+        if not hp.path:
+            raise ConfigError("no input: set --data.path")
+        table, file = read_table(hp.path, {"text": hp.text_column, "id": hp.id_column})
+        texts = table.column(hp.text_column)
+        check_texts(texts, file, hp.text_column, hp.allow_empty_text)
+        self._ids = table.column(hp.id_column) if hp.id_column else None
+        self._texts = texts
+        self.num_rows["predict"] = table.num_rows
+        chars = pc.fill_null(pc.utf8_length(texts.cast("string")), 0).to_numpy()
+        self._plan = [np.asarray(b, dtype=np.int64) for b in make_batches(chars.tolist(), hp.batch_size)]
+        log.info("%s: %d rows in %d batches", file, table.num_rows, len(self._plan))
+
+    def ids_for(self, indices: list[int]) -> Optional[list[Any]]:
+        """The id column's values of these input rows (None without --data.id_column)."""
+        if self._ids is None:
+            return None
+        return self._ids.take(np.asarray(indices, dtype=np.int64)).to_pylist()
+
+    def _loader(self, name: str, *, shuffle: bool) -> DataLoader:
+        """Train/val/test batches of this rank (batching.EpochPlan), collated by the codec in loader workers."""
+        examples = self.examples[name]
+        hp = self.hparams
+        trainer = self.trainer
+        rank, world = sharding.data_parallel_rank(trainer.strategy)
+        if len(examples) < world:
+            raise InputDataError(f"{name} split has {len(examples)} rows, fewer than the {world} ranks; add rows")
+        plan = EpochPlan(tuple(e["length"] for e in examples), hp.batch_size, hp.max_tokens, hp.seed, rank, world,
+                         shuffle)
+        epoch = (lambda: trainer.current_epoch) if shuffle else (lambda: 0)
+        return EpochLoader(Batches(examples, plan(epoch()), self.codec.collate), plan, epoch,
+                           num_workers=self._num_workers())
+
+    def _num_workers(self) -> int:
+        workers = self.hparams.num_workers
+        if workers != "auto":
+            if not isinstance(workers, int) or workers < 0:
+                raise ConfigError(f"data.num_workers must be a number >= 0 or auto, got {workers!r}")
+            return workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        local_ranks = getattr(self.trainer, "num_devices", None) or 1  # the ranks on this machine
+        return max(0, min(16, cores // local_ranks - 1))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("fit", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False) if "val" in self.splits else []
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.splits:
+            raise ConfigError("no test rows: set --data.test_path or --data.test_fraction")
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        rank, world = sharding.data_parallel_rank(self.trainer.strategy)
+        dataset = PredictBatches(self._texts, self._plan, self.codec, self.hparams.max_tokens, rank, world)
+        return DataLoader(dataset, batch_size=None, num_workers=self._num_workers())

@@ -1,0 +1,224 @@
+"""Prediction writer: per-rank shards, one ordered merge, an output file that appears only when complete.
+
+Each rank appends its rows to its own shard as batches finish (nothing accumulates in memory), remembering where
+each row landed. After the last batch every rank waits at a barrier; rank 0 checks that the shards hold every
+input index exactly once, writes the rows in input order to a temporary file beside the output and renames it
+into place. On failure the shards and the temporary file are removed: no half-written output that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from lit_fast.models import sharding
+from lit_fast.errors import LitFastError
+from lit_fast.outputs import clean_stale, publish_file, run_token, temp_sibling
+from lit_fast.data.progress import Throughput
+
+log = logging.getLogger(__name__)
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def _to_arrow(rows: list[dict]):
+    """Rows -> an Arrow table; equal-shaped vectors (embeddings) go in as one float32 block, not as Python floats."""
+    import pyarrow as pa
+
+    columns = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if hasattr(values[0], "shape") and len(values[0].shape) == 1 and all(v.shape == values[0].shape for v in values):
+            block = np.stack([np.asarray(v, dtype=np.float32) for v in values])
+            columns[key] = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), block.shape[1])
+        else:
+            columns[key] = pa.array([_jsonable(v) for v in values])
+    return pa.table(columns)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes the rows returned by `predict_step` (a list of dicts with "index") to `output` in input order."""
+
+    def __init__(self, output: str, overwrite: bool = False, before_publish: Optional[Callable[[], None]] = None):
+        """`before_publish`: called just before the complete output replaces the path (the command holds stops from
+        then on: a run whose output is in place has nothing left to stop)."""
+        super().__init__(write_interval="batch")
+        self.before_publish = before_publish
+        self.output = Path(output).expanduser()
+        self.overwrite = overwrite
+        self.format = self.output.suffix.lower()
+        self.rows_written = 0
+        self._shard_dir: Optional[Path] = None
+        self._file = None
+        self._offsets: list[tuple[int, int, int]] = []  # (index, byte offset, byte length) for jsonl
+        self._parquet_rows: list[dict] = []
+        self._parquet_writer = None
+
+    # ---- per rank ------------------------------------------------------------------------------------------
+    def on_predict_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            clean_stale(self.output)  # what killed runs for this output left behind
+        self._token = trainer.strategy.broadcast(run_token(), src=0)  # rank 0's host and pid name the temporaries
+        self._shard_dir = temp_sibling(self.output, "parts", self._token)
+        self._shard_dir.mkdir(parents=True, exist_ok=True)
+        shard = self._shard_dir / f"rank{trainer.global_rank:05d}{self.format}"
+        self._offsets, self._parquet_rows, self._parquet_writer = [], [], None
+        self._file = open(shard, "wb") if self.format == ".jsonl" else None
+        self._shard = shard
+        self.throughput = Throughput()
+
+    def _rows(self, trainer, prediction: list[dict]) -> list[dict]:
+        indices = [int(row["index"]) for row in prediction]
+        ids_for = getattr(trainer.datamodule, "ids_for", None)
+        ids = ids_for(indices) if ids_for is not None else None
+        rows = []
+        for k, (index, row) in enumerate(zip(indices, prediction)):
+            out = {"index": index}
+            if ids is not None:
+                out["id"] = _jsonable(ids[k])
+            out.update({k: v for k, v in row.items() if k != "index"})  # tensors stay tensors until written
+            rows.append(out)
+        return rows
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        if not sharding.writes_predictions(trainer.strategy):
+            return  # a tensor-parallel peer: its group's first rank writes these rows
+        self.throughput.add(batch)
+        rows = self._rows(trainer, prediction)
+        if self.format == ".jsonl":
+            for row in rows:
+                data = (json.dumps({k: _jsonable(v) for k, v in row.items()}, ensure_ascii=False) + "\n").encode("utf-8")
+                self._offsets.append((row["index"], self._file.tell(), len(data)))
+                self._file.write(data)
+        else:
+            self._parquet_rows.extend(rows)
+            if len(self._parquet_rows) >= 8192:
+                self._flush_parquet()
+
+    def _flush_parquet(self) -> None:
+        import pyarrow.parquet as pq
+
+        if not self._parquet_rows:
+            return
+        table = _to_arrow(self._parquet_rows)
+        if self._parquet_writer is None:
+            self._parquet_writer = pq.ParquetWriter(self._shard, table.schema)
+        self._parquet_writer.write_table(table.cast(self._parquet_writer.schema))
+        self._parquet_rows = []
+
+    def _close_shard(self) -> None:
+        if self.format == ".jsonl":
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+                index = np.array(self._offsets, dtype=np.int64).reshape(-1, 3)
+                np.save(self._shard.with_suffix(".idx.npy"), index)
+        else:
+            self._flush_parquet()
+            if self._parquet_writer is not None:
+                self._parquet_writer.close()
+                self._parquet_writer = None
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        rows, tokens, seconds = self.throughput.report(trainer.strategy)
+        if trainer.is_global_zero:
+            log.info("predicted %d rows (%d tokens) on %d rank(s) in %.2f s: %.1f rows/s, %.0f tokens/s", rows, tokens,
+                     trainer.world_size, seconds, rows / max(seconds, 1e-9), tokens / max(seconds, 1e-9))
+        self._close_shard()
+        (self._shard_dir / f"rank{trainer.global_rank:05d}.done").touch()
+        trainer.strategy.barrier("lit_fast_writer_shards")
+        error: Optional[str] = None
+        if trainer.is_global_zero:
+            expected = trainer.datamodule.num_rows["predict"] if trainer.datamodule is not None else None
+            try:
+                self._check_shards(trainer.world_size)
+                self.rows_written = self._merge(expected)
+            except LitFastError as err:
+                error = str(err)
+            finally:
+                shutil.rmtree(self._shard_dir, ignore_errors=True)
+        error = trainer.strategy.broadcast(error, src=0)
+        if error:
+            raise LitFastError(error)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        try:
+            self._close_shard()
+        except Exception:  # noqa: BLE001 - cleanup must not mask the real error
+            pass
+        if self._shard_dir is not None:
+            shutil.rmtree(self._shard_dir, ignore_errors=True)
+
+    # ---- rank 0 --------------------------------------------------------------------------------------------
+    def _check_shards(self, world_size: int) -> None:
+        """Every rank leaves a marker; on several nodes they must all be visible from rank 0's filesystem."""
+        found = len(list(self._shard_dir.glob("rank*.done")))
+        if found != world_size:
+            raise LitFastError(
+                f"rank 0 sees the shards of {found} of {world_size} ranks in {self._shard_dir}: on several nodes the "
+                "output folder must be on storage that every node shares; no output written"
+            )
+
+    def _check(self, indices: np.ndarray, expected: Optional[int]) -> None:
+        n = len(indices)
+        unique = np.unique(indices)
+        if len(unique) != n:
+            raise LitFastError(f"internal error: {n - len(unique)} rows were predicted twice; no output written")
+        if expected is not None and (n != expected or (n and (unique[0] != 0 or unique[-1] != expected - 1))):
+            raise LitFastError(f"internal error: {n} rows predicted for {expected} input rows; no output written")
+
+    def _merge(self, expected: Optional[int]) -> int:
+        tmp = temp_sibling(self.output, "tmp", self._token)
+        try:
+            n = self._merge_jsonl(tmp, expected) if self.format == ".jsonl" else self._merge_parquet(tmp, expected)
+            if self.before_publish is not None:
+                self.before_publish()
+            publish_file(tmp, self.output, self.overwrite)  # readers see the old file or the complete new one
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return n
+
+    def _merge_jsonl(self, tmp: Path, expected: Optional[int]) -> int:
+        shards = sorted(self._shard_dir.glob("rank*.jsonl"))
+        tables = [np.load(s.with_suffix(".idx.npy")) for s in shards]
+        owner = np.concatenate([np.full(len(t), k) for k, t in enumerate(tables)]) if tables else np.zeros(0, int)
+        merged = np.concatenate(tables) if tables else np.zeros((0, 3), np.int64)
+        self._check(merged[:, 0], expected)
+        order = np.argsort(merged[:, 0], kind="stable")
+        handles = [open(s, "rb") for s in shards]
+        try:
+            with open(tmp, "wb") as out:
+                for k in order:
+                    f = handles[owner[k]]
+                    f.seek(merged[k, 1])
+                    out.write(f.read(merged[k, 2]))
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            for f in handles:
+                f.close()
+        return len(order)
+
+    def _merge_parquet(self, tmp: Path, expected: Optional[int]) -> int:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        shards = sorted(self._shard_dir.glob("rank*.parquet"))
+        tables = [pq.read_table(s, memory_map=True) for s in shards]
+        tables = [t for t in tables if t.num_rows]
+        table = pa.concat_tables(tables) if tables else pa.table({"index": pa.array([], pa.int64())})
+        self._check(table.column("index").to_numpy(), expected)
+        table = table.sort_by("index")
+        pq.write_table(table, tmp)
+        return table.num_rows

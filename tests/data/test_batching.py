@@ -1,0 +1,69 @@
+"""Batches (lit_fast/data/batching.py): every row once in evaluation, equal steps on every rank in training, and
+loader workers that receive the codec, never the model."""
+
+import pickle
+from types import SimpleNamespace
+
+from conftest import write_jsonl
+from lit_fast.data.datamodule import TextDataModule
+
+
+def _datamodule(rank: int, world: int) -> TextDataModule:
+    dm = TextDataModule(batch_size=4, seed=1)
+    dm.examples = {"fit": [{"index": i, "length": 1 + i % 9} for i in range(37)],
+                   "val": [{"index": i, "length": 1 + i % 5} for i in range(7)]}
+    dm.codec = SimpleNamespace(collate=lambda examples: [e["index"] for e in examples])
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, current_epoch=0, num_devices=world,
+                                 strategy=SimpleNamespace(global_rank=rank, world_size=world))
+    return dm
+
+
+def test_every_rank_gets_rows_and_training_ranks_get_equal_steps():
+    for world in (1, 2, 3):
+        seen, counts = [], []
+        for rank in range(world):
+            dm = _datamodule(rank, world)
+            val = list(dm._loader("val", shuffle=False))
+            assert val, "a rank without validation rows"
+            seen += [i for b in val for i in b]
+            counts.append(len(list(dm._loader("fit", shuffle=True))))
+        assert sorted(seen) == list(range(7))  # validation: every row exactly once over all ranks
+        assert len(set(counts)) == 1  # training: the same number of steps on every rank
+
+
+def test_each_epoch_is_shuffled_anew_and_reproducibly():
+    dm = _datamodule(0, 1)
+    loader = dm._loader("fit", shuffle=True)
+    first = list(loader)
+    dm.trainer.current_epoch = 1
+    second = list(loader)
+    assert sorted(i for b in first for i in b) == sorted(i for b in second for i in b) == list(range(37))
+    assert first != second
+    dm.trainer.current_epoch = 0
+    assert list(loader) == first
+
+
+def test_loader_workers_receive_the_codec_not_the_model(tmp_path, tiny_bert_dir):
+    """What a spawn or forkserver start method would pickle for each worker: the dataset (examples, batches, the
+    codec's collate). It must not drag the LightningModule and its weights along."""
+    import lightning as L
+
+    from lit_fast.tasks import Classifier
+
+    rows = [{"text": f"text {i}", "label": "a" if i % 2 else "b"} for i in range(20)]
+    data = TextDataModule(str(write_jsonl(tmp_path / "d.jsonl", rows)), label_column="label", batch_size=4)
+    task = Classifier(tiny_bert_dir)
+    blobs = []
+
+    class Grab(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            blobs.append(pickle.dumps(trainer.train_dataloader.dataset))
+
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Grab()], accelerator="cpu")
+    trainer.fit(task, datamodule=data)
+    (blob,) = blobs
+    assert b"Classifier" not in blob and b"BertForSequenceClassification" not in blob
+    dataset = pickle.loads(blob)
+    batch = next(iter(dataset))
+    assert set(batch) >= {"input_ids", "attention_mask", "index", "labels"}
