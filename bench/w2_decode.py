@@ -1,13 +1,14 @@
 """W2 - decoder generation: transformers `generate` (sdpa, dynamic cache) vs lit_fast's FastDecoder.
 
-BENCHMARKS.md W2: batch 1, prompt 64 tokens, 128 new tokens, greedy, bf16; OPT-350m and Llama-1B shapes, random
+W2 (bench/README.md): batch 1, prompt 64 tokens, 128 new tokens, greedy, bf16; OPT-350m and Llama-1B shapes, random
 init from a fixed seed; also batch 16. Ratios are measured in this run against HF in this run; the floor is the
 weight bytes read per decode step over the copy bandwidth measured in this run. Correctness in the same run:
 fp32 greedy tokens must equal HF's exactly (batch 1 and a left-padded batch of 4); at bf16 the agreement with
 HF's tokens is reported (position-wise rate and the length of the common prefix).
 
-    python3 bench/w2_decode.py --out bench/results/w2_decode.json            # the full protocol
-    python3 bench/w2_decode.py --quick                                        # 1 warm-up, 3 timed runs
+    python -m bench.w2_decode [--out bench/results/w2_h100_<commit>.json]   # the full protocol
+    python -m bench.w2_decode --quick                                        # 1 warm-up, 3 timed runs
+    python -m bench.w2_decode --dry-run --shapes opt-350m --batches 1        # CPU, 2 layers: checks the script
 
 Variants of ours: `graph-unfused` (the decode step captured as a CUDA graph, q/k/v as three matmuls), `graph`
 (FastDecoder's CUDA default: q/k/v in one matmul), `graph+compile` (the step compiled by torch.compile, then
@@ -19,16 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 
-from lit_fast.decoding import FastDecoder, SamplingConfig, hf_generate
+from bench import common
+from lit_fast.fastpath.decoder.loop import FastDecoder, SamplingConfig, hf_generate
 
 PROMPT, NEW, BIG_BATCH = 64, 128, 16
 SHAPES = {
@@ -48,30 +50,13 @@ DEVICE = "cuda"  # `--dry-run` switches to the CPU with tiny shapes, to check th
 
 def timed(fn, warmup: int, reps: int) -> tuple[float, list[float]]:
     """Median seconds of `reps` calls after `warmup` calls, timed with CUDA events (host clock on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if DEVICE == "cpu":
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
+    times = [ms / 1e3 for ms in common.time_ms(fn, warmup, reps, DEVICE == "cuda")]
     return statistics.median(times), times
 
 
 def copy_bandwidth() -> float:
-    """Bytes/s of a 2 GiB device-to-device copy (read + write counted)."""
-    x = torch.randn(2**29 if DEVICE == "cuda" else 2**20, device=DEVICE)  # 2 GiB fp32
-    y = torch.empty_like(x)
-    t, _ = timed(lambda: y.copy_(x), 3, 10)
-    return 2 * x.numel() * 4 / t
+    """Bytes/s of a 2 GiB device-to-device copy (read + write counted; 4 MiB on the CPU)."""
+    return common.copy_bandwidth(DEVICE, 2 << 30 if DEVICE == "cuda" else 4 << 20)
 
 
 def gpu_busy(fn) -> dict | None:
@@ -182,7 +167,8 @@ def bench_shape(name: str, args, bandwidth: float, deadline: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/results/w2_decode.json")
+    parser.add_argument("--out", help="results JSON (default bench/results/w2_<device>_<commit>.json; --dry-run: "
+                                      "the temp dir)")
     parser.add_argument("--quick", action="store_true", help="1 warm-up and 3 timed runs (exploration only)")
     parser.add_argument("--budget", type=float, default=420, help="seconds; later variants are skipped past it")
     parser.add_argument("--shapes", default=",".join(SHAPES))
@@ -201,17 +187,20 @@ def main() -> None:
     deadline = time.time() + args.budget
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means real fp32 matmuls
     bandwidth = copy_bandwidth()
-    report = {"workload": "W2", "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)", "torch": torch.__version__,
-              "transformers": transformers.__version__, "python": platform.python_version(),
-              "commit": os.environ.get("LIT_FAST_COMMIT", "unknown"), "quick": args.quick,
+    if args.dry_run:  # a check of the script, not a measurement: never into bench/results by default
+        args.out = args.out or str(Path(tempfile.gettempdir()) / "w2_dry_run.json")
+    args.out = args.out or common.default_out("w2", DEVICE)
+    env = common.environment(DEVICE)
+    report = {"workload": "W2", "device": env["device"] + (" (dry run)" if args.dry_run else ""),
+              "torch": torch.__version__, "transformers": transformers.__version__, "python": env["python"],
+              "commit": env["commit"], "environment": env, "quick": args.quick,
               "protocol": f"warmup {args.warmup}, median of {args.reps}, CUDA events; prompt {PROMPT}, "
                           f"{NEW} new tokens, greedy, bf16",
               "copy_bandwidth_GBps": round(bandwidth / 1e9, 1), "shapes": []}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     for name in args.shapes.split(","):
         report["shapes"].append(bench_shape(name, args, bandwidth, deadline))
-        with open(args.out, "w") as f:  # after each shape: a run cut short keeps what it measured
-            json.dump(report, f, indent=1)
+        common.write_json(report, args.out, quiet=True)  # after each shape: a run cut short keeps what it measured
+    print(f"wrote {args.out}")
 
     print(f"\nW2 on {report['device']} (torch {torch.__version__}, transformers {transformers.__version__}), "
           f"copy bandwidth {report['copy_bandwidth_GBps']} GB/s, {report['protocol']}")

@@ -1,38 +1,32 @@
-"""W4 (BENCHMARKS.md): quantized inference, Llama-1B shape, nf4 / fp4 / int8 (...) vs bf16, in one run.
+"""W4 (bench/README.md): quantized inference, Llama-1B shape, nf4 / fp4 / int8 (...) vs bf16, in one run.
 
 For every mode: weight bytes (packed weights + scales, shared storage once), GPU memory resident after loading,
 peak GPU memory while loading and while generating, and W2 decoding speed with HF `generate` (sdpa, dynamic cache;
 batch 1, prompt 64 tokens, 128 new tokens, greedy): median of >=10 timed runs after warm-up, CUDA events.
 Correctness in the same run: the prompt's logits vs bf16 (cosine, top-1 agreement). Weights are random (fixed
-seed), saved once in bf16 and loaded through `lit_fast.quantization.bnb_config` like any checkpoint.
+seed), saved once in bf16 and loaded through `lit_fast.models.quantization.bnb_config` like any checkpoint.
 
 Variants (in this order, each skipped with a note if the --budget runs out): bf16, nf4, fp4, int8, nf4+emb
 (nf4 plus 4-bit input/output embeddings via `quantize_embeddings`), nf4-dq, fp4-dq.
 
-    python3 bench/w4_quant.py --out $OUT/w4_quant_h100.json           # GPU
-    .venv/bin/python bench/w4_quant.py --tiny --device cpu            # smoke test of the script on CPU
+    python -m bench.w4_quant [--out bench/results/w4_quant_h100_<commit>.json]   # GPU
+    .venv/bin/python -m bench.w4_quant --tiny --device cpu                       # smoke test of the script on CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lit_fast.quantization import bnb_config, quantize_embeddings, weight_footprint  # noqa: E402
+from bench import common
+from lit_fast.models.quantization import bnb_config, quantize_embeddings, weight_footprint
 
 VARIANTS = ("bf16", "nf4", "fp4", "int8", "nf4+emb", "nf4-dq", "fp4-dq")
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -43,38 +37,19 @@ TINY = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_
 
 
 class Clock:
-    """CUDA events on a GPU (the protocol), a host clock on CPU."""
+    """CUDA events on a GPU (the protocol), a host clock on CPU; seconds."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
 
     def time(self, fn) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3
-        start_s = time.perf_counter()
-        fn()
-        return time.perf_counter() - start_s
+        common.synchronize("cuda" if self.cuda else "cpu")
+        return common.time_once_ms(fn, self.cuda) / 1e3
 
 
 def measure_bandwidth(device: torch.device) -> float | None:
-    """Device-to-device copy bandwidth in bytes/s (read + write), median of 10; None on CPU."""
-    if device.type != "cuda":
-        return None
-    src = torch.randn(256 * 1024 * 1024, device=device)  # 1 GiB of fp32
-    dst = torch.empty_like(src)
-    clock = Clock(device)
-    for _ in range(3):
-        dst.copy_(src)
-    seconds = statistics.median(clock.time(lambda: dst.copy_(src)) for _ in range(10))
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * 1024**3 / seconds
+    """Device-to-device copy bandwidth in bytes/s (read + write, 1 GiB), median of 10; None on CPU."""
+    return common.copy_bandwidth(device, 1 << 30) if device.type == "cuda" else None
 
 
 def make_checkpoint(shape: dict, directory: str, device: torch.device) -> None:
@@ -101,7 +76,7 @@ def load(directory: str, variant: str, device: torch.device):
 
 def fast_decode(model, prompt: torch.Tensor, args, clock: Clock, hf_tokens: torch.Tensor) -> dict:
     """lit_fast's FastDecoder (static cache + CUDA graph) on the same model, when it runs bitsandbytes layers."""
-    from lit_fast.decoding import FastDecoder, SamplingConfig
+    from lit_fast.fastpath.decoder.loop import FastDecoder, SamplingConfig
 
     cfg = SamplingConfig(max_new_tokens=args.new_tokens, pad_token_id=0)
     mask = torch.ones_like(prompt)
@@ -173,7 +148,8 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budget", type=float, default=330.0, help="seconds; later variants are skipped past it")
-    parser.add_argument("--out", default=str(ROOT / "bench/results/w4_quant.json"))
+    parser.add_argument("--out", help="results JSON (default bench/results/w4_quant_<device>_<commit>.json; --tiny: "
+                                      "the temp dir)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     device = torch.device(args.device)
@@ -184,9 +160,10 @@ def main() -> None:
     import bitsandbytes
     import transformers
 
-    # the GPU machine's copy of the tree may carry a stale .git: the caller's LIT_FAST_COMMIT wins
-    commit = os.environ.get("LIT_FAST_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    if args.tiny:  # a smoke test, not a measurement: never into bench/results by default
+        args.out = args.out or str(Path(tempfile.gettempdir()) / "w4_quant_tiny.json")
+    args.out = args.out or common.default_out("w4_quant", device)
+    commit = common.git_commit()  # LIT_FAST_COMMIT wins: the GPU machine's copy of the tree may carry a stale .git
     bandwidth = measure_bandwidth(device)
     result = {"benchmark": "W4", "shape": "tiny" if args.tiny else "llama-1b", "config": shape,
               "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()})",
@@ -196,8 +173,7 @@ def main() -> None:
               "copy_bandwidth_bytes_per_s": bandwidth, "rows": [], "skipped": []}
 
     def save() -> None:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        common.write_json(result, args.out, quiet=True)
 
     directory = tempfile.mkdtemp(prefix="w4-")
     make_checkpoint(shape, directory, device)
@@ -222,6 +198,7 @@ def main() -> None:
         print(f"{variant}: HF {row['tok_per_s']:.1f} tok/s, FastDecoder {fast_note}, weights "
               f"{row['weight_bytes'] / 2**20:.1f} MiB, cos {row['logits_cos_mean']:.4f}", flush=True)
     save()
+    print(f"wrote {args.out}")
 
     rows = result["rows"]
     base_row = next((r for r in rows if r["variant"] == "bf16"), rows[0])

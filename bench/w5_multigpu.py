@@ -1,35 +1,34 @@
-"""W5 (../shared/BENCHMARKS.md): multi-GPU predict scaling, end to end through predict.py.
+"""W5 (bench/README.md): multi-GPU predict scaling, end to end through predict.py.
 
 100k texts of the W1 length mix (token lengths uniform in [32, 256]) through a random-init BERT-base-shape
 embedder on 1, 2 and 4 GPUs; rows/s end to end (process start, tokenization, model load and writing included)
 and in the predict loop alone; scaling efficiency; the N-GPU output checked against the 1-GPU output (same rows
 in the same order; values within bf16 tolerance); where the time goes at the largest N.
 
-    python3 bench/w5_multigpu.py --devices 1 2 4                      # on a machine with 4 GPUs
-    python3 bench/w5_multigpu.py --tiny --accelerator cpu --devices 1 2  # a CPU smoke run of the script itself
+    python -m bench.w5_multigpu --devices 1 2 4 --launcher torchrun      # on a machine with 4 GPUs
+    python -m bench.w5_multigpu --tiny --accelerator cpu --devices 1 2   # a CPU smoke run of the script itself
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench import common
+from bench.common import ROOT
 
 
 def make_model(directory: Path, tiny: bool) -> None:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from lit_fast.loading import resolve_pretrained
+    from lit_fast.models.loading import resolve_pretrained
 
     torch.manual_seed(0)
     shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64) if tiny else \
@@ -131,7 +130,8 @@ def main() -> None:
     parser.add_argument("--launcher", choices=["lightning", "torchrun"], default="lightning",
                         help="how the ranks of a multi-device run start (README 'Many GPUs')")
     parser.add_argument("--workdir", default="/tmp/lit_fast_w5")
-    parser.add_argument("--out", default=str(ROOT / "bench/results/w5_multigpu.json"))
+    parser.add_argument("--out", help="results JSON (default bench/results/w5_<device>x<N>_<commit>.json; --tiny: "
+                                      "the temp dir)")
     args = parser.parse_args()
     if args.tiny:
         args.rows = min(args.rows, 2000)
@@ -158,15 +158,18 @@ def main() -> None:
     import torch
     import transformers
 
-    commit = os.environ.get("LIT_FAST_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    record = {"workload": "W5", "launcher": args.launcher, "device": device, "gpus_visible": torch.cuda.device_count(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "commit": commit, "rows": args.rows, "real_tokens": real_tokens,
-              "tiny": args.tiny, "precision": args.precision, "tokenize_all_one_thread_s": tokenize_s,
-              "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
+    env = common.environment("cuda" if args.accelerator == "gpu" else "cpu")
+    device = env["device"]
+    record = {"workload": "W5", "launcher": args.launcher, "device": device, "gpus_visible": env["gpus_visible"],
+              "torch": torch.__version__, "transformers": transformers.__version__, "commit": env["commit"],
+              "environment": env, "rows": args.rows, "real_tokens": real_tokens, "tiny": args.tiny,
+              "precision": args.precision, "tokenize_all_one_thread_s": tokenize_s, "results": results}
+    if args.tiny:  # a smoke test, not a measurement: never into bench/results by default
+        args.out = args.out or str(Path(tempfile.gettempdir()) / "w5_tiny.json")
+    tag = "cpu" if args.accelerator == "cpu" else \
+        f"{common.device_tag(name=common.gpu_name_from_smi())}x{max(args.devices)}"
+    args.out = args.out or str(common.RESULTS / f"w5_{tag}_{env['commit']}.json")
+    common.write_json(record, args.out)
 
     print(f"\nW5 on {device}: {args.rows} rows, {real_tokens} real tokens, {args.precision}, launcher {args.launcher}")
     print(f"tokenizing every row on one thread takes {tokenize_s:.2f} s (spread over loader workers and ranks)")

@@ -1,18 +1,18 @@
 """W7 (issue 7): sharded fine-tuning (FSDP) and tensor-parallel generation of a Llama-8B shape on 1..N GPUs.
 
     # 2 x H200, about 6 minutes (--budget 540 s: runs that would not fit are skipped); --out e.g. $OUT/...
-    LIT_FAST_COMMIT=<sha> python3 bench/w7_sharding.py --devices 1 2 --out $OUT/w7_sharding.json --workdir $OUT/w7_logs
+    LIT_FAST_COMMIT=<sha> python -m bench.w7_sharding --devices 1 2 --out $OUT/w7_sharding.json --workdir $OUT/w7_logs
     # CPU smoke run of the script (tiny Llama, gloo, 1 and 2 processes, fp32), about 75 s on 2 cores
-    python bench/w7_sharding.py --tiny --accelerator cpu --out /tmp/w7_tiny.json
+    .venv/bin/python -m bench.w7_sharding --tiny --accelerator cpu --out /tmp/w7_tiny.json
 
-Each run is its own process group (torchrun --standalone, a JSON file per rank); the results file is rewritten
+Each run is its own process group (torchrun --standalone -m bench.w7_sharding --child ..., a JSON file per rank); the results file is rewritten
 after every run, so a run cut short keeps what it measured. Parts (--only): fsdp, lora, tp.
 
 fsdp / lora (rank 16, alpha 32, all-linear): Llama-8B shape, sequence 2048, micro-batch 1 per GPU, random token
   ids; Trainer + FSDPStrategy(FULL_SHARD) + bf16-mixed (fp32 master weights: full FT holds 16 B/param, 128 GB over
   all GPUs) + gradient checkpointing, as configs/finetune-fsdp.yaml. A thin LightningModule (lit_fast.CausalLM
-  needs a checkpoint and a tokenizer) does in configure_model what the product does: lit_fast.lora.apply_lora,
-  lit_fast.sharding.configure_fsdp (a unit per decoder layer, LoRA A/B leaves as units of their own), activation
+  needs a checkpoint and a tokenizer) does in configure_model what the product does: lit_fast.models.lora.apply_lora,
+  lit_fast.models.sharding.configure_fsdp (a unit per decoder layer, LoRA A/B leaves as units of their own), activation
   checkpointing as LitTransformer. No checkpoint is read (the product's rank 0 reads one and broadcasts it): every
   rank builds on the meta device and FSDP's param_init_fn fills each unit on its GPU with N(0, 0.02), norms 1,
   RoPE buffers recomputed, LoRA B random too (GEMMs on zeros run faster). AdamW (fused). N=1 is FSDPStrategy on
@@ -48,8 +48,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench import common
+from bench.common import ROOT
+
 T0 = time.perf_counter()
 GIB = 2**30
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -97,8 +98,8 @@ def child_train(spec: dict) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel
     from transformers import AutoModelForCausalLM
 
-    from lit_fast import sharding
-    from lit_fast.lora import LoraSettings, apply_lora
+    from lit_fast.models import sharding
+    from lit_fast.models.lora import LoraSettings, apply_lora
 
     cuda = spec["accelerator"] == "gpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -203,9 +204,9 @@ def child_generate(spec: dict) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
     from transformers import AutoModelForCausalLM
 
-    from lit_fast import sharding
-    from lit_fast.decoding import SamplingConfig, hf_generate
-    from lit_fast.loading import load_pretrained
+    from lit_fast.models import sharding
+    from lit_fast.fastpath.decoder.loop import SamplingConfig, hf_generate
+    from lit_fast.models.loading import load_pretrained
 
     cuda = spec["accelerator"] == "gpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -271,7 +272,8 @@ def launch(name: str, role: str, spec: dict, n: int, args, deadline: float) -> d
         log(f"{name}: skipped (time budget spent)")
         return {"error": "skipped (budget)"}
     spec = {**spec, "n": n, "result": str(args.workdir / name), "accelerator": args.accelerator}
-    script = [str(Path(__file__).resolve()), "--child", role, "--spec", json.dumps(spec)]
+    # the children run this module from the repository root (cwd), so that `bench` and `lit_fast` import
+    script = ["-m", "bench.w7_sharding", "--child", role, "--spec", json.dumps(spec)]
     cmd = [sys.executable, *script] if role == "save" else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *script]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -400,7 +402,8 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H200: 989)")
     p.add_argument("--budget", type=float, default=540, help="seconds for everything; runs past it are skipped")
     p.add_argument("--workdir", default=None, help="child logs and per-rank JSON, kept (default: a new temp dir)")
-    p.add_argument("--out", default=str(ROOT / "bench/results/w7_sharding.json"))
+    p.add_argument("--out", help="results JSON (default bench/results/w7_<device>x<N>_<commit>.json; --tiny: the "
+                                 "temp dir)")
     p.add_argument("--child", choices=["train", "generate", "save"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -426,12 +429,11 @@ def main() -> None:
 
     from importlib.metadata import distributions
 
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False)
     versions = {m: next((d.version for d in distributions(name=m)), "?") for m in ("torch", "transformers", "lightning",
                                                                                      "peft")}
     record = {"workload": "W7", "device": "?", **versions,
               "python": platform.python_version(), "platform": platform.platform(),
-              "commit": os.environ.get("LIT_FAST_COMMIT") or git.stdout.strip() or "unknown", "shape": shape,
+              "commit": common.git_commit(), "shape": shape,
               "devices": args.devices, "nccl_env": {k: os.environ[k] for k in NCCL_ENV},
               "peak_tflops": args.peak_tflops,
               "protocol": f"fine-tune: seq {args.seq}, micro-batch {args.micro_batch}/GPU, {args.precision}, grad "
@@ -440,13 +442,16 @@ def main() -> None:
                           f"median of {args.gen_reps}",
               "mfu_formula": "(4 P + 2 T + 6 L S H) * tokens/s / (N * peak); P: matmul params (all but the input "
                              "embedding), T: trainable matmul params; recompute not counted", "parts": {}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.tiny:  # a smoke test, not a measurement: never into bench/results by default
+        args.out = args.out or str(Path(tempfile.gettempdir()) / "w7_tiny.json")
+    tag = "cpu" if args.accelerator == "cpu" else \
+        f"{common.device_tag(name=common.gpu_name_from_smi())}x{max(args.devices)}"
+    out = Path(args.out or common.RESULTS / f"w7_{tag}_{record['commit']}.json")
 
     def save(part: str, rows: list) -> None:
         record["parts"][part] = rows
         record["device"] = next((r["device"] for r in rows if "device" in r), record["device"])
-        out.write_text(json.dumps(record, indent=1))
+        common.write_json(record, out, quiet=True)
 
     train = {"shape": shape, "seq": args.seq, "micro_batch": args.micro_batch, "warmup": args.warmup,
              "steps": args.steps, "precision": args.precision, "lora_units": args.lora_units}

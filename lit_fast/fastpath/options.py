@@ -27,8 +27,6 @@ class FastPathOptions:
 
     front: bool = True
     """Plan the packing before the embeddings and run the base model's steps on packed tokens (front.py)."""
-    packed_embeddings: bool = True
-    """Embed only the real tokens, straight into the packed matrix (else the HF embeddings run on the padded grid)."""
     row_plan: bool = True
     """On CUDA, plan rows whose tokens are one run each in one kernel and one wait (rows.py)."""
     qkv_ahead: bool = True

@@ -1,4 +1,4 @@
-"""Variants of lit_fast's Triton varlen attention at W1 shapes, none of them adopted (README "Fast path / Measured").
+"""Variants of lit_fast's Triton varlen attention at W1 shapes, none of them adopted (docs/MEASUREMENTS.md, "Attention").
 
 The variant kernel `_attn_x` is `kernels._varlen_attention_kernel` with two compile-time switches:
   F16EXP  the softmax numerators as `ex2.approx.f16x2` (two fp16 exponentials an instruction, as flash-attention 3
@@ -10,90 +10,90 @@ sequences up to 256 tokens, i.e. a plain softmax without the online rescaling.
 
 Scenarios: 128 sequences, head size 64 (hidden 768), q/k/v strided views of one (tokens, 2304) projection; W1
 (lengths randint(32, 257) after manual_seed(0)), all 256 (pad0) and randint(32, 97) (pad75); bf16, and fp16 at W1.
+(pad60 is W1's pad60 scenario, randint(32, 173); this script once drew randint(32, 177), never in a kept run.)
 Each is checked against fp32 SDPA (`attn_configs.reference`) and timed inside CUDA graphs (`attn_configs.time_graph`:
 20 launches a graph, 3 warm-up replays, median of 10). Result of the one run (H200, commit 6df8806, run as
 scratch/attn_exp.py, the same code): bench/results/attn_variants_h200_6df8806.json.
 
-    PYTHONPATH=$PWD python3 bench/attn_variants.py [--out f.json] [--scenarios w1 pad0 pad75 pad60]
+    python -m bench.explore.attn_variants [--out f.json] [--scenarios w1 pad0 pad75 pad60]
 """
 import argparse
-import json
-import sys
 import time
 from functools import partial
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
-from attn_configs import max_diff, reference, time_graph
 
-from lit_fast.fastpath import kernels
+from bench import common
+from bench.explore.attn_configs import max_diff, reference, time_graph
+from lit_fast.fastpath.encoder import kernels
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the module imports, main() says what is missing
+    triton = None
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
     TensorDescriptor = None
 
 
-@triton.jit
-def _exp2_f16(x):
-    return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16,
-                                     is_pure=True, pack=2)
+if triton is not None:  # the variant kernel (defined where Triton is)
 
+    @triton.jit
+    def _exp2_f16(x):
+        return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16,
+                                         is_pure=True, pack=2)
 
-@triton.jit
-def _attn_x(Q, K, V, Out, CU, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, qk_scale, KD, VD,
-            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, F16EXP: tl.constexpr,
-            TMA: tl.constexpr):
-    block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    begin = tl.load(CU + seq)
-    length = tl.load(CU + seq + 1) - begin
-    if block * BLOCK_M >= length:
-        return
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, HEAD_DIM)
-    cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < length
-    row_tok = (begin + rows).to(tl.int64)
-    q = tl.load(Q + row_tok[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start in range(0, length, BLOCK_N):
-        n = start + cols
-        n_ok = n < length
-        tok = (begin + n).to(tl.int64)
-        if TMA:
-            k = KD.load([begin + start, head * HEAD_DIM])
-        else:
-            k = tl.load(K + tok[:, None] * sk_t + head * sk_h + dims[None, :], mask=n_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if F16EXP:
-            p16 = _exp2_f16(s - m_new[:, None])
-            p = p16.to(tl.float32)
-        else:
-            p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if TMA:
-            v = VD.load([begin + start, head * HEAD_DIM])
-        else:
-            v = tl.load(V + tok[:, None] * sv_t + head * sv_h + dims[None, :], mask=n_ok[:, None], other=0.0)
-        if F16EXP:
-            acc = tl.dot(p16.to(v.dtype), v, acc * alpha[:, None])
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(Out + row_tok[:, None] * so_t + head * so_h + dims[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None])
+    @triton.jit
+    def _attn_x(Q, K, V, Out, CU, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, qk_scale, KD, VD,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, F16EXP: tl.constexpr,
+                TMA: tl.constexpr):
+        block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        begin = tl.load(CU + seq)
+        length = tl.load(CU + seq + 1) - begin
+        if block * BLOCK_M >= length:
+            return
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, HEAD_DIM)
+        cols = tl.arange(0, BLOCK_N)
+        row_ok = rows < length
+        row_tok = (begin + rows).to(tl.int64)
+        q = tl.load(Q + row_tok[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for start in range(0, length, BLOCK_N):
+            n = start + cols
+            n_ok = n < length
+            tok = (begin + n).to(tl.int64)
+            if TMA:
+                k = KD.load([begin + start, head * HEAD_DIM])
+            else:
+                k = tl.load(K + tok[:, None] * sk_t + head * sk_h + dims[None, :], mask=n_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if F16EXP:
+                p16 = _exp2_f16(s - m_new[:, None])
+                p = p16.to(tl.float32)
+            else:
+                p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if TMA:
+                v = VD.load([begin + start, head * HEAD_DIM])
+            else:
+                v = tl.load(V + tok[:, None] * sv_t + head * sv_h + dims[None, :], mask=n_ok[:, None], other=0.0)
+            if F16EXP:
+                acc = tl.dot(p16.to(v.dtype), v, acc * alpha[:, None])
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(Out + row_tok[:, None] * so_t + head * so_h + dims[None, :], out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None])
 
 
 def _launched(out, launch):
@@ -103,16 +103,8 @@ def _launched(out, launch):
 
 
 def scenario_lengths(name):
-    torch.manual_seed(0)
-    if name == "w1":
-        return torch.randint(32, 257, (128,))
-    if name == "pad0":
-        return torch.full((128,), 256)
-    if name == "pad75":
-        return torch.randint(32, 97, (128,))
-    if name == "pad60":
-        return torch.randint(32, 177, (128,))
-    raise ValueError(name)
+    """The 128 lengths of a bench/w1_encoder.py scenario (common.w1_lengths)."""
+    return common.w1_lengths(name)
 
 
 CONFIGS = {
@@ -127,8 +119,11 @@ CONFIGS = {
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
-    ap.add_argument("--scenarios", nargs="+", default=["w1", "pad0", "pad75"])
+    ap.add_argument("--scenarios", nargs="+", default=["w1", "pad0", "pad75"],
+                    choices=["w1", "pad0", "pad25", "pad60", "pad75"])
     args = ap.parse_args()
+    if triton is None or not torch.cuda.is_available():
+        raise SystemExit("attn_variants needs a CUDA GPU and Triton")
     dev = torch.device("cuda")
     results = []
     hidden, hd = 768, 64
@@ -185,8 +180,8 @@ def main():
                           f"{entry.get('diff', float('nan')):.2e} {entry.get('error', '')}", flush=True)
             results.append(row)
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "triton": triton.__version__,
-                                              "rows": results}, indent=1))
+        common.write_json({"device": torch.cuda.get_device_name(), "triton": triton.__version__,
+                           "environment": common.environment(), "rows": results}, args.out)
 
 
 if __name__ == "__main__":

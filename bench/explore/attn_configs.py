@@ -7,7 +7,7 @@ checked against an fp32 per-sequence SDPA reference and timed inside a CUDA grap
 3 warm-up replays, median of 10 timed replays / 20 = per-launch us).
 
 Variants (all the same non-causal softmax attention within each sequence):
-  base       lit_fast.fastpath.kernels._varlen_attention_kernel as it is
+  base       lit_fast.fastpath.encoder.kernels._varlen_attention_kernel as it is
   prescaled  q * qk_scale once after loading (fp32, cast back to the input dtype); no per-iteration s * qk_scale
   tailmask   full key blocks unmasked; one masked tail block when length % BLOCK_N
   both       prescaled + tailmask (not in the default sweep: --variants base prescaled tailmask both)
@@ -17,28 +17,26 @@ Kernels are compiled ahead by a pool of worker processes (--jobs) into Triton's 
 the configurations in order, so the sweep costs roughly compile time / jobs. --budget stops timing (remaining configs
 reported as 'skipped') so the run ends in about that many seconds; rows run W1 first.
 
-    PYTHONPATH=$PWD python3 bench/attn_configs.py --out $OUT/attn_cfg.json          # default sweep (48 configs/variant)
-    PYTHONPATH=$PWD python3 bench/attn_configs.py --quick                            # 17 configs/variant
-    PYTHONPATH=$PWD python3 bench/attn_configs.py --full                             # 72 configs/variant
-    TRITON_INTERPRET=1 PYTHONPATH=/tmp/trinp:/tmp/tri:$PWD .venv/bin/python bench/attn_configs.py --check-cpu
+    python -m bench.explore.attn_configs --out $OUT/attn_cfg.json          # default sweep (48 configs/variant)
+    python -m bench.explore.attn_configs --quick                            # 17 configs/variant
+    python -m bench.explore.attn_configs --full                             # 72 configs/variant
+    TRITON_INTERPRET=1 .venv/bin/python -m bench.explore.attn_configs --check-cpu   # needs Triton installed
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for lit_fast
 
 import torch
 import torch.nn.functional as F
+
+from bench import common
 
 try:
     import triton
@@ -46,7 +44,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-from lit_fast.fastpath import kernels
+from lit_fast.fastpath.encoder import kernels
 
 LOG2E = kernels.LOG2E
 DEFAULT_CFG = (kernels.ATTN_BLOCK_M, kernels.ATTN_BLOCK_N, kernels.ATTN_WARPS, kernels.ATTN_STAGES)
@@ -156,6 +154,9 @@ def config_grid(args) -> list[tuple[int, int, int, int]]:
 
 
 def w1_lengths(seed: int = 0) -> torch.Tensor:
+    """W1's 128 lengths (common.w1_lengths) or, for another seed, the same draw after torch.manual_seed(seed)."""
+    if seed == 0:
+        return common.w1_lengths("w1")
     torch.manual_seed(seed)
     return torch.randint(32, 257, (128,))
 
@@ -213,24 +214,9 @@ def kernel_call(variant: str, q, k, v, out, cu, max_len: int, cfg):
 
 # ---- timing ----------------------------------------------------------------------------------------------------
 def time_graph(fn, launches: int, warmup: int, reps: int) -> dict:
-    """Per-launch us of `fn`: `launches` calls captured in one CUDA graph, `warmup` replays, median of `reps` timed
-    replays / launches. `fn` must have run once before (compiled, lazily loaded)."""
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    for _ in range(warmup):
-        graph.replay()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    us = [start.elapsed_time(end) * 1e3 / launches for start, end in events]
-    del graph
+    """Per-launch us of `fn`: `launches` calls captured in one CUDA graph (common.time_graph_us), `warmup` replays,
+    median of `reps` timed replays / launches."""
+    us = common.time_graph_us(fn, launches, warmup, reps)
     return {"us": statistics.median(us), "us_min": min(us), "graph": True}
 
 
@@ -463,11 +449,7 @@ def summary(report: dict) -> None:
 
 
 def write_json(report: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    os.replace(tmp, path)
+    common.write_json(report, path, quiet=True)
 
 
 # ---- CPU correctness check under TRITON_INTERPRET=1 ------------------------------------------------------------

@@ -1,28 +1,32 @@
 """Per-kernel device times of one W1 forward (`to_fast_path(model)`, bf16) from torch.profiler: the first kernels in
 order (us after the first one starts, duration), then the total per kernel name, their sum and the span.
 
-    PYTHONPATH=$PWD python3 bench/w1_kernels.py [scenario]      # a bench/w1_encoder.py scenario, default w1
+    python -m bench.explore.w1_kernels [scenario]      # a bench/w1_encoder.py scenario, default w1
 """
 
+import argparse
 import collections
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
-from w1_encoder import batch_for, bert_base  # noqa: E402
+import torch
 
-from lit_fast.fastpath import to_fast_path  # noqa: E402
+from bench import common
+from lit_fast.fastpath import to_fast_path
 
 FORWARDS = 3  # profiled; the last one is reported
 DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def main() -> None:
-    ids, mask = batch_for(sys.argv[1] if len(sys.argv) > 1 else "w1")
-    model = to_fast_path(bert_base().cuda().to(torch.bfloat16))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenario", nargs="?", default="w1", choices=list(common.W1_ALL_SCENARIOS))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("w1_kernels needs a CUDA GPU")
+    ids, mask = common.w1_batch(args.scenario)
+    model = to_fast_path(common.bert_base().cuda().to(torch.bfloat16))
     with torch.inference_mode():
         for _ in range(5):  # warm up, CUDA graphs captured
             model(input_ids=ids, attention_mask=mask)

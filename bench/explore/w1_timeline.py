@@ -1,6 +1,6 @@
 """W1 on the GPU: where the device idles inside one forward, and what the host was doing then.
 
-`bench/w1_profile.py` says how long each kernel runs; this says when. For HF sdpa and lit_fast's default path
+`bench/explore/w1_profile.py` says how long each kernel runs; this says when. For HF sdpa and lit_fast's default path
 (bf16 and fp16, the W1 batch), it records a few forwards under torch.profiler (host ops and kernels), each timed
 the way `bench/w1_encoder.py` times them (start event, call, end event, wait), with the fast path's main steps
 marked as host ranges (the marks are patched in here, not in the library). Per forward it then reports
@@ -13,7 +13,11 @@ marked as host ranges (the marks are patched in here, not in the library). Per f
 The profiler slows the host (each op is recorded), so idle time here is an upper bound: compare the device time
 with the unprofiled median printed first. With `--out-trace`, the chrome traces are kept for ui.perfetto.dev.
 
-    PYTHONPATH=$PWD python3 bench/w1_timeline.py [--dtypes bf16] [--out-trace /tmp/w1]
+    python -m bench.explore.w1_timeline [--dtypes bf16] [--out-trace /tmp/w1] [--out FILE]
+
+The marked steps follow the library's current names (MARKS below); earlier results name the steps of their commit
+(`prepare` is today's `plan`, `stack.run` today's `layers_on`; `serve_front` is gone: the front runs the layers
+itself).
 """
 
 from __future__ import annotations
@@ -24,36 +28,37 @@ import copy
 import functools
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench import common
+from lit_fast.fastpath import to_fast_path
+from lit_fast.fastpath.encoder import front, front_graphs, layer_graphs, padding, rows, stack
+from lit_fast.fastpath.encoder.embeddings import EmbeddingInputs
 
-from w1_encoder import DTYPES, batch_for, bert_base, time_ms  # noqa: E402
-
-from lit_fast.fastpath import front, front_graphs, padding, rows, stack, to_fast_path  # noqa: E402
-
-# (owner, attribute, label): the host steps marked as ranges in the trace
+# (owner, attribute, label): the host steps marked as ranges in the trace. Module functions are marked where the
+# caller looks them up (front calls rows.row_plan, padding.finish_rows, padding.unpack and its own imported
+# raise_if_out_of_range; the stack its imported packed_layer).
 MARKS = [
-    (front.FastFront, "_prepare", "prepare"),
-    (stack.FastStack, "layer_parts", "layer_parts"),
+    (front.FastFront, "_plan", "plan"),
+    (stack.FastStack, "first_parts", "first_parts"),
     (rows, "row_plan", "row_plan"),
-    (front.EmbeddingInputs, "of", "embedding_inputs"),
-    (front.EmbeddingInputs, "embed_ahead", "embed_ahead"),
+    (EmbeddingInputs, "of", "embedding_inputs"),
+    (EmbeddingInputs, "embed_ahead", "embed_ahead"),
+    (EmbeddingInputs, "embed", "embed"),
     (padding, "finish_rows", "finish_rows"),
     (front, "raise_if_out_of_range", "range_check"),
     (front_graphs.FrontGraphs, "replay", "front_graph_replay"),
     (rows.HostCopy, "tolist", "wait"),
-    (stack.FastStack, "run", "stack.run"),
+    (stack.FastStack, "layers_on", "layers_on"),
+    (layer_graphs.LayerGraphs, "__call__", "layer_graphs"),
     (stack, "packed_layer", "layer"),
+    (padding, "unpack", "unpack"),
+    (front.FastFront, "_finish", "finish"),
     (front.FastFront, "hf_forward", "hf_forward"),
-    (stack.FastStack, "_serve_front", "serve_front"),
 ]
 
 
@@ -118,13 +123,20 @@ def host_steps(model, ids, mask, forwards: int) -> dict:
 
 def prewait_block_us(model, ids, mask, reps: int = 40) -> dict:
     """Host time of the front's work before its wait (plan kernel, copy to the host, embeddings, the wait) in a
-    tight loop, and right after a 7 ms device wait as between the forwards timed here (median us)."""
-    fast = model.forward
-    inputs = front.EmbeddingInputs.of(fast.embeddings, ids, None, None, *ids.shape)
+    tight loop, and right after a 7 ms device wait as between the forwards timed here (median us). The eager
+    steps of FastFront._plan_rows, outside its CUDA graph."""
+    fast = vars(model)["forward"]  # the FastFront installed on the base model (here the model itself)
+    options = fast.options
+    inputs = EmbeddingInputs.of(fast.embeddings, ids, None, None, *ids.shape, kernel=options.embed_kernel)
     copy = rows.HostCopy()
 
     def block():
-        plan = rows.row_plan(mask, ids, copy)
+        checks = inputs.checks(with_ids=False)
+        if checks is None:  # the plan kernel sends its values to the host itself
+            plan = rows.row_plan(mask, ids, copy)
+        else:
+            plan = rows.row_plan(mask, ids)
+            copy.start(rows.with_checks(plan, checks))
         inputs.embed_ahead(plan)
         return copy.tolist()
 
@@ -215,24 +227,26 @@ def show(label: str, reports: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"])
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16"])
     parser.add_argument("--forwards", type=int, default=4)
     parser.add_argument("--gap", type=float, default=3.0, help="report device gaps longer than this (us)")
     parser.add_argument("--out-trace", help="keep the chrome traces: path prefix")
     parser.add_argument("--out", help="write the reports as JSON here")
     args = parser.parse_args()
-    ids, mask = batch_for("w1")
+    if not torch.cuda.is_available():
+        raise SystemExit("w1_timeline needs a CUDA GPU")
+    ids, mask = common.w1_batch("w1")
     results = {}
     for name in args.dtypes:
-        base = bert_base().cuda().to(DTYPES[name])
+        base = common.bert_base().cuda().to(common.DTYPES[name])
         models = {"hf_sdpa": base, "default": to_fast_path(copy.deepcopy(base), "packed")}
         for label, model in models.items():
             with torch.inference_mode():
-                plain = statistics.median(time_ms(lambda: model(input_ids=ids, attention_mask=mask), 5, 20))
+                plain = common.median_ms(lambda: model(input_ids=ids, attention_mask=mask), 5, 20)
             print(f"{name} {label}: {plain:.2f} ms unprofiled", flush=True)
             with marked():
                 with torch.inference_mode():
-                    time_ms(lambda: model(input_ids=ids, attention_mask=mask), 3, 3)
+                    common.time_ms(lambda: model(input_ids=ids, attention_mask=mask), 3, 3)
                 folder = Path(args.out_trace).parent if args.out_trace else Path(tempfile.mkdtemp())
                 path = folder / f"{Path(args.out_trace).name if args.out_trace else 'w1'}.{name}.{label}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,8 +265,8 @@ def main() -> None:
         del models, base
         torch.cuda.empty_cache()
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        results["environment"] = common.environment()
+        common.write_json(results, args.out)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Parts (all by default; name some to run those):
   addnorm    the fused residual + LayerNorm kernel on W1's 18,685 x 768 rows at 1, 2, 4 and 8 warps a row
   attention  the Triton varlen attention with 64- and 32-wide key tiles, 128 sequences of five length mixes
-             (W1 and bench/w1_encoder.py's padding scenarios), head size 64; checked against fp32 SDPA
+             (W1 and bench/w1_encoder.py's padding scenarios, common.w1_lengths), head size 64; checked against
+             fp32 SDPA
   gemm       the four W1 GEMMs as the packed layer calls them, the first FFN GEMM also without its GELU epilogue
              (what the epilogue costs), and the same in a child process with CUBLASLT_WORKSPACE_SIZE=0 (cuBLASLt then
              picks kernels that need no workspace, hence no memset before each GEMM; a process-wide setting that
@@ -14,63 +15,35 @@ Parts (all by default; name some to run those):
   clocks     HF sdpa and lit_fast's default path on W1, each called back to back for 4 s, with the SM clock and the
              power nvidia-smi reports meanwhile: both run at the power limit, the denser one at a lower clock
 
-    PYTHONPATH=$PWD python3 bench/w1_kernel_options.py [addnorm attention gemm headstart clocks] [--out FILE]
+    python -m bench.explore.w1_kernel_options [addnorm attention gemm headstart clocks] [--out FILE]
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from attn_configs import make_inputs, max_diff, reference, w1_lengths  # noqa: E402
-
-from lit_fast.fastpath import kernels  # noqa: E402
+from bench import common
+from bench.common import ROOT, capture_graph as capture
+from bench.explore.attn_configs import make_inputs, max_diff, reference
+from lit_fast.fastpath import to_fast_path
+from lit_fast.fastpath.encoder import kernels, stack
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-TOKENS = int(w1_lengths().sum())  # 18,685
-
-
-def capture(fn, launches: int = 1) -> torch.cuda.CUDAGraph:
-    """`launches` calls of `fn` as one CUDA graph (after a call on a side stream: lazy init stays out of it)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    return graph
+TOKENS = int(common.w1_lengths().sum())  # 18,685
 
 
 def graph_us(fn, launches: int = 20, reps: int = 15) -> float:
-    """Per-launch us of `fn`: `launches` calls in one CUDA graph, median of `reps` replays (after a warm-up)."""
-    graph = capture(fn, launches)
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / launches)
-    return round(statistics.median(times), 2)
+    """Per-launch us of `fn`: `launches` calls in one CUDA graph, median of `reps` replays (after 3 untimed)."""
+    return round(statistics.median(common.time_graph_us(fn, launches, 3, reps)), 2)
 
 
 def part_addnorm() -> dict:
@@ -93,14 +66,7 @@ def part_addnorm() -> dict:
 
 def length_mixes() -> dict:
     """bench/w1_encoder.py's scenarios at batch 128 (each drawn after torch.manual_seed(0))."""
-    draws = {"pad0": lambda: torch.full((128,), 256), "pad25": lambda: torch.randint(128, 257, (128,)),
-             "w1": lambda: torch.randint(32, 257, (128,)), "pad60": lambda: torch.randint(32, 173, (128,)),
-             "pad75": lambda: torch.randint(32, 97, (128,))}
-    mixes = {}
-    for name, draw in draws.items():
-        torch.manual_seed(0)
-        mixes[name] = draw()
-    return mixes
+    return {name: common.w1_lengths(name) for name in ("pad0", "pad25", "w1", "pad60", "pad75")}
 
 
 def part_attention() -> dict:
@@ -162,8 +128,8 @@ def gemm_times() -> dict:
 def part_gemm() -> list:
     results = [gemm_times()]
     env = {**os.environ, "CUBLASLT_WORKSPACE_SIZE": "0"}
-    child = subprocess.run([sys.executable, __file__, "--gemm-child"], env=env, capture_output=True, text=True,
-                           timeout=600)
+    child = subprocess.run([sys.executable, "-m", "bench.explore.w1_kernel_options", "--gemm-child"], env=env,
+                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     line = next((ln for ln in child.stdout.splitlines() if ln.startswith("{")), None)
     results.append(json.loads(line) if line else {"error": child.stderr[-500:]})
     for rec in results:
@@ -175,31 +141,27 @@ def part_gemm() -> list:
 
 
 def part_headstart() -> dict:
-    from w1_encoder import batch_for, bert_base
-
-    from lit_fast.fastpath import stack, to_fast_path
-
-    ids, mask = batch_for("w1")
+    ids, mask = common.w1_batch("w1")
     result = {}
     for name, dtype in DTYPES.items():
-        model = to_fast_path(bert_base().cuda().to(dtype), cuda_graphs=False)
+        model = to_fast_path(common.bert_base().cuda().to(dtype), cuda_graphs=False)
         seen = []
-        real = stack.packed_layer
-        stack.packed_layer = lambda x, parts, packing, qkv=None: seen.append((x, parts, packing)) or real(
-            x, parts, packing, qkv)
+        real = stack.packed_layer  # what FastStack.layers_on calls for each layer (eager: cuda_graphs=False)
+        stack.packed_layer = lambda x, parts, packing, options, qkv=None: seen.append(
+            (x, parts, packing, options)) or real(x, parts, packing, options, qkv)
         try:
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask)
         finally:
             stack.packed_layer = real
-        x0, _, packing = seen[0]
+        x0, _, packing, options = seen[0]
         x0 = x0.clone()
-        layers = [parts for _, parts, _ in seen]
+        layers = [parts for _, parts, _, _ in seen]
 
         def run():
             x = x0
             for parts in layers:
-                x = real(x, parts, packing)
+                x = real(x, parts, packing, options)
             return x
 
         with torch.no_grad():
@@ -233,16 +195,10 @@ def part_clocks(seconds: float = 4.0) -> dict:
     """HF sdpa and lit_fast's default path on the W1 batch, each called back to back for `seconds` (events around
     each call and a wait after it, as bench/w1_encoder.py times them), twice in turn, with nvidia-smi sampling the SM
     clock and the power every 100 ms (the first 0.5 s of each stretch, the previous one's state, left out)."""
-    import copy
-
-    from w1_encoder import batch_for, bert_base
-
-    from lit_fast.fastpath import to_fast_path
-
-    ids, mask = batch_for("w1")
+    ids, mask = common.w1_batch("w1")
     result = {}
     for name, dtype in DTYPES.items():
-        hf = bert_base().cuda().to(dtype)
+        hf = common.bert_base().cuda().to(dtype)
         models = {"hf_sdpa": hf, "auto": to_fast_path(copy.deepcopy(hf))}
         with torch.inference_mode():
             for _ in range(5):
@@ -282,14 +238,19 @@ def main() -> None:
     if "--gemm-child" in sys.argv:
         print(json.dumps(gemm_times()))
         return
+    if "-h" in sys.argv or "--help" in sys.argv:
+        print(__doc__)
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("w1_kernel_options needs a CUDA GPU")
     out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
     names = [a for a in sys.argv[1:] if a in PARTS] or list(PARTS)
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "commit": os.environ.get("LIT_FAST_COMMIT", "unknown"), "tokens": TOKENS}
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": common.git_commit(),
+              "tokens": TOKENS, "environment": common.environment()}
     for name in names:
         report[name] = PARTS[name]()
         if out:
-            Path(out).write_text(json.dumps(report, indent=1))
+            common.write_json(report, out, quiet=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Kernel and host-path explorations behind docs/MEASUREMENTS.md (bench/explore/README.md): not workloads."""
