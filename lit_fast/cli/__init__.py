@@ -6,6 +6,7 @@ This module imports nothing heavy: the signal handlers are in place before PyTor
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -13,6 +14,10 @@ from lit_fast.signals import StopOnSignals, Stopped
 
 
 def _main(mode: str, args: Any) -> int:
+    # OpenMP threads that sleep between parallel regions instead of spinning: with another busy process on the
+    # machine, spinning threads wait for descheduled peers at every region, and the fast path's many small CPU ops
+    # ran several times slower (docs/MEASUREMENTS.md, "W6 on a busy machine"). Read when PyTorch loads, below.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with StopOnSignals() as signals:
         try:
             from lit_fast.cli import app

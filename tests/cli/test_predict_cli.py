@@ -227,3 +227,16 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_one_error_line(tmp_path, run
     code, _, err = run_predict("--config", EMBED, "--model.pretrained", str(model), "--data.path", str(data),
                                "--output", str(tmp_path / "o.jsonl"), "--trainer.accelerator", "cpu")
     assert code == 2 and "outside the model's table of 100 entries" in err and "Traceback" not in err
+
+
+def test_the_commands_make_openmp_threads_sleep_between_regions(monkeypatch, run_predict):
+    """OMP_WAIT_POLICY=PASSIVE unless the user set it (spinning threads made the CPU fast path several times slower
+    beside another busy process); the commands set it before they import PyTorch."""
+    import os
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    run_predict("--config", EMBED, "--data.path", "/no/such/file.jsonl", "--output", "/tmp/never.jsonl")
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    run_predict("--config", EMBED, "--data.path", "/no/such/file.jsonl", "--output", "/tmp/never.jsonl")
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -38,6 +38,8 @@ VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 
 QKV_CACHE = "_lit_fast_qkv"  # the attribute of the query module that remembers the q/k/v concatenation
 ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# CPU attention: one padded SDPA call while it computes at most this many times the scores the sequences need
+PADDED_ATTENTION_WASTE = 2.0
 
 # The fused kernel only takes the strided nested layout, which PyTorch flags as "prototype" on first use; the
 # layout is internal to one forward here and never reaches the user, so the warning would only be noise.
@@ -145,8 +147,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, 
                 kernel == "auto" and triton_ok and q.shape[-1] in kernels.ATTN_MEASURED_HEAD_DIMS):
             return kernels.varlen_attention(q, k, v, cu, longest)
         return varlen_attn(q, k, v, cu, cu, longest, longest)
-    # Elsewhere (CPU, fp32): one SDPA call per sequence. Each call sees only its own tokens, so no mask is needed
-    # and no FLOP is spent on padding; SDPA picks its fused CPU kernel.
+    # Elsewhere (CPU, fp32): SDPA's fused CPU kernel. Sequences of similar lengths (predict sorts batches by length)
+    # go in one call over a right-padded grid whose mask keeps every sequence to itself; very uneven ones in one call
+    # per sequence, which spends nothing on padding but starts a parallel region for each.
+    lengths = packing.lengths
+    longest = max(lengths, default=0)
+    if len(lengths) > 1 and len(lengths) * longest * longest <= PADDED_ATTENTION_WASTE * sum(n * n for n in lengths):
+        return _attend_padded(q, k, v, lengths, longest)
     out = torch.empty_like(q)
     start = 0
     for length in packing.lengths:
@@ -155,6 +162,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, 
         out[span] = F.scaled_dot_product_attention(q_s, k_s, v_s)[0].transpose(0, 1)
         start += length
     return out
+
+
+def _attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...], longest: int
+                   ) -> torch.Tensor:
+    """`attend` for the CPU in one SDPA call: the packed tokens placed in a (sequences, longest) grid, padded keys
+    masked out, the real rows taken back in packed order."""
+    heads, dim = q.shape[1:]
+    valid = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]  # (sequences, longest)
+    where = valid.reshape(-1).nonzero().squeeze(1)  # row-major: the packed order
+
+    def grid(t: torch.Tensor) -> torch.Tensor:
+        out = t.new_zeros(len(lengths) * longest, heads, dim)
+        out[where] = t
+        return out.view(len(lengths), longest, heads, dim).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), attn_mask=valid[:, None, None, :])
+    return out.transpose(1, 2).reshape(-1, heads, dim)[where]
 
 
 def feed_forward(x: torch.Tensor, parts: LayerParts, onednn: bool = True) -> torch.Tensor:
@@ -176,11 +200,16 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     """`x @ weight.T + bias` (then GELU when `gelu`) on the fastest kernel for the device.
 
     CPU fp32 (`onednn`): oneDNN's linear, which outran MKL's sgemm on the 2-core machine and applies the exact GELU
-    inside the GEMM. CUDA fp16/bf16: the GELU is cuBLASLt's GEMM epilogue, the tanh form, within half an fp16 step
+    inside the GEMM; its row count is rounded up to a bucket (`_row_bucket`). CUDA fp16/bf16: the GELU is cuBLASLt's GEMM epilogue, the tanh form, within half an fp16 step
     of the exact GELU, and it saves a pass over the widest activation (both measured: docs/MEASUREMENTS.md).
     """
     if onednn and _onednn_fits(x):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+        rows = x.shape[0]
+        bucket = _row_bucket(rows) if x.dim() == 2 else rows
+        if bucket != rows:  # oneDNN keeps state for every row count it sees: a few buckets keep its memory flat
+            x = F.pad(x, (0, 0, 0, bucket - rows))
+        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+        return y[:rows] if bucket != rows else y
     if gelu and x.is_cuda and x.dtype in VARLEN_DTYPES and bias is not None and not torch.is_grad_enabled():
         return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
     y = F.linear(x, weight, bias)
@@ -194,6 +223,13 @@ def matmul_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
         torch.mm(x, weight.t(), out=out)
     else:
         torch.addmm(bias, x, weight.t(), out=out)
+
+
+def _row_bucket(rows: int) -> int:
+    """`rows` rounded up to one of 8 steps per power of two (at least 16): at most 12.5% more rows, and a bounded
+    number of shapes whatever the batches (docs/MEASUREMENTS.md, "W6: memory")."""
+    step = max(16, (1 << (max(rows, 1).bit_length() - 1)) // 8)
+    return -(-rows // step) * step
 
 
 def _onednn_fits(x: torch.Tensor) -> bool:

@@ -275,3 +275,26 @@ def test_auto_leaves_batches_without_padding_to_hf_where_that_was_measured_faste
     assert policy.pays_off("packed", cpu, 0.0)  # oneDNN GEMMs beat HF's even without padding
     assert policy.resolve("auto", cuda, torch.float32, fused_ok=True) is None
     assert policy.resolve("auto", cuda, torch.bfloat16, fused_ok=True) == ("packed" if policy.varlen_attn else None)
+
+
+def test_cpu_gemm_row_counts_fall_in_few_buckets():
+    """oneDNN keeps state for every row count it sees (its memory grew without bound over varied batches): the packed
+    path rounds rows up to 8 buckets per power of two, at most 12.5% (or 16 rows) more."""
+    from lit_fast.fastpath.encoder.layers import _row_bucket
+
+    buckets = [_row_bucket(n) for n in range(1, 20001)]
+    assert all(b >= n and b <= max(n + 16, n * 1.125) for n, b in zip(range(1, 20001), buckets))
+    assert buckets == sorted(buckets)
+    assert len(set(buckets)) <= 8 * 15
+
+
+def test_cpu_outputs_do_not_depend_on_the_row_bucket():
+    """Padding rows added for oneDNN never reach the real tokens' outputs: a batch alone and the same batch beside
+    another (a different bucket) give the same vectors."""
+    model = tiny_text_model("bert")
+    ids, mask = text_batch("right")
+    with torch.inference_mode():
+        to_fast_path(model)
+        alone = model(input_ids=ids[:1], attention_mask=mask[:1]).last_hidden_state
+        together = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert_close_on_tokens(together[:1], alone, mask[:1], atol=1e-5)
