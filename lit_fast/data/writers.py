@@ -31,15 +31,20 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+_KEPT_DTYPES = (np.dtype(np.float16), np.dtype(np.int8), np.dtype(np.uint8))
+
+
 def _to_arrow(rows: list[dict]):
-    """Rows -> an Arrow table; equal-shaped vectors (embeddings) go in as one float32 block, not as Python floats."""
+    """Rows -> an Arrow table; equal-shaped vectors (embeddings) go in as one block, not as Python numbers: float32,
+    or the dtype of numpy vectors that chose another (float16, packed int8 / uint8 bits)."""
     import pyarrow as pa
 
     columns = {}
     for key in rows[0]:
         values = [r[key] for r in rows]
         if hasattr(values[0], "shape") and len(values[0].shape) == 1 and all(v.shape == values[0].shape for v in values):
-            block = np.stack([np.asarray(v, dtype=np.float32) for v in values])
+            kept = values[0].dtype if isinstance(values[0], np.ndarray) and values[0].dtype in _KEPT_DTYPES else None
+            block = np.stack([np.asarray(v, dtype=kept or np.float32) for v in values])
             columns[key] = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), block.shape[1])
         else:
             columns[key] = pa.array([_jsonable(v) for v in values])

@@ -261,42 +261,45 @@ def load_pretrained(
     return model
 
 
-def read_sentence_transformers_config(directory: str) -> dict[str, Any]:
-    """What a sentence-transformers model says about itself: pooling mode, normalisation, max length, lower case.
+class UnknownInCache(ModelLoadError):
+    """A cached hub model whose cache cannot say whether the model has a file (it was cached without trying it)."""
 
-    Returns {} for a directory that is not a sentence-transformers model (or for a hub id).
-    """
-    root = Path(directory)
-    modules_file = root / "modules.json"
-    if not modules_file.is_file():
-        return {}
-    modules = json.loads(modules_file.read_text())
-    out: dict[str, Any] = {"normalize": False}
-    for module in modules:
-        kind = module.get("type", "").rsplit(".", 1)[-1]
-        path = root / module.get("path", "")
-        if kind == "Pooling":
-            cfg = json.loads((path / "config.json").read_text())
-            modes = [m for m in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "lasttoken")
-                     if cfg.get(f"pooling_mode_{m}")]
-            if len(modes) != 1:
-                raise ConfigError(
-                    f"{path / 'config.json'}: lit_fast supports exactly one pooling mode, found {modes or 'none'}; "
-                    "set model.pooling explicitly"
-                )
-            out["pooling"] = {"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max",
-                              "mean_sqrt_len_tokens": "mean_sqrt_len", "lasttoken": "lasttoken"}[modes[0]]
-        elif kind == "Normalize":
-            out["normalize"] = True
-        elif kind not in ("Transformer",):
-            raise ConfigError(
-                f"{modules_file}: module type '{module.get('type')}' is not supported by lit_fast's embedder "
-                "(supported: Transformer, Pooling, Normalize)"
-            )
-    st_cfg = root / "sentence_bert_config.json"
-    if st_cfg.is_file():
-        cfg = json.loads(st_cfg.read_text())
-        if cfg.get("max_seq_length"):
-            out["max_length"] = int(cfg["max_seq_length"])
-        out["do_lower_case"] = bool(cfg.get("do_lower_case", False))
-    return out
+
+def hub_file(source: str, name: str, revision: str | None = None) -> Path | None:
+    """A file of the model at `source`, or None when the model has no such file: from a local folder; for a hub id
+    from the local cache, or downloaded when the hub is reachable. Raises UnknownInCache when, offline, the cache does
+    not know whether the model has the file (its files would otherwise be guessed)."""
+    local = Path(source)
+    if local.is_dir():
+        path = local / name
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.file_download import _CACHED_NO_EXIST
+
+    cached = try_to_load_from_cache(source, name, revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    if cached is _CACHED_NO_EXIST:
+        return None
+    if _is_offline():
+        raise UnknownInCache(
+            f"hub model '{source}' is in the local cache without its {name}, so lit_fast cannot tell how the model "
+            f"makes its vectors; download the whole model once online (`hf download {source}`) or use a local folder")
+    try:
+        return Path(hf_hub_download(source, name, revision=revision))
+    except EntryNotFoundError:
+        return None
+    except Exception as err:  # noqa: BLE001 - network and hub errors become one message
+        raise _load_error(source, source, err) from err
+
+
+def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    """A PyTorch checkpoint of plain tensors (`torch.load(weights_only=True)`); a pickle of anything else is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure becomes one clear message
+        refused = refused_pickle(path, err)
+        if refused is not None:
+            raise refused from None
+        raise ModelLoadError(f"could not read {path}: {err}".splitlines()[0]) from err

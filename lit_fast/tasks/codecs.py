@@ -32,15 +32,18 @@ class Codec(Protocol):
 
 @dataclass(frozen=True)
 class EncoderCodec:
-    """Encoder tasks: right padding, truncation to `max_length`; `labels` (classification) maps label names to ids."""
+    """Encoder tasks: right padding, truncation to `max_length`; `labels` (classification) maps label names to ids;
+    `prompt` goes before every text, then the text is lower-cased where the model asks for it."""
 
     tokenizer: Any
     max_length: int
     lower_case: bool = False
     labels: Optional[tuple[str, ...]] = None
+    prompt: str = ""  # put before every text (an embedding model's query: / passage: prompts)
 
     def encode(self, records: list[dict], stage: str) -> list[dict]:
-        texts = [r["text"].lower() if self.lower_case else r["text"] for r in records]
+        texts = [self.prompt + r["text"] for r in records]
+        texts = [t.lower() for t in texts] if self.lower_case else texts
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         examples = []
         for record, row in zip(records, ids):

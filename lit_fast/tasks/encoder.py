@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -12,13 +12,21 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 from lit_fast.errors import ConfigError, InputDataError
-from lit_fast.models.loading import read_sentence_transformers_config
+from lit_fast.models.loading import UnknownInCache
+from lit_fast.models.sentence_transformers import (
+    DenseSpec,
+    SentenceTransformerSpec,
+    read_sentence_transformer,
+    write_sentence_transformer,
+)
 from lit_fast.tasks.base import Attention, CudaGraphs, FastPath, LitTransformer
 from lit_fast.tasks.codecs import EncoderCodec
+from lit_fast.tasks.embedding import PRECISIONS, EmbeddingHead, pool, quantize  # noqa: F401 - pool: public helper
 
 log = logging.getLogger(__name__)
 
-Pooling = Literal["mean", "cls", "max", "mean_sqrt_len", "lasttoken"]
+Pooling = Literal["mean", "cls", "max", "mean_sqrt_len", "weightedmean", "lasttoken"]
+Precision = Literal["float32", "float16", "binary", "ubinary"]
 
 
 class _EncoderTask(LitTransformer):
@@ -35,10 +43,13 @@ class _EncoderTask(LitTransformer):
 
 
 class Embedder(_EncoderTask):
-    """Sentence embeddings: the encoder's token states pooled into one vector per text.
+    """Sentence embeddings: the encoder's token states pooled into one vector per text, as sentence-transformers
+    makes them.
 
-    A sentence-transformers model's own files decide pooling, normalisation, maximum length and lower-casing
-    (modules.json, 1_Pooling/config.json, sentence_bert_config.json); the arguments below override them.
+    A sentence-transformers model's own files (from its folder, or from the hub cache for a hub id) decide the
+    pooling, Dense layers, normalisation, maximum length, lower-casing and prompts
+    (models/sentence_transformers.py); the arguments below override them. A model without those files is
+    mean-pooled, as sentence-transformers does.
     """
 
     auto_model_class = AutoModel
@@ -50,6 +61,10 @@ class Embedder(_EncoderTask):
         pooling: Optional[Pooling] = None,
         normalize: Optional[bool] = None,
         max_length: Optional[int] = None,
+        prompt_name: Optional[str] = None,
+        prompt: Optional[str] = None,
+        truncate_dim: Optional[int] = None,
+        precision: Precision = "float32",
         revision: Optional[str] = None,
         trust_remote_code: bool = False,
         dtype: Optional[str] = None,
@@ -64,6 +79,12 @@ class Embedder(_EncoderTask):
                 config, else mean.
             normalize: L2-normalise the vectors; default: as the model's modules.json says, else false.
             max_length: longer texts are truncated to this many tokens; default: the model's max_seq_length.
+            prompt_name: one of the model's prompts (config_sentence_transformers.json, e.g. query or passage),
+                put before every text; default: the model's default prompt, if it names one.
+            prompt: a prompt of your own, put before every text (instead of prompt_name).
+            truncate_dim: keep the first this many dimensions (Matryoshka models).
+            precision: float32; float16 (rounded values); binary or ubinary (one bit a dimension, packed into int8
+                or uint8 as sentence-transformers' quantize_embeddings does).
             revision: hub revision (branch, tag or commit) for hub ids.
             trust_remote_code: run code shipped with the model (off unless you trust it).
             dtype: weights dtype (auto, float32, float16, bfloat16); default: as saved.
@@ -78,60 +99,74 @@ class Embedder(_EncoderTask):
             pretrained, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, attention=attention,
             fast_path=fast_path, cuda_graphs=cuda_graphs, quantization=quantization, max_length=max_length,
         )
-        st = read_sentence_transformers_config(self.source)  # {} for a hub id or a plain HF directory
-        self.default_max_length = st.get("max_length")
-        self.pooling = pooling or st.get("pooling", "mean")
-        self.normalize = st.get("normalize", False) if normalize is None else normalize
-        self.lower_case = st.get("do_lower_case", False)
-        log.info("embedder: pooling=%s normalize=%s max_length=%d", self.pooling, self.normalize, self.max_length)
+        if precision not in PRECISIONS:
+            raise ConfigError(f"model.precision {precision!r} is not one of {', '.join(PRECISIONS)} (int8 and uint8 "
+                              "need ranges calibrated over many vectors, which lit_fast does not do yet)")
+        spec = self._read_spec(pretrained, revision, pooling)
+        changes = {"pooling": (pooling,)} if pooling else {}
+        if normalize is not None:
+            changes["normalize"] = normalize
+        self.spec = replace(spec, **changes)
+        self.default_max_length = self.spec.max_length
+        self.lower_case = self.spec.lower_case
+        self.prompt = self._choose_prompt(prompt_name, prompt)
+        self.precision = precision
+        self.head = EmbeddingHead(self.spec, truncate_dim, self._prompt_length())
+        log.info("embedder: pooling=%s dense=%d normalize=%s max_length=%d prompt=%r", "+".join(self.spec.pooling),
+                 len(self.spec.dense), self.spec.normalize, self.max_length, self.prompt)
+
+    def _read_spec(self, pretrained: str, revision: Optional[str], pooling: Optional[str]) -> SentenceTransformerSpec:
+        try:
+            spec = read_sentence_transformer(self.source, revision)
+        except UnknownInCache as unknown:
+            if pooling is None:
+                raise ConfigError(f"{unknown} (or set model.pooling and model.normalize to say how it pools)") from None
+            log.warning("%s; pooling as model.pooling says", unknown)
+            spec = None
+        return spec or SentenceTransformerSpec()
+
+    def _choose_prompt(self, name: Optional[str], text: Optional[str]) -> str:
+        if name is not None and text is not None:
+            raise ConfigError("set model.prompt_name or model.prompt, not both")
+        if text is not None:
+            return text
+        name = name if name is not None else self.spec.default_prompt_name
+        if name is None:
+            return ""
+        if name not in self.spec.prompts:
+            raise ConfigError(f"model.prompt_name {name!r} is not one of this model's prompts "
+                              f"({', '.join(sorted(self.spec.prompts)) or 'it has none'})")
+        return self.spec.prompts[name]
+
+    def _prompt_length(self) -> int:
+        """The prompt's tokens with the leading special token, as sentence-transformers counts them (what pooling
+        leaves out when the model's Pooling has include_prompt: false)."""
+        if not self.prompt:
+            return 0
+        text = self.prompt.lower() if self.lower_case else self.prompt
+        ids = self.tokenizer(text)["input_ids"]
+        if ids and ids[-1] in set(self.tokenizer.all_special_ids):
+            ids = ids[:-1]
+        return len(ids)
+
+    def codec(self) -> EncoderCodec:
+        return EncoderCodec(self.tokenizer, self.max_length, self.lower_case, prompt=self.prompt)
 
     def embed(self, batch: dict) -> torch.Tensor:
         hidden = self.model(**self._inputs(batch)).last_hidden_state
-        return pool(hidden, batch["attention_mask"], self.pooling, self.normalize)
+        return self.head(hidden, batch["attention_mask"])
 
     def predict_rows(self, batch: dict) -> list[dict]:
-        vectors = self.embed(batch).float().cpu()
+        vectors = quantize(self.embed(batch), self.precision)
         return [{"index": int(i), "embedding": v} for i, v in zip(batch["index"].tolist(), vectors)]
 
     def export(self, directory: str) -> None:
         """HF model + tokenizer + the sentence-transformers files, so both ecosystems load it unchanged."""
         super().export(directory)
-        out = Path(directory)
-        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-        if self.normalize:
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-            (out / "2_Normalize").mkdir(exist_ok=True)
-        (out / "modules.json").write_text(json.dumps(modules, indent=2))
-        (out / "1_Pooling").mkdir(exist_ok=True)
-        modes = {"cls": "cls_token", "mean": "mean_tokens", "max": "max_tokens", "mean_sqrt_len": "mean_sqrt_len_tokens",
-                 "lasttoken": "lasttoken"}
-        pooling_cfg = {"word_embedding_dimension": self.model.config.hidden_size,
-                       **{f"pooling_mode_{m}": m == modes[self.pooling] for m in modes.values()}}
-        (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling_cfg, indent=2))
-        (out / "sentence_bert_config.json").write_text(
-            json.dumps({"max_seq_length": self.max_length, "do_lower_case": self.lower_case}, indent=2))
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str, normalize: bool) -> torch.Tensor:
-    """Pool token states [B, T, H] into [B, H] over the tokens the attention mask keeps (as sentence-transformers)."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    if mode == "cls":
-        out = hidden[:, 0]
-    elif mode in ("mean", "mean_sqrt_len"):
-        summed = (hidden * m).sum(1)
-        count = m.sum(1).clamp(min=1e-9)
-        out = summed / (count if mode == "mean" else count.sqrt())
-    elif mode == "max":
-        out = hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).max(1).values
-    elif mode == "lasttoken":
-        # the last kept token of each row, for right or left padding
-        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-        last = (positions * mask).argmax(1)
-        out = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    else:
-        raise ConfigError(f"unknown pooling '{mode}'; use mean, cls, max, mean_sqrt_len or lasttoken")
-    return F.normalize(out, p=2, dim=-1) if normalize else out
+        dense = tuple(DenseSpec(layer.weight, layer.bias, spec.activation) for layer, spec in
+                      zip(self.head.dense[::2], self.spec.dense))
+        spec = replace(self.spec, dense=dense, max_length=self.max_length)
+        write_sentence_transformer(Path(directory), spec, self.model.config.hidden_size)
 
 
 class Classifier(_EncoderTask):

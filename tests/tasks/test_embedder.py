@@ -61,18 +61,24 @@ def test_matches_plain_transformers_mean_pool(lit_fast_embeddings, minilm_dir):
 
 
 def test_pooling_modes_match_their_definitions():
-    from lit_fast.tasks.encoder import pool
+    from lit_fast.tasks.embedding import pool
 
     torch.manual_seed(0)
     hidden = torch.randn(2, 4, 3)
     mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])  # right and left padding
-    torch.testing.assert_close(pool(hidden, mask, "mean", False)[0], hidden[0, :3].mean(0))
-    torch.testing.assert_close(pool(hidden, mask, "mean", False)[1], hidden[1, 1:].mean(0))
-    torch.testing.assert_close(pool(hidden, mask, "max", False)[1], hidden[1, 1:].max(0).values)
-    torch.testing.assert_close(pool(hidden, mask, "cls", False), hidden[:, 0])
-    torch.testing.assert_close(pool(hidden, mask, "lasttoken", False), torch.stack([hidden[0, 2], hidden[1, 3]]))
-    torch.testing.assert_close(pool(hidden, mask, "mean_sqrt_len", False)[0], hidden[0, :3].sum(0) / 3 ** 0.5)
-    assert torch.allclose(pool(hidden, mask, "mean", True).norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(pool(hidden, mask, "mean")[0], hidden[0, :3].mean(0))
+    torch.testing.assert_close(pool(hidden, mask, "mean")[1], hidden[1, 1:].mean(0))
+    torch.testing.assert_close(pool(hidden, mask, "max")[1], hidden[1, 1:].max(0).values)
+    torch.testing.assert_close(pool(hidden, mask, "cls"), torch.stack([hidden[0, 0], hidden[1, 1]]))  # first kept
+    torch.testing.assert_close(pool(hidden, mask, "lasttoken"), torch.stack([hidden[0, 2], hidden[1, 3]]))
+    torch.testing.assert_close(pool(hidden, mask, "mean_sqrt_len")[0], hidden[0, :3].sum(0) / 3 ** 0.5)
+    weights = torch.tensor([1.0, 2.0, 3.0])[:, None]
+    torch.testing.assert_close(pool(hidden, mask, "weightedmean")[1], (hidden[1, 1:] * weights).sum(0) / 6)
+    torch.testing.assert_close(pool(hidden, mask, ("cls", "mean")),
+                               torch.cat([pool(hidden, mask, "cls"), pool(hidden, mask, "mean")], dim=-1))
+    # a prompt of 2 tokens (with the leading special token) is left out of the pooling
+    torch.testing.assert_close(pool(hidden, mask, "mean", prompt_length=2)[0], hidden[0, 2])
+    torch.testing.assert_close(pool(hidden, mask, "cls", prompt_length=2)[1], hidden[1, 3])
 
 
 def test_exported_embedder_loads_in_sentence_transformers(tmp_path, tiny_bert_dir):
