@@ -40,8 +40,8 @@ _LAZY = {
     "quantize_embeddings": "lit_fast.models.quantization",
     "weight_footprint": "lit_fast.models.quantization",
     "LitTransformer": "lit_fast.tasks.base",
-    "Classifier": "lit_fast.tasks.encoder",
-    "Embedder": "lit_fast.tasks.encoder",
+    "Classifier": "lit_fast.tasks.classifier",
+    "Embedder": "lit_fast.tasks.embedder",
     "PredictionWriter": "lit_fast.data.writers",
 }
 
@@ -73,5 +73,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from lit_fast.models.qlora import export_qlora, prepare_qlora
     from lit_fast.models.quantization import QUANTIZATION_MODES, bnb_config, quantize_embeddings, weight_footprint
     from lit_fast.tasks.seq2seq import Seq2SeqLM
-    from lit_fast.tasks.encoder import Classifier, Embedder
+    from lit_fast.tasks.classifier import Classifier
+    from lit_fast.tasks.embedder import Embedder
     from lit_fast.data.writers import PredictionWriter

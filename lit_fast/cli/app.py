@@ -31,7 +31,8 @@ from lit_fast.errors import ConfigError, LitFastError
 from lit_fast.tasks.causal_lm import CausalLM  # noqa: F401 - the task classes a config names, by short name too
 from lit_fast.tasks.base import LitTransformer
 from lit_fast.tasks.seq2seq import Seq2SeqLM  # noqa: F401
-from lit_fast.tasks.encoder import Classifier, Embedder  # noqa: F401
+from lit_fast.tasks.classifier import Classifier  # noqa: F401
+from lit_fast.tasks.embedder import Embedder  # noqa: F401
 from lit_fast.outputs import (
     check_export_dir,
     check_output_file,

@@ -134,8 +134,9 @@ class PredictBatches(IterableDataset):
     splitting a batch that is over budget.
     """
 
-    def __init__(self, texts, plan: list[np.ndarray], codec, max_tokens: Optional[int], rank: int, world: int):
-        self.texts, self.plan, self.codec = texts, plan, codec
+    def __init__(self, texts, plan: list[np.ndarray], codec, max_tokens: Optional[int], rank: int, world: int,
+                 pairs=None):
+        self.texts, self.pairs, self.plan, self.codec = texts, pairs, plan, codec
         self.max_tokens, self.rank, self.world = max_tokens, rank, world
 
     def __len__(self) -> int:
@@ -153,6 +154,9 @@ class PredictBatches(IterableDataset):
         for rows in mine:
             texts = self.texts.take(rows).to_pylist()
             records = [{"index": int(i), "text": t if t is not None else ""} for i, t in zip(rows, texts)]
+            if self.pairs is not None:
+                for record, pair in zip(records, self.pairs.take(rows).to_pylist()):
+                    record["pair"] = pair if pair is not None else ""
             examples = self.codec.encode(records, "predict")
             if self.max_tokens is None:
                 yield self.codec.collate(examples)

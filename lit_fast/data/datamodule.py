@@ -36,6 +36,8 @@ class TextDataModule(L.LightningDataModule):
         self,
         path: Optional[str] = None,
         text_column: str = "text",
+        pair_column: Optional[str] = None,
+        negative_column: Optional[str] = None,
         label_column: Optional[str] = None,
         target_column: Optional[str] = None,
         id_column: Optional[str] = None,
@@ -56,7 +58,11 @@ class TextDataModule(L.LightningDataModule):
         Args:
             path: input file (.jsonl, .csv, .parquet, .txt: one text per line). For training, the training rows;
                 `package:NAME/rel/path` names a file shipped inside an installed Python package.
-            text_column: the column with the text (prompts, for generation).
+            text_column: the column with the text (prompts, for generation; queries, for a reranker; anchors, for
+                embedder training).
+            pair_column: the column with each row's second text: the passage a reranker scores against the query,
+                the positive an embedder learns to put near the anchor.
+            negative_column: embedder training: a hard negative for each anchor (a text or a list of texts).
             label_column: the column with class labels (classification training/evaluation).
             target_column: the column with target text (completions for causal LM, outputs for seq2seq).
             id_column: an optional column copied to every output row as "id".
@@ -95,11 +101,14 @@ class TextDataModule(L.LightningDataModule):
     # ---- reading -------------------------------------------------------------------------------------------
     def _records(self, path: str, *, need_label: bool, need_target: bool) -> Split:
         hp = self.hparams
-        used = {"text": hp.text_column, "label": hp.label_column if need_label else None,
+        used = {"text": hp.text_column, "pair": hp.pair_column, "negative": hp.negative_column,
+                "label": hp.label_column if need_label else None,
                 "target": hp.target_column if need_target else None, "id": hp.id_column}
         table, file = read_table(path, used)
         columns = {name: table.column(name).to_pylist() for name in table.column_names}
         texts = columns[hp.text_column]
+        pairs = columns[hp.pair_column] if hp.pair_column else None
+        negatives = columns[hp.negative_column] if hp.negative_column else None
         n = len(texts)
         labels = columns[hp.label_column] if need_label else None
         targets = columns[hp.target_column] if need_target else None
@@ -122,6 +131,13 @@ class TextDataModule(L.LightningDataModule):
                     f"{file}: row {i} (0-based): '{hp.text_column}' is a {type(text).__name__}, expected text"
                 )
             record: dict[str, Any] = {"index": i, "text": text}
+            if pairs is not None:
+                if not isinstance(pairs[i], str) or not pairs[i].strip():
+                    raise InputDataError(f"{file}: row {i} (0-based) has no text in '{hp.pair_column}' (the pair "
+                                         "column); every row needs one")
+                record["pair"] = pairs[i]
+            if negatives is not None:
+                record["negative"] = _negatives(negatives[i], file, i, hp.negative_column)
             if labels is not None:
                 if labels[i] is None or str(labels[i]) == "":
                     raise InputDataError(f"{file}: row {i} (0-based) has no label in '{hp.label_column}'")
@@ -140,6 +156,12 @@ class TextDataModule(L.LightningDataModule):
             if not records:
                 raise InputDataError(f"{file}: no row has a label in {hp.keep_labels} (column '{hp.label_column}')")
         return Split(records, str(file))
+
+    def _check_columns(self, task) -> None:
+        """The columns a task needs, asked for before any file is read."""
+        name = type(task).__name__
+        if getattr(task, "needs_pair", False) and not self.hparams.pair_column:
+            raise ConfigError(f"{name} reads two texts per row: set --data.pair_column (and --data.text_column)")
 
     def _fit_splits(self, need_label: bool, need_target: bool) -> None:
         hp = self.hparams
@@ -173,6 +195,7 @@ class TextDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         task = self.trainer.lightning_module
         hp = self.hparams
+        self._check_columns(task)
         if stage == "predict":
             self._predict_table()
             self.codec = task.codec()
@@ -193,13 +216,18 @@ class TextDataModule(L.LightningDataModule):
         hp = self.hparams
         if not hp.path:
             raise ConfigError("no input: set --data.path")
-        table, file = read_table(hp.path, {"text": hp.text_column, "id": hp.id_column})
+        table, file = read_table(hp.path, {"text": hp.text_column, "pair": hp.pair_column, "id": hp.id_column})
         texts = table.column(hp.text_column)
         check_texts(texts, file, hp.text_column, hp.allow_empty_text)
+        self._pairs = table.column(hp.pair_column) if hp.pair_column else None
+        if self._pairs is not None:
+            check_texts(self._pairs, file, hp.pair_column, hp.allow_empty_text)
         self._ids = table.column(hp.id_column) if hp.id_column else None
         self._texts = texts
         self.num_rows["predict"] = table.num_rows
         chars = pc.fill_null(pc.utf8_length(texts.cast("string")), 0).to_numpy()
+        if self._pairs is not None:
+            chars = chars + pc.fill_null(pc.utf8_length(self._pairs.cast("string")), 0).to_numpy()
         self._plan = [np.asarray(b, dtype=np.int64) for b in make_batches(chars.tolist(), hp.batch_size)]
         log.info("%s: %d rows in %d batches", file, table.num_rows, len(self._plan))
 
@@ -246,5 +274,15 @@ class TextDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         rank, world = sharding.data_parallel_rank(self.trainer.strategy)
-        dataset = PredictBatches(self._texts, self._plan, self.codec, self.hparams.max_tokens, rank, world)
+        dataset = PredictBatches(self._texts, self._plan, self.codec, self.hparams.max_tokens, rank, world,
+                                 pairs=self._pairs)
         return DataLoader(dataset, batch_size=None, num_workers=self._num_workers())
+
+
+def _negatives(value: Any, file: Any, row: int, column: str) -> list[str]:
+    """A row's hard negatives: one text or a list of texts (never empty ones)."""
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise InputDataError(f"{file}: row {row} (0-based): '{column}' must be a text or a list of texts, got "
+                             f"{value!r:.60}")
+    return list(texts)

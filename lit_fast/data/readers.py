@@ -18,7 +18,7 @@ from lit_fast.errors import InputDataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 _COMPRESSED = (".gz", ".bz2")
-TEXT_ROLES = ("text", "target")  # columns that must hold text
+TEXT_ROLES = ("text", "pair", "target")  # columns that must hold text
 
 
 def resolve_data_path(path: str) -> Path:
