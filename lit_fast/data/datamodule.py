@@ -97,6 +97,7 @@ class TextDataModule(L.LightningDataModule):
         self.examples: dict[str, list[dict]] = {}
         self._ids = None  # the id column (Arrow), predict only
         self.num_rows: dict[str, int] = {}
+        self.list_roles: tuple[str, ...] = ()  # roles whose cells may be lists (the task's `list_roles`, in setup)
 
     # ---- reading -------------------------------------------------------------------------------------------
     def _records(self, path: str, *, need_label: bool, need_target: bool) -> Split:
@@ -104,7 +105,7 @@ class TextDataModule(L.LightningDataModule):
         used = {"text": hp.text_column, "pair": hp.pair_column, "negative": hp.negative_column,
                 "label": hp.label_column if need_label else None,
                 "target": hp.target_column if need_target else None, "id": hp.id_column}
-        table, file = read_table(path, used)
+        table, file = read_table(path, used, list_roles=self.list_roles)
         columns = {name: table.column(name).to_pylist() for name in table.column_names}
         texts = columns[hp.text_column]
         pairs = columns[hp.pair_column] if hp.pair_column else None
@@ -119,14 +120,16 @@ class TextDataModule(L.LightningDataModule):
             if keep is not None and str(labels[i]) not in keep:
                 continue  # rows of other labels are not used at all (counted in the log below)
             text = texts[i]
-            if text is None or (isinstance(text, str) and not text.strip()):
+            if isinstance(text, list) and "text" in self.list_roles:
+                pass  # words of a token-classification row, messages of a chat: the task's codec checks them
+            elif text is None or (isinstance(text, str) and not text.strip()):
                 if not hp.allow_empty_text:
                     raise InputDataError(
                         f"{file}: row {i} (0-based) has an empty '{hp.text_column}'; fix the row or pass "
                         "--data.allow_empty_text true"
                     )
                 text = "" if text is None else text
-            if not isinstance(text, str):
+            if not isinstance(text, (str, list) if "text" in self.list_roles else str):
                 raise InputDataError(
                     f"{file}: row {i} (0-based): '{hp.text_column}' is a {type(text).__name__}, expected text"
                 )
@@ -141,7 +144,8 @@ class TextDataModule(L.LightningDataModule):
             if labels is not None:
                 if labels[i] is None or str(labels[i]) == "":
                     raise InputDataError(f"{file}: row {i} (0-based) has no label in '{hp.label_column}'")
-                record["label"] = str(labels[i])
+                record["label"] = labels[i] if isinstance(labels[i], list) and "label" in self.list_roles else str(
+                    labels[i])
             if targets is not None:
                 if not isinstance(targets[i], str):
                     raise InputDataError(
@@ -196,6 +200,7 @@ class TextDataModule(L.LightningDataModule):
         task = self.trainer.lightning_module
         hp = self.hparams
         self._check_columns(task)
+        self.list_roles = tuple(getattr(task, "list_roles", ()))
         if stage == "predict":
             self._predict_table()
             self.codec = task.codec()
@@ -211,21 +216,28 @@ class TextDataModule(L.LightningDataModule):
 
     def _predict_table(self) -> None:
         """Keep the input as Arrow (memory-mapped for Parquet): millions of rows need not become Python objects."""
+        import pyarrow as pa
         import pyarrow.compute as pc
 
         hp = self.hparams
         if not hp.path:
             raise ConfigError("no input: set --data.path")
-        table, file = read_table(hp.path, {"text": hp.text_column, "pair": hp.pair_column, "id": hp.id_column})
+        table, file = read_table(hp.path, {"text": hp.text_column, "pair": hp.pair_column, "id": hp.id_column},
+                                 list_roles=self.list_roles)
         texts = table.column(hp.text_column)
-        check_texts(texts, file, hp.text_column, hp.allow_empty_text)
+        lists = "text" in self.list_roles and (pa.types.is_list(texts.type) or pa.types.is_large_list(texts.type))
+        if not lists:
+            check_texts(texts, file, hp.text_column, hp.allow_empty_text)
         self._pairs = table.column(hp.pair_column) if hp.pair_column else None
         if self._pairs is not None:
             check_texts(self._pairs, file, hp.pair_column, hp.allow_empty_text)
         self._ids = table.column(hp.id_column) if hp.id_column else None
         self._texts = texts
         self.num_rows["predict"] = table.num_rows
-        chars = pc.fill_null(pc.utf8_length(texts.cast("string")), 0).to_numpy()
+        if lists:  # words or messages: their count stands in for the length
+            chars = pc.fill_null(pc.list_value_length(texts), 0).to_numpy()
+        else:
+            chars = pc.fill_null(pc.utf8_length(texts.cast("string")), 0).to_numpy()
         if self._pairs is not None:
             chars = chars + pc.fill_null(pc.utf8_length(self._pairs.cast("string")), 0).to_numpy()
         self._plan = [np.asarray(b, dtype=np.int64) for b in make_batches(chars.tolist(), hp.batch_size)]

@@ -44,13 +44,15 @@ def file_format(path: Path) -> str:
     return {".json": ".jsonl", ".tsv": ".csv"}.get(suffix, suffix)
 
 
-def read_table(path: str, columns: Optional[Mapping[str, Optional[str]]] = None, text_column: str = "text"):
+def read_table(path: str, columns: Optional[Mapping[str, Optional[str]]] = None, text_column: str = "text",
+               list_roles: tuple[str, ...] = ()):
     """Read a file into an Arrow table (memory-mapped for Parquet).
 
     `columns`: the columns the task uses, {role: name} with roles "text", "label", "target" and "id" (None values
     are not used). Only those are read (other columns may hold anything) and a missing one is an error that lists
     the columns there are; CSV cells are read as text, never guessed into numbers. Without `columns` every column
-    is read. A .txt file has one column, named `text_column` (or `columns["text"]`).
+    is read. A .txt file has one column, named `text_column` (or `columns["text"]`). `list_roles`: roles whose
+    cells may be lists (a token classifier's words and tags, a chat's messages) instead of text.
     """
     file = resolve_data_path(path)
     if not file.exists():
@@ -63,7 +65,11 @@ def read_table(path: str, columns: Optional[Mapping[str, Optional[str]]] = None,
     used = {role: name for role, name in (columns or {}).items() if name}
     reader = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet, ".txt": _read_txt}[fmt]
     try:
-        table = reader(file, used.get("text", text_column), used or None)
+        text_roles = tuple(r for r in TEXT_ROLES if r not in list_roles)
+        if fmt == ".jsonl":
+            table = _read_jsonl(file, used.get("text", text_column), used or None, text_roles)
+        else:
+            table = reader(file, used.get("text", text_column), used or None)
     except (EOFError, zlib.error) as err:
         raise _decompress_error(file, err) from None
     except OSError as err:  # gzip.BadGzipFile, bz2's "Invalid data stream", pyarrow's decompression errors
@@ -137,7 +143,8 @@ def _read_txt(file: Path, text_column: str, used: Optional[Mapping[str, str]] = 
 _BLANK_LINE = re.compile(rb"(^|\n)[ \t\r]*(\n|$)")
 
 
-def _read_jsonl(file: Path, text_column: str, used: Optional[Mapping[str, str]] = None):
+def _read_jsonl(file: Path, text_column: str, used: Optional[Mapping[str, str]] = None,
+                text_roles: tuple[str, ...] = TEXT_ROLES):
     """pyarrow's JSON reader for speed; the line-by-line reader whenever it objects, so the error names the line."""
     import pyarrow as pa
     import pyarrow.json as pajson
@@ -151,7 +158,7 @@ def _read_jsonl(file: Path, text_column: str, used: Optional[Mapping[str, str]] 
             except (pa.ArrowInvalid, pa.ArrowTypeError):
                 pass  # fall through: the careful reader says where and what
             else:
-                if all(_text_typed(table.column(name)) for role, name in (used or {}).items() if role in TEXT_ROLES):
+                if all(_text_typed(table.column(name)) for role, name in (used or {}).items() if role in text_roles):
                     return table
     rows = _read_jsonl_rows(file)
     names: dict[str, None] = {}
@@ -162,7 +169,7 @@ def _read_jsonl(file: Path, text_column: str, used: Optional[Mapping[str, str]] 
             require_column(list(names), name, file, role)
     wanted = list(dict.fromkeys(used.values())) if used is not None else list(names)
     roles = {name: role for role, name in (used or {}).items()}
-    columns = {name: _jsonl_column(rows, name, roles.get(name), file) for name in wanted}
+    columns = {name: _jsonl_column(rows, name, roles.get(name), file, text_roles) for name in wanted}
     return pa.table({name: pa.array(values) for name, values in columns.items()})
 
 
@@ -182,17 +189,18 @@ def _kind(value: Any) -> str:
     return f"a JSON {'list' if isinstance(value, list) else 'object'}"
 
 
-def _jsonl_column(rows: list[dict], name: str, role: Optional[str], file: Path) -> list[Any]:
+def _jsonl_column(rows: list[dict], name: str, role: Optional[str], file: Path,
+                  text_roles: tuple[str, ...] = TEXT_ROLES) -> list[Any]:
     """One column's values; every value of one kind (text for the text and target columns), else an error that
     names the line and the column."""
     values = [row.get(name) for row in rows]
     first = next((k for k, v in enumerate(values) if v is not None), None)
     if first is None:
         return values
-    expected = "text" if role in TEXT_ROLES else _kind(values[first])
+    expected = "text" if role in text_roles else _kind(values[first])
     for line, value in enumerate(values, start=1):
         if value is not None and _kind(value) != expected:
-            if role in TEXT_ROLES:
+            if role in text_roles:
                 raise InputDataError(f"{file}: line {line}, column '{name}': {_kind(value)} where text is expected; "
                                      f"quote it as a JSON string")
             raise InputDataError(f"{file}: line {line}, column '{name}': {_kind(value)}, but line {first + 1} has "

@@ -40,3 +40,13 @@ def test_a_task_that_reads_pairs_asks_for_the_column():
     data = TextDataModule("x.jsonl")
     with pytest.raises(ConfigError, match="set --data.pair_column"):
         data._check_columns(SimpleNamespace(needs_pair=True))
+
+
+def test_list_cells_only_where_the_task_takes_them(tmp_path):
+    path = _write(tmp_path, [{"words": ["EU", "rejects"], "tags": ["B-ORG", "O"]}])
+    data = TextDataModule(path, text_column="words", label_column="tags")
+    with pytest.raises(InputDataError, match="line 1, column 'words': a JSON list where text is expected"):
+        data._records(path, need_label=True, need_target=False)
+    data.list_roles = ("text", "label")  # what a token classifier declares
+    record = data._records(path, need_label=True, need_target=False).records[0]
+    assert record["text"] == ["EU", "rejects"] and record["label"] == ["B-ORG", "O"]
