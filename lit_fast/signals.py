@@ -36,7 +36,11 @@ class Stopped(BaseException):
 class StopOnSignals:
     """Install the handlers for the life of a run (a context manager); see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, ignore_after: bool = False) -> None:
+        """`ignore_after`: on leaving, ignore these signals instead of restoring the earlier handlers - for a
+        command's process, whose result is decided by then: a stop that lands while the interpreter shuts down
+        (seconds, with PyTorch loaded) must not turn a complete run into a traceback or a kill."""
+        self.ignore_after = ignore_after
         self.main_pid = os.getpid()
         self.pending: Optional[int] = None
         self._held: frozenset[int] = frozenset()
@@ -53,7 +57,7 @@ class StopOnSignals:
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if self.ignore_after else handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:

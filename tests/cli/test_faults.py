@@ -125,3 +125,17 @@ def test_fit_stopped_at_a_random_point(tmp_path, tiny_bert_dir, signum):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (export / "config.json").is_file() and outputs.is_export(export)
     assert _hidden(tmp_path) == [], where
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_stop_after_the_command_ended_keeps_its_result(signum):
+    """The command's process ignores stops once its result is decided: one landing while the interpreter shuts down
+    (seconds with PyTorch loaded) once turned a complete export into a traceback and a non-zero exit."""
+    script = ("import os, sys\n"
+              "from lit_fast.signals import StopOnSignals\n"
+              "with StopOnSignals(ignore_after=True):\n"
+              "    pass\n"
+              f"os.kill(os.getpid(), {int(signum)})\n"
+              "print('still here')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "still here"), proc.stderr
