@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 predict: $(STAMP)
-	$(BIN)/python predict.py --config configs/embed-minilm.yaml --overwrite true
+	$(BIN)/lit-fast predict --config embed-minilm --overwrite true
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import shutil
 import sys
 from contextlib import contextmanager
@@ -33,6 +34,8 @@ from lit_fast.tasks.base import LitTransformer
 from lit_fast.tasks.seq2seq import Seq2SeqLM  # noqa: F401
 from lit_fast.tasks.classifier import Classifier  # noqa: F401
 from lit_fast.tasks.embedder import Embedder  # noqa: F401
+from lit_fast.tasks.reranker import Reranker  # noqa: F401
+from lit_fast.tasks.token_classifier import TokenClassifier  # noqa: F401
 from lit_fast.outputs import (
     check_export_dir,
     check_output_file,
@@ -43,7 +46,8 @@ from lit_fast.outputs import (
     write_export_marker,
 )
 from lit_fast.data.progress import ThroughputProgressBar
-from lit_fast.models.precision_checks import check_strategy_precision, explain_precision_errors
+from lit_fast.models.precision_checks import (auto_precision, check_strategy_precision, explain_precision_errors,
+                                              saved_dtype)
 from lit_fast.models.quantization import quantizes_embeddings, training_refused
 from lit_fast.data.readers import resolve_data_path
 from lit_fast.signals import SIGNALS, StopOnSignals, Stopped
@@ -84,6 +88,10 @@ class RunEvents(Callback):
     def on_test_start(self, trainer, pl_module) -> None:
         self._started("testing")
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self.phase == "starting":  # `lit-fast validate`; in fit, validation starts after training has
+            self._started("validating")
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._per_step:
             self.signals.hold()
@@ -121,20 +129,19 @@ class LitCLI(LightningCLI):
             run=False,
             args=args,
             save_config_callback=None,
-            auto_configure_optimizers=False,
+            # train: LightningCLI's --optimizer / --lr_scheduler, handed to the task (below)
+            auto_configure_optimizers=mode == "train",
             parser_kwargs={"exit_on_error": False},
-            trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False}
-            if predict
-            else {"default_root_dir": "runs"},
+            trainer_defaults={"default_root_dir": "runs"} if mode == "train" else
+            {"logger": False, "enable_checkpointing": False, "enable_model_summary": False},
         )
 
     def add_arguments_to_parser(self, parser) -> None:
-        if self.mode == "predict":
-            parser.add_argument("--output", type=Optional[str], default=None,
-                                help="where predictions go (.jsonl or .parquet): one row per input row, in input order")
-        else:
-            parser.add_argument("--export_dir", type=Optional[str], default=None,
-                                help="after training, write the best model here in Hugging Face format")
+        # every subcommand takes both, so that one config serves them all (fit's export_dir, predict's output)
+        parser.add_argument("--output", type=Optional[str], default=None,
+                            help="predict: where predictions go (.jsonl or .parquet), one row per input row, in order")
+        parser.add_argument("--export_dir", type=Optional[str], default=None,
+                            help="fit: after training, write the best model here in Hugging Face format")
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="replace an existing --output file, or an earlier lit_fast export in --export_dir")
         parser.add_argument("--allow_import", type=Optional[str], default=None,
@@ -154,7 +161,7 @@ class LitCLI(LightningCLI):
             if not config.get("output"):
                 raise ConfigError("no output file: pass --output PATH (.jsonl or .parquet)")
             check_output_file(config.output, config.overwrite, inputs)
-        elif config.get("export_dir"):
+        elif self.mode == "train" and config.get("export_dir"):
             protected = {f"the input {p}": p for p in inputs}
             protected["the checkpoints (trainer.default_root_dir)"] = config.trainer.get("default_root_dir") or "runs"
             pretrained = config.model.init_args.get("pretrained") if config.model.get("init_args") else None
@@ -174,7 +181,25 @@ class LitCLI(LightningCLI):
         self._args = list(args) if args is not None else sys.argv[1:]
         super().parse_arguments(parser, args)
 
+    def _add_configure_optimizers_method_to_model(self, subcommand: Optional[str]) -> None:
+        # LightningCLI would build --optimizer on the model's parameters now, but the weights exist only after
+        # configure_model: the task builds it then (LitTransformer.configure_optimizers)
+        if self.auto_configure_optimizers:
+            self.model.set_cli_optimizer(self._get(self.config_init, "optimizer"),
+                                         self._get(self.config_init, "lr_scheduler"))
+
     def instantiate_trainer(self, **kwargs: Any):
+        if self.mode == "train" and self._get(self.config_init, "trainer", {}).get("logger") in (None, True):
+            # CSV unless --trainer.logger says otherwise (Lightning's default turns to TensorBoard where it is installed)
+            from lightning.pytorch.loggers import CSVLogger
+
+            root = self._get(self.config_init, "trainer", {}).get("default_root_dir") or "runs"
+            kwargs.setdefault("logger", CSVLogger(save_dir=root))
+        trainer_config = self._get(self.config_init, "trainer", {})
+        if trainer_config.get("precision") is None and not trainer_config.get("plugins"):
+            kwargs["precision"], why = auto_precision("train" if self.mode == "train" else "predict",
+                                                      trainer_config.get("accelerator"), saved_dtype(self.model))
+            log.info("precision: %s (auto: %s; set --trainer.precision to choose)", kwargs["precision"], why)
         with explain_precision_errors(getattr(self.model.hparams, "quantization", None)):
             trainer = super().instantiate_trainer(**kwargs)
         if self.events is not None:
@@ -186,7 +211,7 @@ class LitCLI(LightningCLI):
             if bars and trainer.progress_bar_callback is bars[0]:
                 # Lightning's default bar, not one the user configured: show rows/s and tokens/s instead
                 trainer.callbacks[trainer.callbacks.index(bars[0])] = ThroughputProgressBar()
-        else:
+        elif self.mode == "train":
             checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
             if not any(c.monitor for c in checkpoints):
                 # keep only the best model by the task's own metric (val_acc for classifiers, else val_loss)
@@ -246,11 +271,14 @@ def _stopped_message(mode: str, stop: BaseException, events: RunEvents, config: 
 
 
 def run(mode: str, args: Any, signals: StopOnSignals) -> int:
-    """The command of `mode` ("predict" or "train"), under `signals` (lit_fast/cli/__init__.py installs them)."""
+    """The command of `mode` (predict, train, validate or test), under `signals` (lit_fast/cli/__init__.py installs
+    them)."""
     from jsonargparse import ArgumentError
 
     quiet_libraries()
-    body = {"predict": _predict, "train": _train}[mode]
+    # the commands always pass their (normalized) arguments explicitly; Lightning warns when sys.argv holds some too
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter", category=UserWarning)
+    body = {"predict": _predict, "train": _train, "validate": _evaluate, "test": _evaluate}[mode]
     cli: Optional[LitCLI] = None
     with HeldLogs() as logs, _import_policy(_modules(_allow_import_argument(
             args if args is not None else sys.argv[1:]))):
@@ -303,6 +331,13 @@ def _predict(cli: LitCLI, events: RunEvents) -> None:
     if cli.trainer.is_global_zero:
         writer = next(c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter))
         print(f"wrote {writer.rows_written} rows to {writer.output}")
+
+
+def _evaluate(cli: LitCLI, events: RunEvents) -> None:
+    """`validate` / `test`: the model's metrics on every row of --data.path (or of the val/test file)."""
+    cli.datamodule.evaluate_only = True
+    run = cli.trainer.validate if cli.mode == "validate" else cli.trainer.test
+    run(cli.model, datamodule=cli.datamodule)
 
 
 def _train(cli: LitCLI, events: RunEvents) -> None:

@@ -64,6 +64,30 @@ def make_batches(
     return batches
 
 
+def loader_workers(local_ranks: int = 1) -> int:
+    """Tokenizing loader workers for `num_workers: auto`: this process's cores shared by the ranks on this machine,
+    less one core per rank for the rank itself (at most 16). Tokenization is the host's bottleneck in predict (W8):
+    MiniLM on an H100 embeds rows faster than one core tokenizes them."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(16, cores // max(1, local_ranks) - 1))
+
+
+# Predict batches are planned from characters, before tokenizing; English word pieces average about 4 characters,
+# so a budget of N tokens plans about 4N characters. Texts that tokenize denser are split after tokenization.
+CHARS_PER_TOKEN = 4
+
+
+def predict_plan(chars, batch_size: int, max_tokens: Optional[int]) -> list[np.ndarray]:
+    """Predict batches from the texts' character lengths: longest first, at most `batch_size` rows, and about
+    `max_tokens` padded tokens, so rows per batch follow the texts' lengths (PredictBatches enforces the budget
+    exactly once the texts are tokenized)."""
+    lengths = [int(c) for c in chars]
+    budget = max_tokens * CHARS_PER_TOKEN if max_tokens else None
+    return [np.asarray(b, dtype=np.int64) for b in make_batches(lengths, batch_size, budget)]
+
+
 @dataclass(frozen=True)
 class EpochPlan:
     """A rank's training (or evaluation) batches for an epoch: rows dealt out to ranks first, then length-bucketed

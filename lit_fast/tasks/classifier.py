@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -11,6 +11,8 @@ from lit_fast.errors import ConfigError, InputDataError
 from lit_fast.tasks.base import Attention, CudaGraphs, FastPath
 from lit_fast.tasks.codecs import EncoderCodec
 from lit_fast.tasks.encoder import EncoderTask
+from lit_fast.tasks.metrics import CLASSIFICATION_MODES, classification_metrics
+from lit_fast.tasks.optim import OptimizerName
 
 
 class Classifier(EncoderTask):
@@ -19,6 +21,7 @@ class Classifier(EncoderTask):
     auto_model_class = AutoModelForSequenceClassification
     needs_label = True
     monitor = ("val_acc", "max")
+    metric_modes = CLASSIFICATION_MODES
 
     def __init__(
         self,
@@ -30,6 +33,11 @@ class Classifier(EncoderTask):
         lr: float = 5e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.06,
+        optimizer: OptimizerName = "adamw",
+        optimizer_kwargs: Optional[dict[str, Any]] = None,
+        lr_scheduler: str = "linear",
+        lr_scheduler_kwargs: Optional[dict[str, Any]] = None,
+        monitor: Optional[str] = None,
         revision: Optional[str] = None,
         trust_remote_code: bool = False,
         dtype: Optional[str] = None,
@@ -44,9 +52,16 @@ class Classifier(EncoderTask):
                 sorted labels of the training data.
             max_length: longer texts are truncated to this many tokens (default: the tokenizer's limit, at most 512).
             gradient_checkpointing: recompute activations in backward (less memory, more compute).
-            lr: peak learning rate (AdamW, linear warm-up and decay).
-            weight_decay: AdamW weight decay (not on biases and norms).
+            lr: peak learning rate.
+            weight_decay: weight decay (not on biases and norms).
             warmup_ratio: share of the steps spent warming up.
+            optimizer: adamw, sgd (momentum 0.9) or adafactor; --optimizer CLASS (any torch.optim class) replaces it.
+            optimizer_kwargs: more arguments of the optimizer (e.g. {betas: [0.9, 0.98]}).
+            lr_scheduler: a transformers get_scheduler name: linear (warm-up, then linear decay to 0), cosine,
+                cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, ...
+            lr_scheduler_kwargs: the schedule's own arguments (num_cycles, power, lr_end, min_lr, ...).
+            monitor: the validation metric that picks the best checkpoint: val_acc (default), val_f1,
+                val_precision, val_recall or val_loss.
             revision: hub revision for hub ids.
             trust_remote_code: run code shipped with the model (off unless you trust it).
             dtype: weights dtype (auto, float32, float16, bfloat16).
@@ -60,6 +75,8 @@ class Classifier(EncoderTask):
             pretrained, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, attention=attention,
             fast_path=fast_path, cuda_graphs=cuda_graphs, quantization=quantization, max_length=max_length, lr=lr,
             weight_decay=weight_decay, warmup_ratio=warmup_ratio, gradient_checkpointing=gradient_checkpointing,
+            optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, lr_scheduler=lr_scheduler,
+            lr_scheduler_kwargs=lr_scheduler_kwargs, monitor=monitor,
         )
         self.labels: Optional[list[str]] = list(labels) if labels else self._labels_of_checkpoint()
 
@@ -95,12 +112,26 @@ class Classifier(EncoderTask):
     def compute_loss(self, batch: dict) -> torch.Tensor:
         return self.model(**self._inputs(batch), labels=batch["labels"]).loss
 
-    def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+    def metrics(self) -> dict:
+        return classification_metrics(len(self.labels)) if self.labels else {}
+
+    def evaluate_batch(self, batch: dict) -> dict:
         out = self.model(**self._inputs(batch), labels=batch["labels"])
-        return {"loss": out.loss, "acc": (out.logits.argmax(-1) == batch["labels"]).float().mean()}
+        classes = (out.logits.argmax(-1), batch["labels"])
+        return {"loss": out.loss, **{name: classes for name in ("acc", "f1", "precision", "recall")}}
 
     def predict_rows(self, batch: dict) -> list[dict]:
         probs = self.model(**self._inputs(batch)).logits.float().softmax(-1).cpu()
         score, label = probs.max(-1)
         return [{"index": int(i), "label": self.labels[int(k)], "score": float(s)}
                 for i, k, s in zip(batch["index"].tolist(), label, score)]
+
+    def predict(self, texts, batch_size: int = 512, *, max_tokens: Optional[int] = 65536, device: Optional[str] = None,
+                precision: str = "auto", num_workers: Optional[int] = None) -> list[dict]:
+        """Classify `texts` in this process, no Trainer: one {"label", "score"} per text, in order. The same batching,
+        fast path and precision choice as `lit-fast predict` (tasks/in_memory.py)."""
+        from lit_fast.tasks.in_memory import predict_rows
+
+        rows = predict_rows(self, texts, batch_size=batch_size, max_tokens=max_tokens, device=device,
+                            precision=precision, num_workers=num_workers)
+        return [{"label": r["label"], "score": r["score"]} for r in rows]

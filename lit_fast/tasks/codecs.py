@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Union
 
 import torch
 
@@ -30,6 +30,20 @@ class Codec(Protocol):
     def collate(self, examples: list[dict]) -> dict: ...
 
 
+def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """`tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]`, straight from the Rust tokenizer
+    where there is one: the same ids, without building the attention masks and token type ids that collate makes
+    anyway (about a fifth of the time, and tokenization is predict's host bottleneck: W8)."""
+    backend = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or not hasattr(backend, "encode_batch"):
+        return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    # what transformers' own call sets before it encodes (it resets them on its next call)
+    backend.enable_truncation(max_length, stride=0, strategy="longest_first", direction=tokenizer.truncation_side)
+    backend.no_padding()
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets (tokenizers >= 0.21)
+    return [e.ids for e in encode(texts, add_special_tokens=True)]
+
+
 @dataclass(frozen=True)
 class EncoderCodec:
     """Encoder tasks: right padding, truncation to `max_length`; `labels` (classification) maps label names to ids;
@@ -44,7 +58,7 @@ class EncoderCodec:
     def encode(self, records: list[dict], stage: str) -> list[dict]:
         texts = [self.prompt + r["text"] for r in records]
         texts = [t.lower() for t in texts] if self.lower_case else texts
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        ids = token_ids(self.tokenizer, texts, self.max_length)
         examples = []
         for record, row in zip(records, ids):
             example = {"index": record["index"], "input_ids": row, "length": len(row)}
@@ -63,14 +77,44 @@ class EncoderCodec:
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """How a prompt becomes the model's input text: the tokenizer's chat template, with an optional system message."""
+    """How a prompt or a conversation becomes the model's input text: the tokenizer's chat template, with an optional
+    system message (put first unless the conversation has its own)."""
 
     system_prompt: Optional[str] = None
 
-    def render(self, tokenizer, prompt: str) -> str:
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append({"role": "user", "content": prompt})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def messages(self, prompt: Union[str, list[dict]]) -> list[dict]:
+        messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if self.system_prompt and not (messages and messages[0]["role"] == "system"):
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return messages
+
+    def render(self, tokenizer, prompt: Union[str, list[dict]]) -> str:
+        """A prompt (one user message) or a conversation, ready for the next assistant turn."""
+        return tokenizer.apply_chat_template(self.messages(prompt), tokenize=False, add_generation_prompt=True)
+
+    def segments(self, tokenizer, conversation: list[dict], row: int) -> list[tuple[str, bool]]:
+        """The rendered conversation cut into (text, is an assistant turn) pieces. An assistant turn is what the
+        template adds after the generation prompt: the reply and its end-of-turn marker, what predict generates."""
+        messages = self.messages(conversation)
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        pieces, done = [], 0
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            if k == 0:
+                raise InputDataError(f"row {row}: the conversation starts with an assistant message; start it with a "
+                                     "system or user message")
+            prompt = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+            turn = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+            if not (text.startswith(prompt) and text.startswith(turn) and len(prompt) <= len(turn)):
+                # e.g. templates that rewrite earlier turns (drop their reasoning) once a later one follows
+                raise ConfigError(f"row {row}: the chat template renders the messages before message {k} (an "
+                                  "assistant turn) differently once more follow, so the assistant turns cannot be "
+                                  "found; give model.chat_template a template that renders each turn independently")
+            pieces += [(text[done:len(prompt)], False), (text[len(prompt):len(turn)], True)]
+            done = len(turn)
+        pieces.append((text[done:], False))
+        return [(piece, assistant) for piece, assistant in pieces if piece]
 
 
 @dataclass(frozen=True)
@@ -85,30 +129,72 @@ class CausalCodec:
     truncation: str = "left"
     chat: Optional[ChatFormat] = None  # None: prompts go in as plain text
 
-    def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+    def prompt_ids(self, prompts: list[Union[str, list[dict]]]) -> list[list[int]]:
+        if not prompts:
+            return []
         if self.chat is not None:  # the template already holds BOS and other special tokens
             texts = [self.chat.render(self.tokenizer, p) for p in prompts]
             return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return self.tokenizer(prompts)["input_ids"]
 
     def encode(self, records: list[dict], stage: str) -> list[dict]:
+        # a conversation is a list of {"role": ..., "content": ...} messages
+        records = [{**r, "text": self._messages(r["text"], r["index"])} if isinstance(r["text"], list) else r
+                   for r in records]
         for r in records:
-            if not r["text"].strip() and (stage == "predict" or "target" in r):
+            if isinstance(r["text"], str) and not r["text"].strip() and (stage == "predict" or "target" in r):
                 raise InputDataError(f"row {r['index']}: empty prompt; every row needs text to continue")
-        prompts = self.prompt_ids([r["text"] for r in records])
         if stage == "predict":
+            prompts = self.prompt_ids([r["text"] for r in records])
             return [{"index": r["index"], "input_ids": self._fit_prompt(ids, r["index"]), "length": len(ids)}
                     for r, ids in zip(records, prompts)]
         eos = [self.tokenizer.eos_token_id]
+        prompts = iter(self.prompt_ids([r["text"] for r in records if isinstance(r["text"], str)]))
         examples = []
-        for r, prompt in zip(records, prompts):
-            if "target" in r:  # loss on the completion (and its EOS) only
-                completion = self.tokenizer(r["target"], add_special_tokens=False)["input_ids"] + eos
-            else:  # plain text: every token is a target
-                prompt, completion = [], prompt + eos
-            ids, labels = _truncate_for_training(prompt, completion, self.max_length)
+        for r in records:
+            if isinstance(r["text"], list):
+                ids, labels = self._conversation(r["text"], r["index"])
+            else:
+                prompt = next(prompts)
+                if "target" in r:  # loss on the completion (and its EOS) only
+                    completion = self.tokenizer(r["target"], add_special_tokens=False)["input_ids"] + eos
+                else:  # plain text: every token is a target
+                    prompt, completion = [], prompt + eos
+                ids, labels = _truncate_for_training(prompt, completion, self.max_length)
             examples.append({"index": r["index"], "input_ids": ids, "labels": labels, "length": len(ids)})
         return examples
+
+    def _messages(self, messages: list, row: int) -> list[dict]:
+        """A row's messages checked, each {"role", "content"} (and any other key the template reads)."""
+        if self.chat is None:
+            raise ConfigError(f"row {row} holds chat messages, but model.chat_template is false; chats need a chat "
+                              "template (model.chat_template: true, or a Jinja template)")
+        if not messages:
+            raise InputDataError(f"row {row}: no messages; a conversation needs at least one")
+        checked = []
+        for k, message in enumerate(messages):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                raise InputDataError(f"row {row}, message {k}: expected {{\"role\": ..., \"content\": \"text\"}}, "
+                                     f"got {str(message)[:80]}")
+            checked.append({key: value for key, value in message.items() if value is not None})  # Arrow fills gaps
+        return checked
+
+    def _conversation(self, messages: list[dict], row: int) -> tuple[list[int], list[int]]:
+        """Token ids of a whole conversation, labels on its assistant turns only. Each piece is tokenized apart, as
+        predict tokenizes the prompt apart from what it generates."""
+        ids, labels = [], []
+        for text, assistant in self.chat.segments(self.tokenizer, messages, row):
+            piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if assistant else [IGNORE] * len(piece)
+        if all(label == IGNORE for label in labels):
+            raise InputDataError(f"row {row}: no assistant message to learn from; a training conversation needs one")
+        if len(ids) > self.max_length:  # the end goes: the turns kept still follow what came before them
+            log.warning("row %d: conversation of %d tokens cut to %d (model.max_length)", row, len(ids),
+                        self.max_length)
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        return ids, labels
 
     def _fit_prompt(self, ids: list[int], row: int) -> list[int]:
         room = self.max_length - self.max_new_tokens

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from transformers import AutoModel
 
-from lit_fast.errors import ConfigError
+from lit_fast.errors import ConfigError, InputDataError
 from lit_fast.models.loading import UnknownInCache
 from lit_fast.models.sentence_transformers import (
     DenseSpec,
@@ -20,8 +20,10 @@ from lit_fast.models.sentence_transformers import (
 )
 from lit_fast.tasks.base import Attention, CudaGraphs, FastPath
 from lit_fast.tasks.codecs import EncoderCodec
+from lit_fast.tasks.contrastive import PairCodec, Retrieval, cached_loss, ranking_loss
 from lit_fast.tasks.embedding import PRECISIONS, EmbeddingHead, pool, quantize  # noqa: F401 - pool: public helper
 from lit_fast.tasks.encoder import EncoderTask
+from lit_fast.tasks.optim import OptimizerName
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,16 @@ class Embedder(EncoderTask):
     pooling, Dense layers, normalisation, maximum length, lower-casing and prompts
     (models/sentence_transformers.py); the arguments below override them. A model without those files is
     mean-pooled, as sentence-transformers does.
+
+    Training (docs/EMBEDDER_TRAINING.md): (anchor, positive) rows with optional hard negatives
+    (`--data.text_column`, `--data.pair_column`, `--data.negative_column`), MultipleNegativesRankingLoss with
+    in-batch negatives, optional gradient caching (`mini_batch_size`) and negatives from every rank under DDP;
+    validation ranks each anchor's positive among all validation positives (val_recall@10, val_mrr@10).
     """
 
     auto_model_class = AutoModel
+    monitor = ("val_mrr@10", "max")
+    metric_modes = {"loss": "min", "recall@10": "max", "mrr@10": "max"}
 
     def __init__(
         self,
@@ -52,6 +61,19 @@ class Embedder(EncoderTask):
         prompt: Optional[str] = None,
         truncate_dim: Optional[int] = None,
         precision: Precision = "float32",
+        lr: float = 2e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.1,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerName = "adamw",
+        optimizer_kwargs: Optional[dict[str, Any]] = None,
+        lr_scheduler: str = "linear",
+        lr_scheduler_kwargs: Optional[dict[str, Any]] = None,
+        monitor: Optional[str] = None,
+        scale: float = 20.0,
+        symmetric: bool = False,
+        mini_batch_size: Optional[int] = None,
+        gather_across_ranks: bool = True,
         revision: Optional[str] = None,
         trust_remote_code: bool = False,
         dtype: Optional[str] = None,
@@ -72,6 +94,26 @@ class Embedder(EncoderTask):
             truncate_dim: keep the first this many dimensions (Matryoshka models).
             precision: float32; float16 (rounded values); binary or ubinary (one bit a dimension, packed into int8
                 or uint8 as sentence-transformers' quantize_embeddings does).
+            lr: training: peak learning rate (2e-5 as sentence-transformers).
+            weight_decay: training: weight decay (not on biases and norms).
+            warmup_ratio: training: share of the steps spent warming up.
+            gradient_checkpointing: training: recompute activations in backward (less memory, more compute).
+            optimizer: training: adamw, sgd (momentum 0.9) or adafactor; --optimizer CLASS (any torch.optim class)
+                replaces it.
+            optimizer_kwargs: training: more arguments of the optimizer (e.g. {betas: [0.9, 0.98]}).
+            lr_scheduler: training: a transformers get_scheduler name (linear, cosine, constant_with_warmup, ...).
+            lr_scheduler_kwargs: training: the schedule's own arguments.
+            monitor: training: the validation metric that picks the best checkpoint: val_mrr@10 (default),
+                val_recall@10 or val_loss.
+            scale: training: cosine similarities are multiplied by this before the softmax (1 / temperature; 20 as
+                sentence-transformers' MultipleNegativesRankingLoss).
+            symmetric: training: also rank each positive's anchor among the batch's anchors and average the two
+                losses (MultipleNegativesSymmetricRankingLoss).
+            mini_batch_size: training: gradient caching - embed the batch this many texts at a time, so the batch
+                (and its in-batch negatives) can be far larger than what fits in memory at once; same loss and
+                gradients, ~1.3x the compute. Default: the whole batch at once.
+            gather_across_ranks: training under DDP: every rank's positives and negatives are negatives for every
+                anchor (an all-gather with gradients), so the effective batch is data.batch_size x ranks.
             revision: hub revision (branch, tag or commit) for hub ids.
             trust_remote_code: run code shipped with the model (off unless you trust it).
             dtype: weights dtype (auto, float32, float16, bfloat16); default: as saved.
@@ -84,8 +126,16 @@ class Embedder(EncoderTask):
         """
         super().__init__(
             pretrained, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, attention=attention,
-            fast_path=fast_path, cuda_graphs=cuda_graphs, quantization=quantization, max_length=max_length,
+            fast_path=fast_path, cuda_graphs=cuda_graphs, quantization=quantization, max_length=max_length, lr=lr,
+            weight_decay=weight_decay, warmup_ratio=warmup_ratio, gradient_checkpointing=gradient_checkpointing,
+            optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, lr_scheduler=lr_scheduler,
+            lr_scheduler_kwargs=lr_scheduler_kwargs, monitor=monitor,
         )
+        if not scale > 0:
+            raise ConfigError(f"model.scale must be positive (1 / temperature; 20 is usual), got {scale}")
+        if mini_batch_size is not None and mini_batch_size < 1:
+            raise ConfigError(f"model.mini_batch_size must be >= 1 (texts embedded at a time), or null for the whole "
+                              f"batch; got {mini_batch_size}")
         if precision not in PRECISIONS:
             raise ConfigError(f"model.precision {precision!r} is not one of {', '.join(PRECISIONS)} (int8 and uint8 "
                               "need ranges calibrated over many vectors, which lit_fast does not do yet)")
@@ -136,8 +186,8 @@ class Embedder(EncoderTask):
             ids = ids[:-1]
         return len(ids)
 
-    def codec(self) -> EncoderCodec:
-        return EncoderCodec(self.tokenizer, self.max_length, self.lower_case, prompt=self.prompt)
+    def codec(self) -> PairCodec:
+        return PairCodec(EncoderCodec(self.tokenizer, self.max_length, self.lower_case, prompt=self.prompt))
 
     def embed(self, batch: dict) -> torch.Tensor:
         hidden = self.model(**self._inputs(batch)).last_hidden_state
@@ -146,6 +196,104 @@ class Embedder(EncoderTask):
     def predict_rows(self, batch: dict) -> list[dict]:
         vectors = quantize(self.embed(batch), self.precision)
         return [{"index": int(i), "embedding": v} for i, v in zip(batch["index"].tolist(), vectors)]
+
+    def encode(self, texts, batch_size: int = 512, *, max_tokens: Optional[int] = 65536, device: Optional[str] = None,
+               precision: str = "auto", num_workers: Optional[int] = None):
+        """Embed `texts` in this process, no Trainer: an array of one row per text, in order (one vector for one
+        string), as `SentenceTransformer.encode` returns. The same batching, fast path and precision choice as
+        `lit-fast predict` (tasks/in_memory.py); `precision`: auto, 32-true, bf16-true or 16-true (the compute;
+        the vectors' own precision is model.precision)."""
+        import numpy as np
+
+        from lit_fast.tasks.in_memory import batches
+
+        one = isinstance(texts, str)
+        done, parts, order = [], [], []
+        with torch.inference_mode():
+            for batch in batches(self, [texts] if one else texts, batch_size=batch_size, max_tokens=max_tokens,
+                                 device=device, precision=precision, num_workers=num_workers):
+                parts.append(self.embed(batch))
+                order.append(batch["index"])
+                # vectors stay on the device for a while: no wait for the GPU after every batch, and a bounded
+                # amount of device memory
+                if sum(len(p) for p in parts) >= 1 << 16:
+                    done, parts = done + [torch.cat(parts).cpu()], []
+        if not order:
+            return np.zeros((0, 0), np.float32)
+        stacked = torch.cat(done + [torch.cat(parts).cpu()] if parts else done)
+        vectors = torch.empty_like(stacked)
+        vectors[torch.cat(order)] = stacked
+        vectors = quantize(vectors, self.precision)
+        return vectors[0] if one else vectors
+
+    # ---- training (docs/EMBEDDER_TRAINING.md) ------------------------------------------------------------------
+    def prepare_data_splits(self, splits: dict[str, list[dict]]) -> None:
+        # predict reads texts alone; only training needs the pair column, so it is asked for here and not by
+        # `needs_pair` (which the DataModule checks for every stage)
+        if "fit" in splits and splits["fit"] and "pair" not in splits["fit"][0]:
+            raise ConfigError("training an Embedder reads (anchor, positive) rows: set --data.pair_column to the "
+                              "positives' column (--data.text_column: the anchors'; --data.negative_column adds hard "
+                              "negatives)")
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        pooler = getattr(self.model, "pooler", None)
+        if isinstance(pooler, torch.nn.Module):
+            # a sentence embedding pools the token states; the pooler gets no gradient, and DDP would wait for one
+            pooler.requires_grad_(False)
+
+    def on_fit_start(self) -> None:
+        from lit_fast.models import sharding
+
+        if self.hparams.mini_batch_size and sharding.is_fsdp(self.trainer.strategy):
+            raise ConfigError("model.mini_batch_size (gradient caching) does not combine with FSDP; use "
+                              "strategy ddp, or no mini_batch_size")
+        super().on_fit_start()
+
+    def parameter_groups(self) -> list[dict]:
+        groups = super().parameter_groups()
+        head = [p for p in self.head.parameters() if p.requires_grad]
+        # Dense layers train with the transformer, as in sentence-transformers (the base groups self.model's)
+        for params, decay in (([p for p in head if p.ndim >= 2], self.hparams.weight_decay),
+                              ([p for p in head if p.ndim < 2], 0.0)):
+            if params:
+                groups.append({"params": params, "weight_decay": decay})
+        return groups
+
+    def _parts(self, batch: dict) -> list[dict]:
+        """The model inputs of the anchors, the positives and (when the batch has any) the hard negatives."""
+        if "pair" not in batch:
+            raise InputDataError("an Embedder batch without positives reached the loss: training rows need "
+                                 "--data.pair_column")
+        return [self._inputs(batch), batch["pair"]] + ([batch["negative"]] if "negative" in batch else [])
+
+    def _loss_of(self, batch: dict, gather: bool):
+        hp = self.hparams
+
+        def loss(anchors, positives, negatives=None):
+            return ranking_loss(anchors, positives, negatives, batch["pair_key"], batch.get("negative_key"),
+                                scale=hp.scale, symmetric=hp.symmetric, gather=gather)
+
+        return loss
+
+    def _embed_inputs(self, inputs: dict) -> torch.Tensor:
+        return self.head(self.model(**inputs).last_hidden_state, inputs["attention_mask"])
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        parts = self._parts(batch)
+        loss = self._loss_of(batch, gather=self.hparams.gather_across_ranks)
+        if self.hparams.mini_batch_size and torch.is_grad_enabled():
+            params = [p for p in self.parameters() if p.requires_grad]
+            return cached_loss(self._embed_inputs, parts, loss, self.hparams.mini_batch_size, params)
+        return loss(*[self._embed_inputs(p) for p in parts])
+
+    def metrics(self) -> dict:
+        return {"recall@10": Retrieval("recall"), "mrr@10": Retrieval("mrr")}
+
+    def evaluate_batch(self, batch: dict) -> dict:
+        vectors = [self._embed_inputs(p) for p in self._parts(batch)]
+        found = (vectors[0], batch["pair_key"], vectors[1])  # ranked among all the split's positives at its end
+        return {"loss": self._loss_of(batch, gather=False)(*vectors), "recall@10": found, "mrr@10": found}
 
     def export(self, directory: str) -> None:
         """HF model + tokenizer + the sentence-transformers files, so both ecosystems load it unchanged."""

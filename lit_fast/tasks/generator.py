@@ -18,12 +18,18 @@ from lit_fast.fastpath.decoder.sdpa import (
 )
 from lit_fast.models.lora import LoraSettings, apply_lora, export_lora
 from lit_fast.tasks.base import LitTransformer, position_limit
+from lit_fast.tasks.codecs import IGNORE
+from lit_fast.tasks.metrics import LANGUAGE_MODEL_MODES, Perplexity
 
 log = logging.getLogger(__name__)
 
 
 class Generator(LitTransformer):
-    """What causal and seq2seq tasks share: generation settings, stop strings, LoRA, attention policy."""
+    """What causal and seq2seq tasks share: generation settings, stop strings, LoRA, attention policy, perplexity."""
+
+    metric_modes = LANGUAGE_MODEL_MODES
+    # causal LMs (True) predict token t+1 at t: the model shifts the labels, so the first is never a target
+    shifts_labels = False
 
     def __init__(self, pretrained: str, *, max_new_tokens: int, do_sample: bool, temperature: float,
                  top_p: Optional[float], top_k: Optional[int], seed: Optional[int], stop_strings: Optional[list[str]],
@@ -72,6 +78,19 @@ class Generator(LitTransformer):
         with sdpa_policy(self.sdpa_backends):
             super().validation_step(batch, batch_idx)
 
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        with sdpa_policy(self.sdpa_backends):
+            super().test_step(batch, batch_idx)
+
+    # ---- metrics ---------------------------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        return {"perplexity": Perplexity()}
+
+    def evaluate_batch(self, batch: dict) -> dict:
+        loss = self.compute_loss(batch)  # transformers' mean over the batch's target tokens
+        labels = batch["labels"][:, 1:] if self.shifts_labels else batch["labels"]
+        return {"loss": loss, "perplexity": (loss, (labels != IGNORE).sum())}
+
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         with sdpa_policy(self.sdpa_backends):
             return self.predict_rows(batch)
@@ -88,6 +107,17 @@ class Generator(LitTransformer):
                               top_p=s.top_p, top_k=s.top_k, seed=seed,
                               eos_token_ids=tuple(sorted(e for e in eos if e is not None)),
                               pad_token_id=self.tokenizer.pad_token_id)
+
+    def generate(self, prompts, batch_size: int = 32, *, device: Optional[str] = None, precision: str = "auto",
+                 num_workers: Optional[int] = None) -> list[str]:
+        """Generate a continuation of each prompt in this process, no Trainer: one string per prompt, in order (a
+        chat's `messages` list is a prompt too). The same batching, decoding loop and precision choice as
+        `lit-fast predict` (tasks/in_memory.py); sampling and length as the model's settings say."""
+        from lit_fast.tasks.in_memory import predict_rows
+
+        rows = predict_rows(self, prompts, batch_size=batch_size, device=device, precision=precision,
+                            num_workers=num_workers)
+        return [r["generated_text"] for r in rows]
 
     def _rows(self, batch: dict, new_tokens: torch.Tensor) -> list[dict]:
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

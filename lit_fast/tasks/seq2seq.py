@@ -6,7 +6,7 @@ Generation settings, stop strings, LoRA and the attention policy are shared with
 from __future__ import annotations
 
 import logging
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from transformers import AutoModelForSeq2SeqLM
@@ -16,6 +16,7 @@ from lit_fast.models.lora import LoraSettings
 from lit_fast.tasks.base import Attention
 from lit_fast.tasks.codecs import Seq2SeqCodec
 from lit_fast.tasks.generator import Generator
+from lit_fast.tasks.optim import OptimizerName
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,11 @@ class Seq2SeqLM(Generator):
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
+        optimizer: OptimizerName = "adamw",
+        optimizer_kwargs: Optional[dict[str, Any]] = None,
+        lr_scheduler: str = "linear",
+        lr_scheduler_kwargs: Optional[dict[str, Any]] = None,
+        monitor: Optional[str] = None,
         revision: Optional[str] = None,
         trust_remote_code: bool = False,
         dtype: Optional[str] = None,
@@ -72,8 +78,14 @@ class Seq2SeqLM(Generator):
             truncation: sources too long: left (keep their end, with a warning) or error.
             lora: LoRA settings; none: full fine-tune.
             lr: peak learning rate.
-            weight_decay: AdamW weight decay.
+            weight_decay: weight decay (not on biases and norms).
             warmup_ratio: share of the steps spent warming up.
+            optimizer: adamw, sgd (momentum 0.9) or adafactor; --optimizer CLASS (any torch.optim class) replaces it.
+            optimizer_kwargs: more arguments of the optimizer (e.g. {betas: [0.9, 0.95]}).
+            lr_scheduler: a transformers get_scheduler name: linear (warm-up, then linear decay to 0), cosine,
+                cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, ...
+            lr_scheduler_kwargs: the schedule's own arguments (num_cycles, power, lr_end, min_lr, ...).
+            monitor: the validation metric that picks the best checkpoint: val_loss (default) or val_perplexity.
             revision: hub revision for hub ids.
             trust_remote_code: run code shipped with the model (off unless you trust it).
             dtype: weights dtype.
@@ -88,6 +100,8 @@ class Seq2SeqLM(Generator):
             sdpa_backends=sdpa_backends, attention_strict=attention_strict, revision=revision,
             trust_remote_code=trust_remote_code, dtype=dtype, attention=attention, quantization=quantization,
             max_length=max_length, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+            optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, lr_scheduler=lr_scheduler,
+            lr_scheduler_kwargs=lr_scheduler_kwargs, monitor=monitor,
         )
         self._told_hf = False
 

@@ -39,7 +39,10 @@ def test_a_bad_pair_or_negative_names_the_row(tmp_path, row, message):
 def test_a_task_that_reads_pairs_asks_for_the_column():
     data = TextDataModule("x.jsonl")
     with pytest.raises(ConfigError, match="set --data.pair_column"):
-        data._check_columns(SimpleNamespace(needs_pair=True))
+        data._check_columns(SimpleNamespace(needs_pair=True), "predict")
+    with pytest.raises(ConfigError, match="set --data.label_column"):
+        data._check_columns(SimpleNamespace(needs_label=True), "fit")
+    data._check_columns(SimpleNamespace(needs_label=True), "predict")  # predicting needs no labels
 
 
 def test_list_cells_only_where_the_task_takes_them(tmp_path):

@@ -243,3 +243,14 @@ def test_gpu_predict_fast_loop_equals_hf(kind, tiny, tmp_path, run_predict, capl
         texts[decoding] = [r["generated_text"] for r in read_jsonl(out)]
     assert "fast decoding loop (static KV cache" in caplog.text
     assert texts["auto"] == texts["hf"]
+
+
+def test_generate_in_memory_equals_the_command(run_predict, tmp_path, tiny):
+    """`CausalLM.generate` (no Trainer) gives the command's strings, in input order."""
+    model_dir = tiny("llama")
+    prompts = ["Hello there", "What is the capital of France? Answer briefly.", "One"]
+    code, out, err = _predict(run_predict, tmp_path, model_dir, prompts, "--model.max_new_tokens", "6")
+    assert code == 0, err
+    expected = [r["generated_text"] for r in read_jsonl(out)]
+    texts = CausalLM(model_dir, max_new_tokens=6).generate(prompts, batch_size=2)
+    assert texts == expected

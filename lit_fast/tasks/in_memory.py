@@ -1,0 +1,107 @@
+"""Prediction without a Trainer: what `Embedder.encode`, `Classifier.predict` and `CausalLM.generate` run.
+
+The same steps as `lit-fast predict`, in the caller's process: the model placed once on the best device in the
+`auto` precision (precision_checks.auto_precision), the fast path planned once, the inputs batched by length under
+a token budget (data/batching.py, the plan the command makes) and tokenized in loader workers when there are
+enough batches to pay for them. Rows come back in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from lit_fast.errors import ConfigError, InputDataError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"32-true": torch.float32, "32": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
+_WORKER_BATCHES = 16  # below this many batches, starting loader workers costs more than tokenizing here
+
+
+def place(task, device: Optional[str] = None, precision: str = "auto") -> torch.device:
+    """Build the task's model (once) and put it on `device` (default: the GPU when there is one) in `precision`
+    ("auto", "32-true", "bf16-true" or "16-true"); plans the fast path once. Returns the device."""
+    from lit_fast.models.precision_checks import auto_precision, saved_dtype
+
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if precision == "auto":
+        precision, _ = auto_precision("predict", "gpu" if target.type == "cuda" else "cpu", saved_dtype(task))
+    if precision not in _DTYPES:
+        raise ConfigError(f"precision {precision!r} is not one of auto, {', '.join(_DTYPES)} (inference runs one "
+                          "dtype; mixed precision is for training)")
+    placed = (target, precision)
+    if getattr(task, "_placed", None) == placed:
+        return target
+    if getattr(task, "_placed", None) is not None:
+        task._revert_fast_path()  # its kernels and graphs were planned for the old device or dtype
+    if task.model is None:
+        task.configure_model()
+    if task.hparams.get("quantization"):
+        task.model.to(target)  # bitsandbytes weights keep their own storage dtype
+    else:
+        task.model.to(target, _DTYPES[precision])
+    task._placed = placed
+    log.info("in-memory predict on %s in %s", target, precision)
+    task.on_predict_start()
+    return target
+
+
+def predict_rows(task, texts: Sequence[Any], **options: Any) -> list[dict]:
+    """The task's prediction rows for `texts` (options: those of `batches`), in input order."""
+    rows: list[dict] = []
+    with torch.inference_mode():
+        for k, batch in enumerate(batches(task, texts, **options)):
+            rows.extend(task.predict_step(batch, k))
+    rows.sort(key=lambda r: r["index"])
+    if len(rows) != len(texts):  # never hand back fewer or more rows than were given
+        raise RuntimeError(f"predicted {len(rows)} rows for {len(texts)} texts")
+    return rows
+
+
+def batches(task, texts: Sequence[Any], *, pairs: Optional[Sequence[str]] = None, batch_size: int = 64,
+            max_tokens: Optional[int] = None, device: Optional[str] = None, precision: str = "auto",
+            num_workers: Optional[int] = None) -> Iterator[dict]:
+    """The batches of `texts` (and `pairs`: the second text of each row) as the command makes them, on the task's
+    device (`place`); each holds its rows' input positions in "index" (on the CPU)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from torch.utils.data import DataLoader
+
+    from lit_fast.data.batching import PredictBatches, predict_plan
+
+    if isinstance(texts, str):
+        raise InputDataError("texts must be a list of texts; wrap one text in a list")
+    texts = list(texts)
+    if pairs is not None and len(pairs) != len(texts):
+        raise InputDataError(f"{len(texts)} texts but {len(pairs)} pairs: every text needs its pair")
+    for k, t in enumerate(texts):
+        if isinstance(t, str) and not t.strip():
+            raise InputDataError(f"text {k} (0-based) is empty; every row needs text")
+    if not texts:
+        return
+    target = place(task, device, precision)
+    column = pa.array(texts)
+    pair_column = pa.array(list(pairs), pa.string()) if pairs is not None else None
+    if pa.types.is_string(column.type):
+        chars = pc.utf8_length(column).to_numpy(zero_copy_only=False)
+    else:  # words or messages: their count stands in for the length, as in the command
+        chars = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if pair_column is not None:
+        chars = chars + pc.utf8_length(pair_column).to_numpy(zero_copy_only=False)
+    plan = predict_plan(chars, batch_size, max_tokens)
+    dataset = PredictBatches(column, plan, task.codec(), max_tokens, 0, 1, pairs=pair_column)
+    # on a CPU the model's threads have every core already; a tokenizing worker would only take one away
+    workers = (_workers(len(plan)) if target.type == "cuda" else 0) if num_workers is None else num_workers
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=target.type == "cuda")
+    for batch in loader:
+        yield {key: v.to(target, non_blocking=True) if torch.is_tensor(v) and key != "index" else v
+               for key, v in batch.items()}
+
+
+def _workers(batches: int) -> int:
+    from lit_fast.data.batching import loader_workers
+
+    return 0 if batches < _WORKER_BATCHES else loader_workers()
