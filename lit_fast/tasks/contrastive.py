@@ -1,0 +1,303 @@
+"""Contrastive training of embedders, as sentence-transformers does it: (anchor, positive[, hard negatives]) rows,
+MultipleNegativesRankingLoss (in-batch negatives), gradient caching for batches larger than memory, negatives
+gathered from every rank, and the validation metric (recall@10 / MRR@10). docs/EMBEDDER_TRAINING.md explains each
+piece.
+
+A batch of pair rows holds the anchors as `input_ids` / `attention_mask` (what predict reads), the positives and the
+hard negatives as sub-dicts `pair` / `negative`, and a 63-bit key of every positive and negative text: two rows whose
+positive is the same text (several reviews of one film, one plot) must not count each other's positive as a
+negative, which sentence-transformers avoids with a no-duplicates sampler and lit_fast with these keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from lit_fast.data.collate import padded_batch
+from lit_fast.tasks.codecs import EncoderCodec
+
+Inputs = dict[str, torch.Tensor]
+
+
+def text_key(text: str) -> int:
+    """A stable 63-bit key of a text (the same in every process and every run, unlike `hash`)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+@dataclass(frozen=True)
+class PairCodec:
+    """Embedder rows: predict rows are texts (`text`: the EncoderCodec every embedder uses); training and evaluation
+    rows add their positive (`pair`) and optional hard negatives (`negative`, a list), tokenized the same way. A
+    row's length is all the tokens it puts through the model, so the batch token budget counts all of them."""
+
+    text: EncoderCodec
+
+    def encode(self, records: list[dict], stage: str) -> list[dict]:
+        examples = self.text.encode(records, stage)
+        if stage == "predict" or not records or "pair" not in records[0]:
+            return examples
+        pairs = self._ids([r["pair"] for r in records])
+        negatives = [r.get("negative", []) for r in records]
+        flat = self._ids([t for texts in negatives for t in texts])
+        start = 0
+        for example, record, pair, texts in zip(examples, records, pairs, negatives):
+            mine, start = flat[start:start + len(texts)], start + len(texts)
+            example.update(pair_ids=pair, pair_key=text_key(record["pair"]), negative_ids=mine,
+                           negative_keys=[text_key(t) for t in texts],
+                           length=example["length"] + len(pair) + sum(len(ids) for ids in mine))
+        return examples
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        texts = [self.text.prompt + t for t in texts]
+        texts = [t.lower() for t in texts] if self.text.lower_case else texts
+        return self.text.tokenizer(texts, truncation=True, max_length=self.text.max_length)["input_ids"]
+
+    def collate(self, examples: list[dict]) -> dict:
+        if "pair_ids" not in examples[0]:
+            return self.text.collate(examples)
+        tokenizer = self.text.tokenizer
+        batch = padded_batch(tokenizer, [e["input_ids"] for e in examples])
+        batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+        batch["pair"] = padded_batch(tokenizer, [e["pair_ids"] for e in examples])
+        batch["pair_key"] = torch.tensor([e["pair_key"] for e in examples], dtype=torch.long)
+        negatives = [ids for e in examples for ids in e["negative_ids"]]
+        if negatives:
+            batch["negative"] = padded_batch(tokenizer, negatives)
+            batch["negative_key"] = torch.tensor([k for e in examples for k in e["negative_keys"]], dtype=torch.long)
+        return batch
+
+
+# ---- the loss ------------------------------------------------------------------------------------------------
+def ranking_loss(anchors: torch.Tensor, positives: torch.Tensor, negatives: Optional[torch.Tensor],
+                 pair_keys: torch.Tensor, negative_keys: Optional[torch.Tensor], *, scale: float = 20.0,
+                 symmetric: bool = False, gather: bool = False) -> torch.Tensor:
+    """MultipleNegativesRankingLoss: each anchor's positive against every positive and hard negative of the batch
+    (of every rank with `gather`), cosine similarity times `scale` (1 / temperature), cross-entropy. `symmetric`
+    adds the positive -> anchors direction and averages the two (sentence-transformers' directions=("query_to_doc",
+    "doc_to_query"), partition_mode="per_direction"). Candidates with the same key as an anchor's own positive are
+    left out of its negatives; with distinct texts this is sentence-transformers' loss exactly."""
+    n = anchors.shape[0]
+    offset = 0
+    all_anchors, all_positives, all_pair_keys = anchors, positives, pair_keys
+    if gather and _distributed():
+        offset = gathered_offset(n, anchors.device)
+        all_anchors, all_positives = gather_rows(anchors), gather_rows(positives)
+        all_pair_keys = gather_rows(pair_keys)
+        if _any_rank(negatives is not None, anchors.device):
+            negatives = gather_rows(_or_empty(negatives, anchors))
+            negative_keys = gather_rows(_or_empty(negative_keys, pair_keys))
+    candidates, keys = all_positives, all_pair_keys
+    if negatives is not None and len(negatives):
+        candidates, keys = torch.cat([all_positives, negatives]), torch.cat([all_pair_keys, negative_keys])
+    rows = torch.arange(n, device=anchors.device)
+    own = rows + offset  # where each local anchor's positive (and the anchor itself) sits among the gathered rows
+    logits = scale * _cosine(anchors, candidates)
+    loss = F.cross_entropy(_mask_duplicates(logits, keys, pair_keys, own), own)
+    if not symmetric:
+        return loss
+    backward = scale * _cosine(positives, all_anchors)  # each positive against every anchor
+    backward = _mask_duplicates(backward, all_pair_keys, pair_keys, own)
+    return (loss + F.cross_entropy(backward, own)) / 2
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+
+
+def _mask_duplicates(logits: torch.Tensor, keys: torch.Tensor, own_keys: torch.Tensor, own: torch.Tensor
+                     ) -> torch.Tensor:
+    """-inf where a candidate other than the row's own has the key of the row's positive (the same text)."""
+    same = keys[None, :] == own_keys[:, None]
+    same[torch.arange(len(own), device=own.device), own] = False
+    return logits.masked_fill(same, float("-inf"))
+
+
+# ---- negatives from every rank --------------------------------------------------------------------------------
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _sizes(n: int, device: torch.device) -> list[int]:
+    size = torch.tensor([n], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    return [int(s) for s in sizes]
+
+
+def gathered_offset(n: int, device: torch.device) -> int:
+    """Where this rank's `n` rows start in `gather_rows`' output (0 outside torch.distributed)."""
+    if not _distributed():
+        return 0
+    return sum(_sizes(n, device)[: dist.get_rank()])
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `x`, concatenated in rank order, with gradients flowing back to each rank's own rows
+    (torch.distributed.nn.functional.all_gather: its backward sums what every rank's loss asks of this rank's rows).
+    Ranks may hold different numbers of rows (length-bucketed batches): rows are padded to the largest count for the
+    collective and the padding dropped. Outside torch.distributed, `x` itself."""
+    if not _distributed():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    sizes = _sizes(x.shape[0], x.device)
+    padded = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))])
+    parts = all_gather(padded) if x.requires_grad else _all_gather_plain(padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+def _all_gather_plain(x: torch.Tensor) -> list[torch.Tensor]:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return parts
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _or_empty(x: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """A rank without hard negatives in this batch still takes part in the gather (with no rows)."""
+    return x if x is not None else like.new_zeros((0, *like.shape[1:]))
+
+
+# ---- gradient caching ----------------------------------------------------------------------------------------
+class _RngReplay:
+    """The RNG state before a mini-batch's first forward, restored for its second (dropout draws the same masks)."""
+
+    def __init__(self, device: torch.device):
+        self.devices = [device] if device.type == "cuda" else []
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    def __enter__(self):
+        self._fork = torch.random.fork_rng(devices=self.devices)
+        self._fork.__enter__()
+        torch.set_rng_state(self.cpu)
+        for device, state in zip(self.devices, self.cuda):
+            torch.cuda.set_rng_state(state, device)
+
+    def __exit__(self, *exc):
+        return self._fork.__exit__(*exc)
+
+
+def _slices(inputs: Inputs, size: int) -> list[Inputs]:
+    """Mini-batches of `size` rows, each cut to its own longest row (right padding)."""
+    rows = inputs["input_ids"].shape[0]
+    chunks = []
+    for start in range(0, rows, size):
+        mask = inputs["attention_mask"][start:start + size]
+        width = int(mask.sum(1).max()) if mask.numel() else 0
+        chunks.append({k: v[start:start + size, :width] for k, v in inputs.items()})
+    return chunks
+
+
+class _CachedGradients(torch.autograd.Function):
+    """The loss's value, whose backward hands each parameter the gradient gathered mini-batch by mini-batch: one
+    gradient per parameter and step, as DDP's reducer expects (and scaled by whatever multiplies the loss: AMP's
+    scaler, gradient accumulation)."""
+
+    @staticmethod
+    def forward(ctx, loss, grads, *params):
+        ctx.grads = grads
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return (None, None, *(grad_output * g for g in ctx.grads))
+
+
+def cached_loss(embed: Callable[[Inputs], torch.Tensor], parts: list[Inputs], loss_of: Callable[..., torch.Tensor],
+                mini_batch_size: int, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """GradCache (Gao et al. 2021; sentence-transformers' CachedMultipleNegativesRankingLoss): the same loss and
+    gradients as `loss_of(*[embed(p) for p in parts])` with the activations of only `mini_batch_size` rows alive.
+
+    1. embed every mini-batch without a graph, keeping each one's RNG state;
+    2. the loss on those embeddings, and its gradient with respect to them (the only full-batch step: vectors);
+    3. embed each mini-batch again, with a graph and the same RNG, and pull the cached gradient through it into
+       the parameters (`torch.autograd.grad`: no parameter hook fires yet);
+    the returned loss then gives each parameter its summed gradient in the ordinary backward.
+    """
+    device = parts[0]["input_ids"].device
+    chunks, states, reps = [], [], []
+    for part in parts:
+        vectors = []
+        for chunk in _slices(part, mini_batch_size):
+            states.append(_RngReplay(device))
+            with torch.no_grad():
+                vectors.append(embed(chunk))
+            chunks.append(chunk)
+        reps.append(torch.cat(vectors).detach().requires_grad_())
+    with torch.enable_grad():
+        loss = loss_of(*reps)
+        rep_grads = torch.autograd.grad(loss, reps)
+    cached = [g for grad in rep_grads for g in grad.split(mini_batch_size)]  # the chunks' rows, in order
+    grads = [torch.zeros_like(p) for p in params]
+    for chunk, state, grad in zip(chunks, states, cached):
+        with state, torch.enable_grad():
+            out = embed(chunk)
+            for total, g in zip(grads, torch.autograd.grad(out, params, grad, allow_unused=True)):
+                if g is not None:
+                    total += g
+    return _CachedGradients.apply(loss.detach(), grads, *params)
+
+
+# ---- retrieval metric ----------------------------------------------------------------------------------------
+def retrieval_metrics(queries: torch.Tensor, query_keys: torch.Tensor, documents: torch.Tensor,
+                      document_keys: torch.Tensor, k: int = 10) -> dict[str, torch.Tensor]:
+    """Recall@k and MRR@k of each query's positive among the distinct documents (by key), cosine similarity: what
+    sentence-transformers' InformationRetrievalEvaluator reports for one relevant document per query."""
+    unique, first = _first_of_each(document_keys)
+    corpus = F.normalize(documents[first].float(), dim=-1)
+    scores = F.normalize(queries.float(), dim=-1) @ corpus.T
+    target = torch.searchsorted(unique, query_keys)  # each query's document among the distinct ones
+    own = scores.gather(1, target[:, None])
+    rank = (scores > own).sum(1)  # 0 = first; ties count in the query's favour
+    hit = rank < k
+    return {f"recall@{k}": hit.float().mean(),
+            f"mrr@{k}": torch.where(hit, 1.0 / (rank + 1).float(), torch.zeros_like(own[:, 0])).mean()}
+
+
+def _first_of_each(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sorted distinct keys and the position of each one's first occurrence."""
+    unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    positions = torch.arange(len(keys), device=keys.device)
+    first = torch.full((len(unique),), len(keys), device=keys.device, dtype=positions.dtype)
+    return unique, first.scatter_reduce(0, inverse, positions, reduce="amin")
+
+
+class Retrieval(Metric):
+    """`retrieval_metrics`' recall@k or MRR@k over a whole split: updated with each batch's (anchor vectors,
+    positive keys, positive vectors), computed once over every rank's rows (torchmetrics gathers them)."""
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, measure: str, k: int = 10):
+        super().__init__()
+        self.name = f"{measure}@{k}"
+        self.k = k
+        for state in ("queries", "keys", "documents"):
+            self.add_state(state, default=[], dist_reduce_fx="cat")
+
+    def update(self, queries: torch.Tensor, keys: torch.Tensor, documents: torch.Tensor) -> None:
+        self.queries.append(queries.detach().float())
+        self.keys.append(keys)
+        self.documents.append(documents.detach().float())
+
+    def compute(self) -> torch.Tensor:
+        keys = dim_zero_cat(self.keys)
+        found = retrieval_metrics(dim_zero_cat(self.queries), keys, dim_zero_cat(self.documents), keys, self.k)
+        return found[self.name]
