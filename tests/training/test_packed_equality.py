@@ -1,0 +1,282 @@
+"""Packed training == padded HF training (fp32, CPU): the same loss and gradients, examples independent in a pack.
+
+Reference: the same weights under `attn_implementation="sdpa"`, right-padded batches, HF's own loss (`labels=`).
+"Equal" is relative 1e-5: |loss - ref| <= 1e-5 |ref|, and for every parameter ||grad - ref|| <= 1e-5 ||ref||.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from _decoder_models import causal_model
+from _encoder_models import tiny_text_model
+from lit_fast.errors import ConfigError
+from lit_fast.training import (
+    causal_lm_example_losses,
+    causal_lm_loss,
+    classification_loss,
+    classifier_logits,
+    pack_causal,
+    pack_classification,
+    use_packed_attention,
+)
+from lit_fast.training.packing import IGNORE
+
+RTOL = 1e-5
+ENCODERS = ["bert", "roberta", "distilbert", "albert", "electra", "xlm-roberta"]
+DECODERS = ["llama", "qwen2", "gpt2", "opt"]
+LENGTHS = [12, 5, 9, 3, 7]
+
+
+def _ids(length: int, generator: torch.Generator, low: int, high: int) -> list[int]:
+    return torch.randint(low, high, (length,), generator=generator).tolist()
+
+
+def classification_examples(lengths=LENGTHS, seed: int = 0) -> list[dict]:
+    """Token ids 5..98 (never the tiny models' pad id 1), labels 0..2."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"index": i, "input_ids": _ids(n, g, 5, 99), "labels": int(torch.randint(0, 3, (1,), generator=g))}
+            for i, n in enumerate(lengths)]
+
+
+def causal_examples(lengths=LENGTHS, seed: int = 0) -> list[dict]:
+    """A prompt (no loss) then a completion (loss) in every example; ids 3..255 (no BOS/EOS/PAD)."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for i, n in enumerate(lengths):
+        ids = _ids(n, g, 3, 256)
+        prompt = max(1, n // 2)
+        examples.append({"index": i, "input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    return examples
+
+
+def padded(rows: list[list[int]], fill: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [fill] * (width - len(r)) for r in rows])
+
+
+def padded_batch(examples: list[dict], pad_id: int, causal: bool) -> dict:
+    ids = [e["input_ids"] for e in examples]
+    mask = padded([[1] * len(r) for r in ids], 0)
+    labels = padded([e["labels"] for e in examples], IGNORE) if causal else torch.tensor(
+        [e["labels"] for e in examples])
+    return {"input_ids": padded(ids, pad_id), "attention_mask": mask, "labels": labels}
+
+
+def assert_loss_close(loss: torch.Tensor, ref: torch.Tensor) -> None:
+    assert abs(loss.item() - ref.item()) <= RTOL * abs(ref.item()), f"loss {loss.item()} vs padded {ref.item()}"
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    """Relative 1e-5 per parameter. A gradient that is zero in exact arithmetic (attention's key bias: softmax
+    ignores a shift shared by all keys) is only rounding noise in both runs; it must stay at that level, 1e-7 of
+    the whole gradient's norm (about fp32's epsilon), in the packed run too."""
+    assert got.keys() == ref.keys() and ref
+    total = torch.cat([g.flatten() for g in ref.values()]).norm().item()
+    for name, g in ref.items():
+        diff, scale = (got[name] - g).norm().item(), g.norm().item()
+        if scale <= 1e-7 * total:
+            assert got[name].norm().item() <= 1e-7 * total, f"{name}: zero in exact arithmetic, got {got[name].norm()}"
+            continue
+        assert diff <= RTOL * scale, f"{name}: ||grad diff|| {diff:.3g} > {RTOL} x ||grad|| {scale:.3g}"
+
+
+def encoder_pair(model_type: str):
+    ref = tiny_text_model(model_type, task=True, attn="sdpa")
+    return ref, use_packed_attention(copy.deepcopy(ref))
+
+
+def decoder_pair(kind: str):
+    ref = causal_model(kind, sharpen=1.0)
+    ref.set_attn_implementation("sdpa")
+    return ref, use_packed_attention(copy.deepcopy(ref))
+
+
+@pytest.mark.parametrize("model_type", ENCODERS)
+def test_classifier_packed_equals_padded(model_type):
+    ref, packed = encoder_pair(model_type)
+    examples = classification_examples()
+    out = ref(**padded_batch(examples, ref.config.pad_token_id, causal=False))
+    out.loss.backward()
+    loss, logits = classification_loss(packed, pack_classification(examples))
+    loss.backward()
+    assert_loss_close(loss, out.loss)
+    torch.testing.assert_close(logits, out.logits, rtol=RTOL, atol=RTOL * out.logits.abs().max().item())
+    assert_grads_close(grads(packed), grads(ref))
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+def test_causal_lm_packed_equals_padded_completion_only(kind):
+    ref, packed = decoder_pair(kind)
+    examples = causal_examples()
+    out = ref(**padded_batch(examples, ref.config.pad_token_id, causal=True))
+    out.loss.backward()
+    batch = pack_causal(examples)
+    loss = causal_lm_loss(packed, batch)
+    loss.backward()
+    assert_loss_close(loss, out.loss)
+    assert_grads_close(grads(packed), grads(ref))
+    # the mean over the batch's targets is the per-example sums over the target count
+    with torch.no_grad():
+        sums = causal_lm_example_losses(packed, batch)
+    assert abs(sums.sum().item() / batch.num_targets - loss.item()) <= RTOL * loss.item()
+
+
+def test_padded_batches_through_the_packed_attention_run_as_sdpa():
+    ref, packed = decoder_pair("llama")
+    batch = padded_batch(causal_examples(), ref.config.pad_token_id, causal=True)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(**batch).logits, ref(**batch).logits, rtol=0, atol=0)
+    ref, packed = encoder_pair("bert")
+    batch = padded_batch(classification_examples(), ref.config.pad_token_id, causal=False)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(**batch).logits, ref(**batch).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_positions_alone_keep_examples_apart(model_type):
+    """A row packed by restarting position ids only (transformers' DataCollatorWithFlattening) gets the same
+    attention as one with explicit boundaries."""
+    if model_type == "bert":
+        _, model = encoder_pair("bert")
+        batch = pack_classification(classification_examples())
+        call = model.bert
+    else:
+        _, model = decoder_pair("llama")
+        batch = pack_causal(causal_examples())
+        call = model.model
+    with torch.no_grad():
+        explicit = call(input_ids=batch.input_ids, position_ids=batch.position_ids, **batch.boundaries())
+        implicit = call(input_ids=batch.input_ids, position_ids=batch.position_ids)
+    torch.testing.assert_close(implicit.last_hidden_state, explicit.last_hidden_state, rtol=0, atol=0)
+
+
+def _other_examples_terms(model, examples, changed: int, causal: bool):
+    """Loss terms of the examples other than `changed`, and the gradients of their sum."""
+    model.zero_grad()
+    if causal:
+        terms = causal_lm_example_losses(model, pack_causal(examples))
+    else:
+        batch = pack_classification(examples)
+        logits = classifier_logits(model, batch)
+        terms = torch.nn.functional.cross_entropy(logits, batch.labels, reduction="none")
+    keep = [i for i in range(len(examples)) if i != changed]
+    terms[keep].sum().backward()
+    return terms.detach(), grads(model)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "llama", "gpt2"])
+def test_changing_one_example_leaves_the_others_unchanged(model_type):
+    causal = model_type in DECODERS
+    _, model = decoder_pair(model_type) if causal else encoder_pair(model_type)
+    make = causal_examples if causal else classification_examples
+    examples = make()
+    changed = 2
+    other = copy.deepcopy(examples)
+    other[changed] = make([LENGTHS[changed] + 4], seed=9)[0]  # new tokens and a new length
+    terms, grad = _other_examples_terms(model, examples, changed, causal)
+    terms2, grad2 = _other_examples_terms(model, other, changed, causal)
+    keep = [i for i in range(len(examples)) if i != changed]
+    assert not torch.allclose(terms[changed], terms2[changed])  # the changed example's own term did change
+    torch.testing.assert_close(terms2[keep], terms[keep], rtol=RTOL, atol=0)
+    assert_grads_close(grad2, grad)
+
+
+def test_packed_losses_refuse_a_model_without_the_packed_attention():
+    model = tiny_text_model("bert", task=True, attn="sdpa")
+    with pytest.raises(ConfigError, match="use_packed_attention"):
+        classification_loss(model, pack_classification(classification_examples()))
+
+
+def test_lora_causal_lm_trains_packed_and_matches_padded():
+    from lit_fast.models.lora import LoraSettings, apply_lora
+
+    settings = LoraSettings(rank=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    # sharpened weights: a random tiny model's logits are otherwise too flat for LoRA to move them in a few steps
+    ref = apply_lora(causal_model("llama"), settings, "CAUSAL_LM")
+    ref.set_attn_implementation("sdpa")
+    packed = use_packed_attention(copy.deepcopy(ref))
+    examples = causal_examples()
+    ref(**padded_batch(examples, 0, causal=True)).loss.backward()
+    batch = pack_causal(examples)
+    causal_lm_loss(packed, batch).backward()
+    assert_grads_close(grads(packed), grads(ref))
+    assert all("lora_" in name for name in grads(packed))
+
+    optimizer = torch.optim.AdamW([p for p in packed.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(10):
+        optimizer.zero_grad()
+        loss = causal_lm_loss(packed, batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.6 * losses[0], losses
+
+
+def test_lora_classifier_packed_equals_padded():
+    from lit_fast.models.lora import LoraSettings, apply_lora
+
+    settings = LoraSettings(rank=4, alpha=8, dropout=0.0, target_modules=["query", "value"])
+    ref = apply_lora(tiny_text_model("bert", task=True, attn="sdpa"), settings, "SEQ_CLS")
+    packed = use_packed_attention(copy.deepcopy(ref))
+    examples = classification_examples()
+    out = ref(**padded_batch(examples, 1, causal=False))
+    out.loss.backward()
+    loss, _ = classification_loss(packed, pack_classification(examples))
+    loss.backward()
+    assert_loss_close(loss, out.loss)
+    got = grads(packed)
+    assert any("lora_" in name for name in got) and any("classifier" in name for name in got)
+    assert_grads_close(got, grads(ref))
+
+
+class _Attention(torch.nn.Module):
+    """What varlen_attention reads from an HF attention module."""
+
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.is_causal = causal
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_varlen_attention_forward_and_backward(causal):
+    """bf16 through torch's varlen_attn (flash) against fp32 SDPA per example, GQA included."""
+    from lit_fast.training.attention import _sdpa_per_example, _varlen, varlen_attention
+
+    assert _varlen() is not None, "this torch has no torch.nn.attention.varlen"
+    lengths = [37, 5, 128, 64, 1]
+    bounds = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).cuda()
+    total, g = sum(lengths), torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, heads, total, 64, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+               for heads in (8, 2, 2))
+    out, _ = varlen_attention(_Attention(causal), q, k, v, None, scaling=0.125, cu_seq_lens_q=bounds,
+                              max_length_q=max(lengths))
+    out.float().square().sum().backward()
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = _sdpa_per_example(q32, k32.repeat_interleave(4, 1), v32.repeat_interleave(4, 1), bounds.tolist(), 0.0,
+                            0.125, causal)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    for got, want in ((q, q32), (k, k32), (v, v32)):
+        torch.testing.assert_close(got.grad.float(), want.grad, rtol=2e-2, atol=2e-2 * want.grad.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_packed_classifier_loss_matches_padded():
+    ref, packed = encoder_pair("bert")
+    ref, packed = ref.cuda(), packed.cuda()
+    examples = classification_examples()
+    batch = {k: v.cuda() for k, v in padded_batch(examples, 1, causal=False).items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = ref(**batch).loss
+        got, _ = classification_loss(packed, pack_classification(examples).to("cuda"))
+    assert abs(got.item() - want.item()) <= 2e-2 * abs(want.item())
