@@ -42,6 +42,7 @@ _LAZY = {
     "LitTransformer": "lit_fast.tasks.base",
     "Classifier": "lit_fast.tasks.classifier",
     "Embedder": "lit_fast.tasks.embedder",
+    "quantization_ranges": "lit_fast.tasks.embedding",
     "Reranker": "lit_fast.tasks.reranker",
     "TokenClassifier": "lit_fast.tasks.token_classifier",
     "PredictionWriter": "lit_fast.data.writers",
@@ -77,6 +78,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from lit_fast.tasks.seq2seq import Seq2SeqLM
     from lit_fast.tasks.classifier import Classifier
     from lit_fast.tasks.embedder import Embedder
+    from lit_fast.tasks.embedding import quantization_ranges
     from lit_fast.tasks.reranker import Reranker
     from lit_fast.tasks.token_classifier import TokenClassifier
     from lit_fast.data.writers import PredictionWriter

@@ -21,14 +21,15 @@ from lit_fast.models.sentence_transformers import (
 from lit_fast.tasks.base import Attention, CudaGraphs, FastPath
 from lit_fast.tasks.codecs import EncoderCodec
 from lit_fast.tasks.contrastive import PairCodec, Retrieval, cached_loss, ranking_loss
-from lit_fast.tasks.embedding import PRECISIONS, EmbeddingHead, pool, quantize  # noqa: F401 - pool: public helper
+from lit_fast.tasks.embedding import (  # noqa: F401 - pool, quantization_ranges: public helpers
+    CALIBRATED, PRECISIONS, EmbeddingHead, pool, quantization_ranges, quantize, read_ranges)
 from lit_fast.tasks.encoder import EncoderTask
 from lit_fast.tasks.optim import OptimizerName
 
 log = logging.getLogger(__name__)
 
 Pooling = Literal["mean", "cls", "max", "mean_sqrt_len", "weightedmean", "lasttoken"]
-Precision = Literal["float32", "float16", "binary", "ubinary"]
+Precision = Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"]
 
 
 class Embedder(EncoderTask):
@@ -61,6 +62,7 @@ class Embedder(EncoderTask):
         prompt: Optional[str] = None,
         truncate_dim: Optional[int] = None,
         precision: Precision = "float32",
+        quantization_ranges: Optional[str] = None,
         lr: float = 2e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
@@ -92,8 +94,13 @@ class Embedder(EncoderTask):
                 put before every text; default: the model's default prompt, if it names one.
             prompt: a prompt of your own, put before every text (instead of prompt_name).
             truncate_dim: keep the first this many dimensions (Matryoshka models).
-            precision: float32; float16 (rounded values); binary or ubinary (one bit a dimension, packed into int8
-                or uint8 as sentence-transformers' quantize_embeddings does).
+            precision: float32; float16 (rounded values); int8 or uint8 (256 buckets a dimension between calibrated
+                ranges); binary or ubinary (one bit a dimension, packed into int8 or uint8) - as
+                sentence-transformers' quantize_embeddings does.
+            quantization_ranges: int8/uint8: a .npy file [2, dim] of each dimension's minimum and maximum over a
+                calibration sample (`numpy.save(path, lit_fast.quantization_ranges(vectors))`); every vector
+                compared with another must use the same ranges. Required by `predict`; `encode()` without it
+                calibrates on the texts it is given, as sentence-transformers' encode does.
             lr: training: peak learning rate (2e-5 as sentence-transformers).
             weight_decay: training: weight decay (not on biases and norms).
             warmup_ratio: training: share of the steps spent warming up.
@@ -137,8 +144,10 @@ class Embedder(EncoderTask):
             raise ConfigError(f"model.mini_batch_size must be >= 1 (texts embedded at a time), or null for the whole "
                               f"batch; got {mini_batch_size}")
         if precision not in PRECISIONS:
-            raise ConfigError(f"model.precision {precision!r} is not one of {', '.join(PRECISIONS)} (int8 and uint8 "
-                              "need ranges calibrated over many vectors, which lit_fast does not do yet)")
+            raise ConfigError(f"model.precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if quantization_ranges is not None and precision not in CALIBRATED:
+            raise ConfigError(f"model.quantization_ranges is for model.precision int8 or uint8, not {precision}")
+        self.ranges = read_ranges(quantization_ranges) if quantization_ranges is not None else None
         spec = self._read_spec(pretrained, revision, pooling)
         changes = {"pooling": (pooling,)} if pooling else {}
         if normalize is not None:
@@ -193,16 +202,26 @@ class Embedder(EncoderTask):
         hidden = self.model(**self._inputs(batch)).last_hidden_state
         return self.head(hidden, batch["attention_mask"])
 
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        if self._trainer is not None and self.precision in CALIBRATED and self.ranges is None:
+            # (encode() calibrates on its own texts, as sentence-transformers does) ranges from each job's own rows would differ between jobs (queries vs corpus): vectors that cannot be
+            # compared, silently
+            raise ConfigError(f"model.precision {self.precision} needs model.quantization_ranges: a .npy [2, dim] "
+                              "of each dimension's minimum and maximum, computed once on a representative sample "
+                              "(numpy.save(path, lit_fast.quantization_ranges(Embedder(model).encode(sample))))")
+
     def predict_rows(self, batch: dict) -> list[dict]:
-        vectors = quantize(self.embed(batch), self.precision)
+        vectors = quantize(self.embed(batch), self.precision, self.ranges)
         return [{"index": int(i), "embedding": v} for i, v in zip(batch["index"].tolist(), vectors)]
 
     def encode(self, texts, batch_size: int = 512, *, max_tokens: Optional[int] = 65536, device: Optional[str] = None,
-               precision: str = "auto", num_workers: Optional[int] = None):
+               precision: str = "auto", num_workers: Optional[int] = None, ranges=None):
         """Embed `texts` in this process, no Trainer: an array of one row per text, in order (one vector for one
         string), as `SentenceTransformer.encode` returns. The same batching, fast path and precision choice as
         `lit-fast predict` (tasks/in_memory.py); `precision`: auto, 32-true, bf16-true or 16-true (the compute;
-        the vectors' own precision is model.precision)."""
+        the vectors' own precision is model.precision). int8/uint8 use `ranges` (an array [2, dim]), else
+        model.quantization_ranges, else those of these vectors (sentence-transformers' calibration)."""
         import numpy as np
 
         from lit_fast.tasks.in_memory import batches
@@ -223,7 +242,10 @@ class Embedder(EncoderTask):
         stacked = torch.cat(done + [torch.cat(parts).cpu()] if parts else done)
         vectors = torch.empty_like(stacked)
         vectors[torch.cat(order)] = stacked
-        vectors = quantize(vectors, self.precision)
+        if self.precision in CALIBRATED:
+            ranges = ranges if ranges is not None else self.ranges
+            ranges = np.asarray(ranges, np.float32) if ranges is not None else quantization_ranges(vectors)
+        vectors = quantize(vectors, self.precision, ranges)
         return vectors[0] if one else vectors
 
     # ---- training (docs/EMBEDDER_TRAINING.md) ------------------------------------------------------------------

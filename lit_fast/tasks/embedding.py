@@ -14,9 +14,11 @@ from torch import nn
 from lit_fast.errors import ConfigError
 from lit_fast.models.sentence_transformers import ACTIVATIONS, POOLING_MODES, SentenceTransformerSpec
 
-# "float32" and "float16" round the values; "binary" / "ubinary" pack one bit a dimension (> 0) into int8 / uint8, as
-# sentence-transformers' quantize_embeddings does. int8 / uint8 need ranges calibrated over many vectors.
-PRECISIONS = ("float32", "float16", "binary", "ubinary")
+# "float32" and "float16" round the values; "int8" / "uint8" put each dimension in one of 256 buckets between its
+# calibrated minimum and maximum; "binary" / "ubinary" pack one bit a dimension (> 0) into int8 / uint8 - all as
+# sentence-transformers' quantize_embeddings does.
+PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
+CALIBRATED = ("int8", "uint8")
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, modes: tuple[str, ...] | str, prompt_length: int = 0
@@ -86,12 +88,48 @@ class EmbeddingHead(nn.Module):
         return vectors[..., : self.truncate_dim] if self.truncate_dim else vectors
 
 
-def quantize(vectors: torch.Tensor, precision: str) -> np.ndarray:
-    """Vectors as float32 numpy rows, rounded to float16, or packed to bits (binary: int8, ubinary: uint8)."""
+def quantization_ranges(vectors) -> np.ndarray:
+    """The int8 / uint8 ranges of a set of vectors: [2, dim], each dimension's minimum and maximum (what
+    sentence-transformers' quantize_embeddings computes from its calibration embeddings). Compute them once on a
+    representative sample and use them for every vector you will compare (queries and corpus alike)."""
+    array = vectors.float().cpu().numpy() if isinstance(vectors, torch.Tensor) else np.asarray(vectors, np.float32)
+    if array.ndim != 2 or len(array) < 2:
+        raise ConfigError(f"int8 ranges need several vectors (an array [rows, dim]), got shape {array.shape}")
+    return np.vstack((array.min(0), array.max(0))).astype(np.float32)
+
+
+def read_ranges(path: str) -> np.ndarray:
+    """Ranges saved with numpy.save (a [2, dim] float array), checked."""
+    try:
+        ranges = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.quantization_ranges {path}: not a readable .npy array ({err}); save the ranges "
+                          "with numpy.save(path, lit_fast.quantization_ranges(vectors))") from None
+    if ranges.ndim != 2 or ranges.shape[0] != 2 or not np.issubdtype(ranges.dtype, np.floating):
+        raise ConfigError(f"model.quantization_ranges {path}: expected a float array [2, dim] (minimum and maximum "
+                          f"of each dimension), got {ranges.dtype} {ranges.shape}")
+    return ranges.astype(np.float32)
+
+
+def quantize(vectors: torch.Tensor, precision: str, ranges: Optional[np.ndarray] = None) -> np.ndarray:
+    """Vectors as float32 numpy rows, rounded to float16, bucketed to int8 / uint8 between `ranges` (as
+    `quantization_ranges` makes them), or packed to bits (binary: int8, ubinary: uint8)."""
     array = vectors.float().cpu().numpy()
     if precision == "float32":
         return array
     if precision == "float16":
         return array.astype(np.float16)
+    if precision in CALIBRATED:
+        if ranges is None:
+            raise ConfigError(f"model.precision {precision} needs quantization ranges (each dimension's minimum and "
+                              "maximum over a calibration sample)")
+        if ranges.shape[1] != array.shape[-1]:
+            raise ConfigError(f"the quantization ranges have {ranges.shape[1]} dimensions but the vectors have "
+                              f"{array.shape[-1]}: compute them with this model (and the same truncate_dim)")
+        starts = ranges[0]
+        steps = (ranges[1] - starts) / 255
+        steps = np.where(steps == 0, 1, steps)
+        buckets = np.clip(np.floor((array - starts) / steps), 0, 255)
+        return buckets.astype(np.uint8) if precision == "uint8" else (buckets - 128).astype(np.int8)
     packed = np.packbits(array > 0, axis=-1)
     return (packed.astype(np.int16) - 128).astype(np.int8) if precision == "binary" else packed

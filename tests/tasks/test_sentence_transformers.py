@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import read_jsonl, run_script, write_jsonl
+from conftest import ROOT, read_jsonl, run_script, write_jsonl
 
 TEXTS = ["a first sentence", "another, longer sentence with a few more words in it", "x",
          "Ünïcödé and 🙂 survive", "the fourth one"]
@@ -162,3 +162,58 @@ def test_an_export_with_dense_layers_and_prompts_loads_in_sentence_transformers(
     module.export(str(tmp_path / "exported"))
     st = SentenceTransformer(str(tmp_path / "exported"), device="cpu")
     torch.testing.assert_close(torch.tensor(st.encode(TEXTS, prompt_name="query")), mine, atol=1e-5, rtol=1e-4)
+
+
+def test_int8_and_uint8_match_sentence_transformers(tmp_path, tiny_bert_dir):
+    """int8 / uint8 as quantize_embeddings makes them: ranges from a calibration sample (or, in encode(), from the
+    vectors themselves, as SentenceTransformer.encode(precision=...) does)."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    from lit_fast import Embedder, quantization_ranges
+    from lit_fast.tasks.embedding import quantize
+
+    folder = build_st(tmp_path / "st", tiny_bert_dir, pooling="mean", normalize=True)
+    st = SentenceTransformer(str(folder), device="cpu")
+    texts = [f"{t} {i}" for i, t in enumerate(TEXTS * 4)]
+    reference = st.encode(texts)
+    calibration = st.encode(texts[::3])
+    for precision in ("int8", "uint8"):
+        # the bucketing itself, on the same float vectors: identical
+        mine = quantize(torch.tensor(reference), precision, quantization_ranges(calibration))
+        theirs = quantize_embeddings(reference, precision, calibration_embeddings=calibration)
+        assert mine.dtype == theirs.dtype and (mine == theirs).all()
+        # end to end: fp32 vectors differ in the last bits, so a value on a bucket edge may land one bucket over
+        encoded = Embedder(str(folder), precision=precision).encode(texts, device="cpu")
+        expected = st.encode(texts, precision=precision)
+        assert encoded.dtype == expected.dtype
+        diff = np.abs(encoded.astype(np.int16) - expected.astype(np.int16))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+
+
+def test_predict_int8_reads_its_ranges_and_refuses_without_them(tmp_path, tiny_bert_dir, run_predict):
+    import numpy as np
+
+    from lit_fast import Embedder, quantization_ranges
+
+    folder = build_st(tmp_path / "st", tiny_bert_dir, pooling="mean", normalize=True)
+    ranges = quantization_ranges(Embedder(str(folder)).encode(TEXTS, device="cpu"))
+    np.save(tmp_path / "ranges.npy", ranges)
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in TEXTS])
+    args = ["--config", str(ROOT / "configs/embed-minilm.yaml"), "--model.pretrained", str(folder),
+            "--data.path", str(data), "--trainer.accelerator", "cpu", "--model.precision", "int8"]
+    code, _, err = run_predict(*args, "--output", str(tmp_path / "no.jsonl"))
+    assert code == 2 and "model.quantization_ranges" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "no.jsonl").exists()
+    out = tmp_path / "out.jsonl"
+    code, _, err = run_predict(*args, "--model.quantization_ranges", str(tmp_path / "ranges.npy"), "--output", str(out))
+    assert code == 0, err
+    rows = read_jsonl(out)
+    expected = Embedder(str(folder), precision="int8").encode(TEXTS, device="cpu", ranges=ranges)
+    assert np.array_equal(np.array([r["embedding"] for r in rows], np.int16), expected.astype(np.int16))
+    np.save(tmp_path / "bad.npy", ranges[:, :5])
+    code, _, err = run_predict(*args, "--model.quantization_ranges", str(tmp_path / "bad.npy"),
+                               "--output", str(tmp_path / "bad.jsonl"))
+    assert code == 2 and "dimensions" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "bad.jsonl").exists()
