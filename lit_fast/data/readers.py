@@ -1,5 +1,5 @@
-"""Reading input into columns: local .jsonl, .csv (also .csv.gz/.csv.bz2), .parquet, .txt files, and Hugging Face
-datasets (a `save_to_disk` folder or `hf:NAME[:CONFIG][@SPLIT]`, data/hf_datasets.py).
+"""Reading input into columns: local .jsonl, .csv (also .csv.gz/.csv.bz2), .parquet, .txt, CoNLL (.conll) files,
+and Hugging Face datasets (a `save_to_disk` folder or `hf:NAME[:CONFIG][@SPLIT]`, data/hf_datasets.py).
 
 Every failure is an `InputDataError` that names the file, the line or row, and what to do. JSON lines are parsed
 with the standard `json` module one line at a time (so the error can name the line); CSV and Parquet go through
@@ -18,7 +18,9 @@ from typing import Any, Mapping, Optional
 from lit_fast.data import hf_datasets
 from lit_fast.errors import InputDataError
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".conll", ".iob", ".bio")
+# a CoNLL file's columns: the first is the word, the last the tag (CoNLL-2003 puts POS and chunk tags between)
+CONLL_COLUMNS = ("tokens", "ner_tags")
 _COMPRESSED = (".gz", ".bz2")
 TEXT_ROLES = ("text", "pair", "target")  # columns that must hold text
 
@@ -44,7 +46,7 @@ def file_format(path: Path) -> str:
         raise InputDataError(
             f"{path}: unsupported input format '{suffix or '(none)'}'; use one of {', '.join(SUFFIXES)}"
         )
-    return {".json": ".jsonl", ".tsv": ".csv"}.get(suffix, suffix)
+    return {".json": ".jsonl", ".tsv": ".csv", ".iob": ".conll", ".bio": ".conll"}.get(suffix, suffix)
 
 
 def read_table(path: str, columns: Optional[Mapping[str, Optional[str]]] = None, text_column: str = "text",
@@ -74,7 +76,8 @@ def read_table(path: str, columns: Optional[Mapping[str, Optional[str]]] = None,
     fmt = file_format(file)
     if file.stat().st_size == 0:
         raise InputDataError(f"{file}: the file is empty")
-    reader = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet, ".txt": _read_txt}[fmt]
+    reader = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet, ".txt": _read_txt,
+              ".conll": _read_conll}[fmt]
     try:
         text_roles = tuple(r for r in TEXT_ROLES if r not in list_roles)
         if fmt == ".jsonl":
@@ -149,6 +152,32 @@ def _read_txt(file: Path, text_column: str, used: Optional[Mapping[str, str]] = 
     import pyarrow as pa
 
     return _select(pa.table({text_column: pa.array(_read_lines(file), pa.string())}), used, file)
+
+
+def _read_conll(file: Path, text_column: str, used: Optional[Mapping[str, str]] = None):
+    """One word a line (`word [more columns] tag`, tab- or space-separated), a blank line between sentences,
+    `-DOCSTART-` lines skipped: rows of `tokens` (the words) and `ner_tags` (the tags), as Hugging Face's CoNLL
+    datasets name them."""
+    import pyarrow as pa
+
+    sentences, words, tags = [], [], []
+    for number, line in enumerate(_read_lines(file), start=1):
+        fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if words:
+                sentences.append((words, tags))
+                words, tags = [], []
+            continue
+        if len(fields) < 2:
+            raise InputDataError(f"{file}: line {number} has one field ({fields[0]!r}); a CoNLL line is a word and "
+                                 "its tag (other columns between them are skipped), a blank line between sentences")
+        words.append(fields[0])
+        tags.append(fields[-1])
+    if words:
+        sentences.append((words, tags))
+    table = pa.table({CONLL_COLUMNS[0]: pa.array([w for w, _ in sentences], pa.list_(pa.string())),
+                      CONLL_COLUMNS[1]: pa.array([t for _, t in sentences], pa.list_(pa.string()))})
+    return _select(table, used, file)
 
 
 _BLANK_LINE = re.compile(rb"(^|\n)[ \t\r]*(\n|$)")

