@@ -2,7 +2,8 @@
 
 What a row *means* (tokenization, labels, collation) is the task's codec (tasks/codecs.py), which the DataModule
 takes from the task in `setup`; this file owns reading, validating, splitting and the loaders; batching.py makes
-the batches.
+the batches. Where the task trains on packed rows (`task.packed_batches()`), training, validation and test batches
+are planned by a real-token budget (training.TokenBudgetPlan) and packed by the codec in the loader workers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lit_fast.data.batching import (Batches, EpochLoader, EpochPlan, PredictBatc
 from lit_fast.data.readers import check_texts, read_table
 from lit_fast.errors import ConfigError, InputDataError
 from lit_fast.models import sharding
+from lit_fast.training.packing import TokenBudgetPlan
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,11 @@ class TextDataModule(L.LightningDataModule):
             allow_empty_text: accept empty or missing texts (they are encoded as empty strings) instead of
                 stopping with an error that names the row.
             batch_size: rows per batch (at most).
-            max_tokens: cap on padded tokens per batch (rows x longest row); long rows get smaller batches.
+            max_tokens: cap on tokens per batch. Padded batches (predict; training with model.packing off): padded
+                tokens, rows x longest row, so long rows get smaller batches. Packed training, validation and test
+                (model.packing): real tokens, each batch filled to about this many (first-fit over a seeded shuffle
+                per epoch, batch_size still the most examples a batch holds); a row longer than this is an error.
+                Unset there: batch_size examples per batch.
             num_workers: DataLoader worker processes (they tokenize, one thread each); "auto": the CPU cores
                 this process may use, shared by the ranks of this machine, less one for the rank itself (at most 16).
             seed: seed for splits, subsets and shuffling.
@@ -86,7 +92,7 @@ class TextDataModule(L.LightningDataModule):
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
         if max_tokens is not None and max_tokens < 1:
-            raise ConfigError(f"data.max_tokens must be >= 1 (padded tokens per batch), or null for no cap; got "
+            raise ConfigError(f"data.max_tokens must be >= 1 (tokens per batch), or null for no cap; got "
                               f"{max_tokens}")
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 <= fraction < 1:
@@ -99,6 +105,7 @@ class TextDataModule(L.LightningDataModule):
         self._ids = None  # the id column (Arrow), predict only
         self.num_rows: dict[str, int] = {}
         self.evaluate_only = False  # `lit-fast validate|test`: every row of the file is evaluated, none trained on
+        self.packed = False  # train/val/test batches are packed rows (the task's choice, asked in setup)
         self.list_roles: tuple[str, ...] = ()  # roles whose cells may be lists (the task's `list_roles`, in setup)
 
     # ---- reading -------------------------------------------------------------------------------------------
@@ -231,6 +238,22 @@ class TextDataModule(L.LightningDataModule):
         for name, split in self.splits.items():
             if name not in self.examples:
                 self.examples[name] = self.codec.encode(split.records, name)
+        packed = getattr(task, "packed_batches", None)
+        self.packed = bool(packed()) if packed is not None else False
+        if self.packed:
+            for name in self.examples:
+                self._check_packed_budget(name)
+
+    def _check_packed_budget(self, name: str) -> None:
+        """Every row of a packed split fits data.max_tokens: said here, before any weights load."""
+        limit = self.hparams.max_tokens
+        if limit is None:
+            return
+        for example in self.examples[name]:
+            if example["length"] > limit:
+                raise ConfigError(f"{self.splits[name].source}: row {example['index']} has {example['length']} "
+                                  f"tokens, more than data.max_tokens={limit} real tokens a packed batch may hold; "
+                                  f"raise data.max_tokens to at least model.max_length")
 
     def _predict_table(self) -> None:
         """Keep the input as Arrow (memory-mapped for Parquet): millions of rows need not become Python objects."""
@@ -268,18 +291,25 @@ class TextDataModule(L.LightningDataModule):
         return self._ids.take(np.asarray(indices, dtype=np.int64)).to_pylist()
 
     def _loader(self, name: str, *, shuffle: bool) -> DataLoader:
-        """Train/val/test batches of this rank (batching.EpochPlan), collated by the codec in loader workers."""
+        """Train/val/test batches of this rank (batching.EpochPlan; packed: training.TokenBudgetPlan), collated
+        (or packed) by the codec in loader workers."""
         examples = self.examples[name]
         hp = self.hparams
         trainer = self.trainer
         rank, world = sharding.data_parallel_rank(trainer.strategy)
         if len(examples) < world:
             raise InputDataError(f"{name} split has {len(examples)} rows, fewer than the {world} ranks; add rows")
-        plan = EpochPlan(tuple(e["length"] for e in examples), hp.batch_size, hp.max_tokens, hp.seed, rank, world,
-                         shuffle)
+        lengths = tuple(e["length"] for e in examples)
+        if self.packed:
+            # without a token budget a packed batch holds batch_size examples, as a padded one would
+            budget = hp.max_tokens or hp.batch_size * max(lengths)
+            plan = TokenBudgetPlan(lengths, budget, hp.seed, rank, world, shuffle, max_examples=hp.batch_size)
+            collate = self.codec.pack
+        else:
+            plan = EpochPlan(lengths, hp.batch_size, hp.max_tokens, hp.seed, rank, world, shuffle)
+            collate = self.codec.collate
         epoch = (lambda: trainer.current_epoch) if shuffle else (lambda: 0)
-        return EpochLoader(Batches(examples, plan(epoch()), self.codec.collate), plan, epoch,
-                           num_workers=self._num_workers())
+        return EpochLoader(Batches(examples, plan(epoch()), collate), plan, epoch, num_workers=self._num_workers())
 
     def _num_workers(self) -> int:
         workers = self.hparams.num_workers

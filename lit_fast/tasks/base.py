@@ -5,19 +5,22 @@ row means (`codec()`, tasks/codecs.py), what the loss is (`compute_loss`) and wh
 (`predict_rows`), and what validation measures (`evaluate_batch`, `metrics()`: tasks/metrics.py).
 This base owns the rest: where weights come from (`build_model`, called from `configure_model` so that strategies
 such as FSDP can build on the meta device), the optimiser and schedule (tasks/optim.py, or LightningCLI's
---optimizer / --lr_scheduler), which metric picks the best checkpoint (`monitor`), and the fast path seam for predict.
+--optimizer / --lr_scheduler), which metric picks the best checkpoint (`monitor`), the fast path seam for predict,
+and whether training runs on packed rows (`packed_batches`; the losses then read a `PackedBatch`:
+docs/PACKED_TRAINING.md).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import lightning as L
 import torch
 
 from lit_fast.models import sharding
+from lit_fast.training import PackedBatch
 from lit_fast.tasks.optim import OptimizerName, build_optimizer, build_scheduler, check_optimizer
 from lit_fast.errors import ConfigError, LitFastError, UnsupportedModelError
 from lit_fast.models.loading import (
@@ -38,6 +41,7 @@ FastPath = Literal["auto", "fused", "packed", "off"]
 CudaGraphs = Literal["auto", "on", "off"]  # the fast path's CUDA graphs (fastpath/graphs.py)
 CUDA_GRAPHS = {"auto": "auto", "on": True, "off": False}
 Attention = Literal["sdpa", "eager", "flash_attention_2"]
+Packing = Union[bool, Literal["auto"]]  # packed (padding-free) training rows: docs/PACKED_TRAINING.md
 
 
 class LitTransformer(L.LightningModule):
@@ -49,6 +53,8 @@ class LitTransformer(L.LightningModule):
     monitor = ("val_loss", "min")  # what "best" means for checkpoints and export (model.monitor chooses another)
     # what the task logs on validation and test (without the val_/test_ prefix), and which way is better
     metric_modes: dict[str, str] = {"loss": "min"}
+    # model types this task trains on packed rows (lit_fast/training/heads.py); empty: padded batches only
+    packing_types: frozenset[str] = frozenset()
 
     def __init__(
         self,
@@ -63,6 +69,7 @@ class LitTransformer(L.LightningModule):
         quantization: Optional[str] = None,
         max_length: Optional[int] = None,
         gradient_checkpointing: bool = False,
+        packing: Packing = False,
         lr: float = 5e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.06,
@@ -95,6 +102,13 @@ class LitTransformer(L.LightningModule):
         if max_length is not None and limit is not None and max_length > limit and not _rotary(self.hf_config):
             raise ConfigError(f"model.max_length {max_length} is more than {pretrained} can take ({limit} positions); "
                               f"use at most {limit}")
+        if packing not in ("auto", True, False):
+            raise ConfigError(f"model.packing must be auto, true or false, got {packing!r}")
+        if packing is True:  # what the config alone rules out fails before any data is read
+            reason = self._packing_refusal(strategy=None)
+            if reason:
+                raise ConfigError(f"model.packing is true, but {reason}; use model.packing: auto or false")
+        self._packing: Optional[bool] = None  # decided once, by packed_batches()
         self.model: Optional[torch.nn.Module] = None
         self.fast_path_used: Optional[str] = None
         self.default_max_length: Optional[int] = None  # a task may know better than the tokenizer (e.g. ST config)
@@ -207,6 +221,74 @@ class LitTransformer(L.LightningModule):
         self.model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
 
+    # ---- packed training (docs/PACKED_TRAINING.md) ----------------------------------------------------------
+    def packed_batches(self) -> bool:
+        """Whether training, validation and test batches are packed rows (`PackedBatch`): decided once (the
+        DataModule asks in setup, before the weights load) from model.packing, the model type and the strategy,
+        with one log line saying what runs and why."""
+        if self._packing is None:
+            self._packing = self._decide_packing()
+        return self._packing
+
+    def _decide_packing(self) -> bool:
+        asked = self.hparams.get("packing", False)
+        if not self.packing_types:  # a task without packed training says nothing about it
+            return False
+        if asked is False:
+            log.info("packing: off (model.packing is false): padded batches")
+            return False
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        reason = self._packing_refusal(strategy)
+        if reason:
+            if asked is True:
+                raise ConfigError(f"model.packing is true, but {reason}; use model.packing: auto or false")
+            log.info("packing: off (%s): padded batches", reason)
+            return False
+        dropout = self._attention_dropout()
+        if asked == "auto" and dropout > 0 and _root_device_type(strategy) == "cuda":
+            # the CUDA varlen kernel has no dropout; the per-example attention that has one launches a kernel per
+            # example and layer, slower than length-bucketed padded batches
+            log.info("packing: off (attention dropout %g on CUDA, which the varlen kernel does not do): padded "
+                     "batches; model.packing: true packs with per-example attention (correct, slower)", dropout)
+            return False
+        log.info("packing: on (%s is supported): each batch is one row of its examples' real tokens, attention "
+                 "inside each example; model.packing: false pads instead", self.hf_config.model_type)
+        return True
+
+    def _attention_dropout(self) -> float:
+        for key in ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop"):
+            value = getattr(self.hf_config, key, None)
+            if isinstance(value, (int, float)):
+                return float(value)
+        return 0.0
+
+    def _packing_refusal(self, strategy: Any) -> Optional[str]:
+        """Why this run cannot train on packed rows, or None."""
+        name, model_type = type(self).__name__, self.hf_config.model_type
+        if not self.packing_types:
+            return f"{name} trains on padded batches only"
+        if model_type not in self.packing_types:
+            return (f"{name} trains packed {', '.join(sorted(self.packing_types))} models, not {model_type} "
+                    "(its head or attention is not checked against the padded model yet)")
+        if self.hparams.attention != "sdpa":
+            return f"model.attention is {self.hparams.attention}, and packed rows bring their own attention"
+        if sharding.is_fsdp(strategy) or sharding.is_model_parallel(strategy):
+            return f"packed rows are not implemented under {type(strategy).__name__}"
+        return None
+
+    def _packed_attention(self, on: bool) -> None:
+        """The packed rows' attention for training and evaluation; the configured one back for predict, whose
+        fast paths expect it (padded batches give the same numbers under both)."""
+        if not self._packing or self.model is None:
+            return
+        from lit_fast.training.attention import NAME, use_packed_attention
+
+        current = self.model.config._attn_implementation
+        if on and current != NAME:
+            use_packed_attention(self.model)
+        elif not on and current == NAME:
+            self.model.set_attn_implementation(self.hparams.attention)
+
     # ---- training ------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         from lit_fast.models.quantization import quantizes_embeddings, training_refused
@@ -214,17 +296,24 @@ class LitTransformer(L.LightningModule):
         if quantizes_embeddings(self.hparams.quantization):  # own training loops; the CLI says so before loading
             raise training_refused(self.hparams.quantization)
         self._revert_fast_path()
+        self._packed_attention(True)
         # from_pretrained returns the model in eval mode and Lightning keeps a module's mode: without this,
         # dropout would be off for the whole fine-tune
         self.model.train()
 
+    def on_validation_start(self) -> None:
+        self._packed_attention(True)  # `lit-fast validate`, or a predict before this fit in the same process
+
+    def on_test_start(self) -> None:
+        self._packed_attention(True)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["index"]))
+        self.log("train_loss", loss, prog_bar=True, batch_size=_rows(batch))
         return loss
 
     def _eval_step(self, batch: dict, prefix: str) -> None:
-        n = len(batch["index"])
+        n = _rows(batch)
         metrics = getattr(self, f"{prefix}_metrics", None) or {}
         for name, value in self.evaluate_batch(batch).items():
             if name in metrics:  # Lightning computes, logs and resets the metric object at the epoch's end
@@ -296,6 +385,7 @@ class LitTransformer(L.LightningModule):
     # ---- prediction ----------------------------------------------------------------------------------------
     def on_predict_start(self) -> None:
         self.model.eval()
+        self._packed_attention(False)
         self._enable_fast_path()
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
@@ -366,6 +456,11 @@ class LitTransformer(L.LightningModule):
         self.load_state_dict(state["state_dict"])
 
 
+def _rows(batch: Any) -> int:
+    """Examples in a batch: a packed row's or a padded batch's."""
+    return batch.num_examples if isinstance(batch, PackedBatch) else len(batch["index"])
+
+
 # Models whose position ids start after the padding index (RoBERTa's embeddings): that many fewer usable positions.
 _POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer")
 
@@ -399,3 +494,9 @@ def _no_decay_names(model: torch.nn.Module) -> set[str]:
     """Parameters that get no weight decay: biases, norm weights and other vectors (by their unwrapped shape)."""
     return {_plain_name(name) for name, p in model.named_parameters() if p.ndim < 2 or "norm" in name.lower()}
 
+
+def _root_device_type(strategy: Any) -> Optional[str]:
+    try:
+        return strategy.root_device.type if strategy is not None else None
+    except (AttributeError, TypeError, IndexError):  # a strategy not set up yet has no device to ask
+        return None

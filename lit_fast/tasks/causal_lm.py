@@ -24,10 +24,11 @@ from transformers import AutoModelForCausalLM
 from lit_fast.errors import ConfigError
 from lit_fast.fastpath.decoder.loop import FastDecoder, hf_generate, unsupported_reason
 from lit_fast.models.lora import LoraSettings
-from lit_fast.tasks.base import Attention
+from lit_fast.tasks.base import Attention, Packing
 from lit_fast.tasks.codecs import CausalCodec, ChatFormat
 from lit_fast.tasks.generator import Generator
 from lit_fast.tasks.optim import OptimizerName
+from lit_fast.training import CAUSAL_LM_TYPES, PackedBatch, causal_lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class CausalLM(Generator):
     list_roles = ("text",)  # a row's text may be a conversation: a list of {"role", "content"} messages
     peft_task_type = "CAUSAL_LM"
     shifts_labels = True
+    packing_types = CAUSAL_LM_TYPES
 
     def __init__(
         self,
@@ -60,6 +62,7 @@ class CausalLM(Generator):
         compile: bool = False,
         lora: Optional[LoraSettings] = None,
         gradient_checkpointing: bool = False,
+        packing: Packing = "auto",
         lr: float = 2e-5,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
@@ -95,6 +98,11 @@ class CausalLM(Generator):
             compile: torch.compile the fast loop's decode step (slower start; on GPU).
             lora: LoRA settings (rank, alpha, dropout, target_modules, export); none: full fine-tune.
             gradient_checkpointing: recompute activations in backward (less memory, ~30% more compute).
+            packing: train, validate and test on packed rows: each batch's real tokens in one row, positions
+                restarting per example, attention inside each example, the loss on each example's completion
+                tokens (docs/PACKED_TRAINING.md). auto (default): packed for Llama-family (SmolLM2), Qwen2, GPT-2
+                and OPT, full fine-tune, LoRA or QLoRA; padded otherwise (a log line says which); true: packed or
+                an error; false: padded. Generation is not affected.
             lr: peak learning rate.
             weight_decay: weight decay (not on biases and norms).
             warmup_ratio: share of the steps spent warming up.
@@ -121,7 +129,7 @@ class CausalLM(Generator):
             max_length=max_length, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
             optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, lr_scheduler=lr_scheduler,
             lr_scheduler_kwargs=lr_scheduler_kwargs, monitor=monitor,
-            gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing=gradient_checkpointing, packing=packing,
         )
         if isinstance(chat_template, str):
             self.tokenizer.chat_template = chat_template
@@ -141,9 +149,17 @@ class CausalLM(Generator):
         return CausalCodec(self.tokenizer, self.max_length, self.sampling.max_new_tokens, self.hparams.truncation,
                            ChatFormat(self.hparams.system_prompt) if self.hparams.chat_template else None)
 
-    def compute_loss(self, batch: dict) -> torch.Tensor:
+    def compute_loss(self, batch: dict | PackedBatch) -> torch.Tensor:
+        if isinstance(batch, PackedBatch):  # the mean over the row's target tokens, as HF's padded loss
+            return causal_lm_loss(self.model, batch)
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           labels=batch["labels"]).loss
+
+    def evaluate_batch(self, batch: dict | PackedBatch) -> dict:
+        if not isinstance(batch, PackedBatch):
+            return super().evaluate_batch(batch)
+        loss = causal_lm_loss(self.model, batch)
+        return {"loss": loss, "perplexity": (loss, torch.tensor(batch.num_targets, device=loss.device))}
 
     # ---- generation ----------------------------------------------------------------------------------------
     def predict_rows(self, batch: dict) -> list[dict]:
@@ -197,6 +213,10 @@ class CausalLM(Generator):
 
     def input_device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
+
+    def on_predict_start(self) -> None:
+        self._packed_attention(False)  # generation runs with the configured attention, as without packing
+        super().on_predict_start()
 
     def on_predict_end(self) -> None:
         self.decoder = None  # its cache and graph hold GPU memory

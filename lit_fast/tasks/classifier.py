@@ -8,11 +8,12 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from lit_fast.errors import ConfigError, InputDataError
-from lit_fast.tasks.base import Attention, CudaGraphs, FastPath
+from lit_fast.tasks.base import Attention, CudaGraphs, FastPath, Packing
 from lit_fast.tasks.codecs import EncoderCodec
 from lit_fast.tasks.encoder import EncoderTask
 from lit_fast.tasks.metrics import CLASSIFICATION_MODES, classification_metrics
 from lit_fast.tasks.optim import OptimizerName
+from lit_fast.training import CLASSIFIER_HEADS, PackedBatch, classification_loss
 
 
 class Classifier(EncoderTask):
@@ -22,6 +23,7 @@ class Classifier(EncoderTask):
     needs_label = True
     monitor = ("val_acc", "max")
     metric_modes = CLASSIFICATION_MODES
+    packing_types = frozenset(CLASSIFIER_HEADS)
 
     def __init__(
         self,
@@ -30,6 +32,7 @@ class Classifier(EncoderTask):
         labels: Optional[list[str]] = None,
         max_length: Optional[int] = None,
         gradient_checkpointing: bool = False,
+        packing: Packing = "auto",
         lr: float = 5e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.06,
@@ -52,6 +55,10 @@ class Classifier(EncoderTask):
                 sorted labels of the training data.
             max_length: longer texts are truncated to this many tokens (default: the tokenizer's limit, at most 512).
             gradient_checkpointing: recompute activations in backward (less memory, more compute).
+            packing: train, validate and test on packed rows: each batch's real tokens in one row, no padding,
+                attention inside each example (docs/PACKED_TRAINING.md). auto (default): packed for BERT, RoBERTa,
+                XLM-R, CamemBERT, ELECTRA, DistilBERT and ALBERT, padded otherwise (a log line says which); true:
+                packed or an error; false: padded. Predict is not affected.
             lr: peak learning rate.
             weight_decay: weight decay (not on biases and norms).
             warmup_ratio: share of the steps spent warming up.
@@ -75,7 +82,7 @@ class Classifier(EncoderTask):
             pretrained, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, attention=attention,
             fast_path=fast_path, cuda_graphs=cuda_graphs, quantization=quantization, max_length=max_length, lr=lr,
             weight_decay=weight_decay, warmup_ratio=warmup_ratio, gradient_checkpointing=gradient_checkpointing,
-            optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, lr_scheduler=lr_scheduler,
+            packing=packing, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, lr_scheduler=lr_scheduler,
             lr_scheduler_kwargs=lr_scheduler_kwargs, monitor=monitor,
         )
         self.labels: Optional[list[str]] = list(labels) if labels else self._labels_of_checkpoint()
@@ -109,16 +116,23 @@ class Classifier(EncoderTask):
         return EncoderCodec(self.tokenizer, self.max_length, self.lower_case,
                             tuple(self.labels) if self.labels else None)
 
-    def compute_loss(self, batch: dict) -> torch.Tensor:
-        return self.model(**self._inputs(batch), labels=batch["labels"]).loss
+    def _loss_and_logits(self, batch: dict | PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(batch, PackedBatch):  # each example's own first token through the model's head
+            return classification_loss(self.model, batch)
+        out = self.model(**self._inputs(batch), labels=batch["labels"])
+        return out.loss, out.logits
+
+    def compute_loss(self, batch: dict | PackedBatch) -> torch.Tensor:
+        return self._loss_and_logits(batch)[0]
 
     def metrics(self) -> dict:
         return classification_metrics(len(self.labels)) if self.labels else {}
 
-    def evaluate_batch(self, batch: dict) -> dict:
-        out = self.model(**self._inputs(batch), labels=batch["labels"])
-        classes = (out.logits.argmax(-1), batch["labels"])
-        return {"loss": out.loss, **{name: classes for name in ("acc", "f1", "precision", "recall")}}
+    def evaluate_batch(self, batch: dict | PackedBatch) -> dict:
+        loss, logits = self._loss_and_logits(batch)
+        labels = batch.labels if isinstance(batch, PackedBatch) else batch["labels"]
+        classes = (logits.argmax(-1), labels)
+        return {"loss": loss, **{name: classes for name in ("acc", "f1", "precision", "recall")}}
 
     def predict_rows(self, batch: dict) -> list[dict]:
         probs = self.model(**self._inputs(batch)).logits.float().softmax(-1).cpu()

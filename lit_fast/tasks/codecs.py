@@ -18,6 +18,7 @@ import torch
 
 from lit_fast.data.collate import pad_ids, padded_batch
 from lit_fast.errors import ConfigError, InputDataError
+from lit_fast.training.packing import PackedBatch, pack_causal, pack_classification
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ class Codec(Protocol):
     def encode(self, records: list[dict], stage: str) -> list[dict]: ...
 
     def collate(self, examples: list[dict]) -> dict: ...
+
+    # codecs of tasks with packed training (base.LitTransformer.packing_types) also have
+    # pack(examples) -> PackedBatch: the examples' real tokens in one row (lit_fast/training/packing.py)
 
 
 def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -73,6 +77,10 @@ class EncoderCodec:
         if "labels" in examples[0]:
             batch["labels"] = torch.tensor([e["labels"] for e in examples])
         return dict(batch)
+
+    def pack(self, examples: list[dict]) -> PackedBatch:
+        """The examples in one packed row, one label each (a classifier's packed training)."""
+        return pack_classification(examples)
 
 
 @dataclass(frozen=True)
@@ -220,6 +228,10 @@ class CausalCodec:
         if not left:  # labels are as long as their input ids (_truncate_for_training); padded with IGNORE
             batch["labels"] = pad_ids([e["labels"] for e in examples], IGNORE)[0]
         return batch
+
+    def pack(self, examples: list[dict]) -> PackedBatch:
+        """Training examples in one packed row; labels become each example's own shifted targets."""
+        return pack_causal(examples)
 
 
 @dataclass(frozen=True)

