@@ -143,7 +143,7 @@ class LitTransformer(L.LightningModule):
         model = load_pretrained(
             hp.pretrained,
             self.auto_model_class,
-            dtype=hp.dtype,
+            dtype=self._weights_dtype(),
             attention=hp.attention,
             revision=hp.revision,
             trust_remote_code=hp.trust_remote_code,
@@ -156,6 +156,16 @@ class LitTransformer(L.LightningModule):
 
             prepare_quantized_model(model, hp.quantization)  # CPU kernel guards, footprint log line
         return model
+
+    def _weights_dtype(self) -> Optional[str]:
+        """model.dtype if set; else float32 under full and mixed precision, whose matmuls (or master weights) are
+        fp32 but which leave the module as loaded: a model saved in fp16 ran fp16 on the CPU under "32-true"
+        (several times slower; docs/MEASUREMENTS.md, W8) and would train fp16 weights under bf16-mixed. Else as
+        saved (16-true / bf16-true convert it)."""
+        hp = self.hparams
+        if hp.dtype or hp.quantization or self._trainer is None:
+            return hp.dtype
+        return "float32" if str(self.trainer.precision) in ("32-true", "32", "16-mixed", "bf16-mixed") else None
 
     def build_empty_model(self) -> torch.nn.Module:
         """The same architecture without loading weights (for ranks that receive them from rank 0)."""
