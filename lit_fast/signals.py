@@ -4,8 +4,8 @@
 unwinds through its cleanup (prediction shards and temporary files removed, an earlier output left as it was) and the
 command exits with 128 + the signal number and one line that says the run was stopped.
 
-Training steps are not cut in half: inside a training batch the stop is held until the batch ends (`hold`), so
-the resumable checkpoint written on the way out holds a consistent model and optimizer state.
+Training steps are not cut in half: a stop is held until the step boundary (`hold`; after the step's validation when
+one follows), so the resumable checkpoint written on the way out holds a consistent model and optimizer state.
 """
 
 from __future__ import annotations

@@ -15,19 +15,23 @@ from lit_fast.signals import StopOnSignals, Stopped
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # shipped with the package, named without a path
 
-USAGE = """usage: lit-fast {predict,fit,validate,test,configs} [--config NAME|PATH] [--key value ...]
+USAGE = """usage: lit-fast {predict,fit,validate,test,export,configs} [--config NAME|PATH] [--key value ...]
 
   predict    one output row per input row:  lit-fast predict --config embed-minilm --data.path IN --output OUT
   fit        fine-tune, test on held-out rows, export the best model:  lit-fast fit --config classify-rotten \\
-               --export_dir DIR
+               --export_dir DIR   (resume a stopped run: --ckpt_path last; last.ckpt every N steps:
+               --checkpoint_every N)
   validate   score a model on --data.path (every row; or --data.val_path)
   test       the same with test metrics (every row of --data.path; or --data.test_path)
+  export     a checkpoint of a run -> the export fit writes, without training:  lit-fast export \\
+               --config classify-rotten --ckpt_path last|best|PATH --export_dir DIR
   configs    list the configs that ship with lit_fast (name them without a path)
 
 `lit-fast SUBCOMMAND --help` lists every key; `--print_config` shows the resolved config.
 """
 
-MODES = {"predict": "predict", "fit": "train", "train": "train", "validate": "validate", "test": "test"}
+MODES = {"predict": "predict", "fit": "train", "train": "train", "validate": "validate", "test": "test",
+         "export": "export"}
 
 
 def _main(mode: str, args: Any, whole_process: Optional[bool] = None) -> int:
@@ -104,7 +108,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(__version__)
         return 0
     if command not in MODES:
-        print(f"error: unknown command {command!r}; use one of predict, fit, validate, test, configs (lit-fast --help)",
-              file=sys.stderr)
+        print(f"error: unknown command {command!r}; use one of predict, fit, validate, test, export, configs "
+              "(lit-fast --help)", file=sys.stderr)
         return 2
     return _main(MODES[command], rest, whole_process)

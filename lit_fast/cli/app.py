@@ -13,18 +13,18 @@ Errors a user can fix (bad input, unknown keys, missing models) print as one lin
 from __future__ import annotations
 
 import logging
-import os
-import warnings
-import shutil
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_fast.checkpoints import LastCheckpoint, best_checkpoint_callback, continue_run, named_checkpoint, run_roots
+from lit_fast.cli.export import export, export_checkpoint
 from lit_fast.models import sharding
 from lit_fast.console import HeldLogs, config_message, lit_fast_cause, one_line, quiet_libraries
 from lit_fast.data.datamodule import TextDataModule
@@ -36,15 +36,7 @@ from lit_fast.tasks.classifier import Classifier  # noqa: F401
 from lit_fast.tasks.embedder import Embedder  # noqa: F401
 from lit_fast.tasks.reranker import Reranker  # noqa: F401
 from lit_fast.tasks.token_classifier import TokenClassifier  # noqa: F401
-from lit_fast.outputs import (
-    check_export_dir,
-    check_output_file,
-    clean_stale,
-    publish_dir,
-    run_token,
-    temp_sibling,
-    write_export_marker,
-)
+from lit_fast.outputs import check_export_dir, check_output_file
 from lit_fast.data.progress import ThroughputProgressBar
 from lit_fast.models.precision_checks import (auto_precision, check_strategy_precision, explain_precision_errors,
                                               saved_dtype)
@@ -62,13 +54,14 @@ ALLOWED_IMPORTS = ("lit_fast", "lightning.pytorch", "lightning.fabric", "pytorch
 
 class RunEvents(Callback):
     """What the command needs to know while the Trainer runs: when the run has really started (held log lines are
-    printed), where a stop may land (never inside a training step), and the checkpoint left when one did."""
+    printed), and the checkpoint left when a stop landed. Where a stop may land in training (a step boundary, never
+    inside a step or its validation) is checkpoints.LastCheckpoint's to say."""
 
     def __init__(self, signals: StopOnSignals, logs: HeldLogs) -> None:
         self.signals, self.logs = signals, logs
         self.phase = "starting"
         self.checkpoint: Optional[str] = None
-        self._per_step = True
+        self.last: Optional[LastCheckpoint] = None  # fit: the callback that writes last.ckpt
 
     def _started(self, phase: str) -> None:
         self.phase = phase
@@ -79,10 +72,9 @@ class RunEvents(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._started("training")
-        # With several ranks, Lightning stops them together on SIGTERM at a step boundary (its own handler); a stop
-        # raised by one rank alone could leave the others waiting in a collective.
-        self._per_step = trainer.world_size == 1
-        if not self._per_step:
+        if trainer.world_size > 1:
+            # With several ranks, Lightning stops them together on SIGTERM at a step boundary (its own handler); a
+            # stop raised by one rank alone could leave the others waiting in a collective.
             self.signals.hold(signal_numbers=[s for s in SIGNALS if s.name == "SIGTERM"])
 
     def on_test_start(self, trainer, pl_module) -> None:
@@ -92,58 +84,66 @@ class RunEvents(Callback):
         if self.phase == "starting":  # `lit-fast validate`; in fit, validation starts after training has
             self._started("validating")
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._per_step:
-            self.signals.hold()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._per_step:
-            self.signals.raise_pending()
-
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        stopped = isinstance(exception, SIGTERMException) or (isinstance(exception, Stopped) and self._per_step)
-        if not (stopped and trainer.state.fn == "fit" and trainer.global_step > 0):
+        last = self.last
+        if last is None or trainer.state.fn != "fit" or not isinstance(exception, (Stopped, SIGTERMException)):
             return
-        checkpoints = trainer.checkpoint_callback
-        if checkpoints is None or not checkpoints.dirpath:
-            return
-        final = Path(checkpoints.dirpath) / "last.ckpt"
-        tmp = temp_sibling(final, "tmp", run_token())
-        trainer.save_checkpoint(str(tmp))
-        if trainer.is_global_zero:
-            if final.is_dir():
-                shutil.rmtree(final)
-            os.replace(tmp, final)  # a checkpoint that is there is complete
-        self.checkpoint = str(final)
+        epoch = trainer.fit_loop.epoch_progress.current
+        if isinstance(exception, SIGTERMException) and trainer.global_step > 0 and epoch.completed < epoch.ready:
+            # all ranks stopped together at a step boundary (Lightning's SIGTERM handling). Not where an epoch has
+            # just ended: Lightning would resume that state inside the next epoch; the last checkpoint stands
+            last.save(trainer)
+        # a single process: LastCheckpoint wrote it at the boundary where the stop landed
+        if last.saved_step is not None and last.path is not None:
+            self.checkpoint = str(last.path)
+
+
+class RunConfig(SaveConfigCallback):
+    """config.yaml in the run's folder: the whole resolved config, so that `lit-fast fit --config THAT` repeats the
+    run. A resumed run writes the same folder again (overwrite). Where it resumed from (ckpt_path) is left out, so a
+    repeat starts from the beginning, and so is allow_import, which only the command line may say."""
+
+    def __init__(self, parser, config, **kwargs) -> None:
+        config = config.clone()
+        config.ckpt_path, config.allow_import = None, None
+        super().__init__(parser, config, **{**kwargs, "overwrite": True})
 
 
 class LitCLI(LightningCLI):
     def __init__(self, mode: str, args: Any = None, events: Optional[RunEvents] = None):
         self.mode = mode
         self.events = events
-        predict = mode == "predict"
+        self.checkpoint: Optional[Path] = None  # fit: the checkpoint resumed from; export: the one exported
         super().__init__(
             LitTransformer,
             TextDataModule,
             subclass_mode_model=True,
             run=False,
             args=args,
-            save_config_callback=None,
-            # train: LightningCLI's --optimizer / --lr_scheduler, handed to the task (below)
-            auto_configure_optimizers=mode == "train",
+            save_config_callback=RunConfig if mode == "train" else None,
+            # train: LightningCLI's --optimizer / --lr_scheduler, handed to the task (below); export takes them too,
+            # so that a training run's config.yaml serves it
+            auto_configure_optimizers=mode in ("train", "export"),
             parser_kwargs={"exit_on_error": False},
             trainer_defaults={"default_root_dir": "runs"} if mode == "train" else
             {"logger": False, "enable_checkpointing": False, "enable_model_summary": False},
         )
 
     def add_arguments_to_parser(self, parser) -> None:
-        # every subcommand takes both, so that one config serves them all (fit's export_dir, predict's output)
+        # every subcommand takes these, so that one config serves them all (fit's export_dir, predict's output)
         parser.add_argument("--output", type=Optional[str], default=None,
                             help="predict: where predictions go (.jsonl or .parquet), one row per input row, in order")
         parser.add_argument("--export_dir", type=Optional[str], default=None,
                             help="fit: after training, write the best model here in Hugging Face format")
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="replace an existing --output file, or an earlier lit_fast export in --export_dir")
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="fit: resume from this checkpoint; last: the newest last.ckpt under "
+                                 "trainer.default_root_dir (none there: start from the beginning). export: the "
+                                 "checkpoint to export (a file, last, or best)")
+        parser.add_argument("--checkpoint_every", type=Optional[int], default=None,
+                            help="fit: write last.ckpt (resume with --ckpt_path last) every N optimizer steps, "
+                                 "atomically; also written at the end and when a stop lands")
         parser.add_argument("--allow_import", type=Optional[str], default=None,
                             help="modules (comma-separated) a class_path may name besides lit_fast, Lightning and "
                                  "torch.optim; command line only: a config cannot widen what it may import")
@@ -156,14 +156,28 @@ class LitCLI(LightningCLI):
         data = config.data
         inputs = [str(resolve_data_path(p)) for p in (data.get("path"), data.get("val_path"), data.get("test_path"))
                   if p]
+        if config.get("ckpt_path") and self.mode not in ("train", "export"):
+            raise ConfigError("--ckpt_path is for fit (resume) and export; to score a checkpoint, export it "
+                              "(lit-fast export --ckpt_path PATH --export_dir DIR) and pass --model.pretrained DIR")
+        LastCheckpoint(config.get("checkpoint_every"))  # checks the value
         # fail before loading any weights when the output cannot be written
         if self.mode == "predict":
             if not config.get("output"):
                 raise ConfigError("no output file: pass --output PATH (.jsonl or .parquet)")
             check_output_file(config.output, config.overwrite, inputs)
-        elif self.mode == "train" and config.get("export_dir"):
+        elif self.mode == "export":
+            if not config.get("ckpt_path") or not config.get("export_dir"):
+                raise ConfigError("export needs --ckpt_path (a checkpoint file, last or best) and --export_dir DIR, "
+                                  "with the --config (and --model.*) of the training run")
+            self.checkpoint = self._checkpoint_named(config.ckpt_path, ("last", "best"))
+            if self.checkpoint is None:
+                raise ConfigError(f"--ckpt_path {config.ckpt_path}: no {config.ckpt_path} checkpoint under "
+                                  f"{self._root()} (trainer.default_root_dir); give the checkpoint file")
+        if self.mode in ("train", "export") and config.get("export_dir"):
             protected = {f"the input {p}": p for p in inputs}
-            protected["the checkpoints (trainer.default_root_dir)"] = config.trainer.get("default_root_dir") or "runs"
+            protected["the checkpoints (trainer.default_root_dir)"] = self._root()
+            if self.checkpoint is not None:
+                protected["the checkpoint"] = str(self.checkpoint.parent)
             pretrained = config.model.init_args.get("pretrained") if config.model.get("init_args") else None
             if pretrained and Path(pretrained).expanduser().is_dir():
                 protected["the model it starts from"] = pretrained
@@ -176,6 +190,14 @@ class LitCLI(LightningCLI):
             # bitsandbytes with FSDP/DeepSpeed, two quantization routes, the plugin on CPU: say so before loading
             check_strategy_precision(trainer.get("strategy"), trainer.get("plugins"), quantization,
                                      trainer.get("accelerator"), trainer.get("precision"))
+
+    def _root(self) -> str:
+        return self.config.trainer.get("default_root_dir") or "runs"
+
+    def _checkpoint_named(self, value: str, words: tuple[str, ...], loggers: Any = ()) -> Optional[Path]:
+        model = self.config.model
+        run = (model.get("class_path"), model.init_args.get("pretrained") if model.get("init_args") else None)
+        return named_checkpoint(value, words, run_roots(self._root(), loggers), run)
 
     def parse_arguments(self, parser, args) -> None:
         self._args = list(args) if args is not None else sys.argv[1:]
@@ -214,12 +236,24 @@ class LitCLI(LightningCLI):
         elif self.mode == "train":
             checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
             if not any(c.monitor for c in checkpoints):
-                # keep only the best model by the task's own metric (val_acc for classifiers, else val_loss)
+                # keep only the best model by the task's own metric (val_acc for classifiers, else val_loss); a
+                # resumed run that repeats a killed run's save writes the same name, not best-...-v1
                 for c in checkpoints:
                     trainer.callbacks.remove(c)
                 monitor, mode = self.model.monitor
                 trainer.callbacks.insert(0, ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1,
-                                                            filename="best-{step}"))
+                                                            filename="best-{step}", enable_version_counter=False))
+            last = LastCheckpoint(self.config.get("checkpoint_every"),
+                                  self.events.signals if self.events is not None else None)
+            trainer.callbacks.append(last)  # after the ModelCheckpoint, whose state last.ckpt holds
+            if self.events is not None:
+                self.events.last = last
+            if self.config.get("ckpt_path"):
+                self.checkpoint = self._checkpoint_named(self.config.ckpt_path, ("last",), trainer.loggers)
+                if self.checkpoint is None:
+                    log.info("--ckpt_path last: no last.ckpt under %s yet; starting from the beginning", self._root())
+                else:
+                    continue_run(trainer, self.checkpoint)
         return trainer
 
 
@@ -278,7 +312,8 @@ def run(mode: str, args: Any, signals: StopOnSignals) -> int:
     quiet_libraries()
     # the commands always pass their (normalized) arguments explicitly; Lightning warns when sys.argv holds some too
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter", category=UserWarning)
-    body = {"predict": _predict, "train": _train, "validate": _evaluate, "test": _evaluate}[mode]
+    body = {"predict": _predict, "train": _train, "validate": _evaluate, "test": _evaluate,
+            "export": _export_command}[mode]
     cli: Optional[LitCLI] = None
     with HeldLogs() as logs, _import_policy(_modules(_allow_import_argument(
             args if args is not None else sys.argv[1:]))):
@@ -343,7 +378,11 @@ def _evaluate(cli: LitCLI, events: RunEvents) -> None:
 def _train(cli: LitCLI, events: RunEvents) -> None:
     """`train`: fit, test on held-out rows, export the best model to --export_dir."""
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    trainer.fit(model, datamodule=data)
+    if cli.checkpoint is not None:
+        log.info("resuming from %s", cli.checkpoint)
+        # the run goes on in its own folder, so Lightning's warning about a checkpoint folder with files is expected
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    trainer.fit(model, datamodule=data, ckpt_path=str(cli.checkpoint) if cli.checkpoint else None, weights_only=True)
     chosen = _load_best(trainer, model, data)
     if "test" in data.splits:
         trainer.test(model, datamodule=data)
@@ -359,15 +398,17 @@ def _train(cli: LitCLI, events: RunEvents) -> None:
 def _load_best(trainer, model: LitTransformer, data: TextDataModule) -> str:
     """Load the best checkpoint's weights into `model`; where no validation ran during training (max_steps ended
     before the first one), validate the final model instead. Returns what will be exported, for the log."""
-    callback = trainer.checkpoint_callback
+    callback = best_checkpoint_callback(trainer)
     best = callback.best_model_path if callback is not None else ""
     if best:
         if sharding.is_fsdp(trainer.strategy):  # sharded or full FSDP checkpoints: the strategy loads its own format
             trainer.strategy.load_model_state_dict(trainer.strategy.load_checkpoint(best), strict=True)
         else:
             model.load_weights(best)  # weights_only=True
-        log.info("best checkpoint: %s (%s=%.4g)", best, callback.monitor, float(callback.best_model_score))
-        return f"the best model ({callback.monitor}={float(callback.best_model_score):.4g}, {Path(best).name})"
+        # a run resumed from a checkpoint outside its run folder knows the best path but not its score (Lightning)
+        score = f"={float(callback.best_model_score):.4g}" if callback.best_model_score is not None else ""
+        log.info("best checkpoint: %s (%s%s)", best, callback.monitor, score)
+        return f"the best model ({callback.monitor}{score}, {Path(best).name})"
     if "val" not in data.splits:
         log.info("no validation rows: the final model (step %d) is the one exported", trainer.global_step)
         return f"the final model (step {trainer.global_step}; no validation rows)"
@@ -380,26 +421,9 @@ def _load_best(trainer, model: LitTransformer, data: TextDataModule) -> str:
     return f"the final model (step {trainer.global_step}{score}; validated after training)"
 
 
-def export(model: LitTransformer, directory: str, overwrite: bool = False, gathered: Optional[dict] = None,
-           before_publish: Optional[Callable[[], None]] = None) -> None:
-    """Write into a hidden sibling folder, mark it as an export, then swap it in: no half-written export, and only an
-    earlier export is ever replaced (outputs.py).
-
-    `gathered`: the full state dict of a sharded (FSDP) model, exported through a fresh unsharded copy.
-    `before_publish`: called just before the swap (the command holds stops from then on).
-    """
-    out = Path(os.path.abspath(Path(directory).expanduser()))
-    clean_stale(out)
-    token = run_token()
-    tmp = temp_sibling(out, "tmp", token)
-    try:
-        if gathered is not None:
-            sharding.export_consolidated(model, str(tmp), gathered)
-        else:
-            model.export(str(tmp))
-        write_export_marker(tmp, task=type(model).__name__, pretrained=model.hparams.get("pretrained"))
-        if before_publish is not None:
-            before_publish()
-        publish_dir(tmp, out, overwrite, token)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _export_command(cli: LitCLI, events: RunEvents) -> None:
+    """`export`: a checkpoint of a run -> the export `fit` writes (no training)."""
+    events._started("exporting")
+    export_checkpoint(cli.model, cli.checkpoint, cli.config.export_dir, cli.config.overwrite,
+                      before_publish=events.signals.hold)
+    print(f"exported {cli.checkpoint} to {cli.config.export_dir}")

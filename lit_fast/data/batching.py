@@ -124,12 +124,13 @@ class Batches(IterableDataset):
 
     def __init__(self, examples: list[dict], batches: list[list[int]], collate: Callable):
         self.examples, self.batches, self.collate = examples, batches, collate
+        self.start = 0  # batches of the epoch already trained on (a run resumed mid-epoch); len() stays the epoch's
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[dict]:
-        mine = self.batches
+        mine = self.batches[self.start:]
         info = torch.utils.data.get_worker_info()
         if info is not None:
             mine = mine[info.id::info.num_workers]
@@ -138,15 +139,41 @@ class Batches(IterableDataset):
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader of `Batches` that plans each epoch's batches in the main process, before workers start."""
+    """A DataLoader of `Batches` that plans each epoch's batches in the main process, before workers start.
+
+    Stateful: Lightning keeps `state_dict()` in its checkpoints (loops/fit_loop.py saves stateful loaders), so a run
+    resumed mid-epoch goes on with the batch after the last one trained, in the same order, not the epoch's first."""
 
     def __init__(self, dataset: Batches, plan: EpochPlan, epoch: Callable[[], int], num_workers: int = 0):
-        super().__init__(dataset, batch_size=None, num_workers=num_workers)
+        # worker seeds come from the loader's own generator: an iterator made on resume must not draw from the global
+        # one that dropout uses, or the resumed run would drift from an uninterrupted one
+        super().__init__(dataset, batch_size=None, num_workers=num_workers,
+                         generator=torch.Generator().manual_seed(plan.seed))
         self.plan, self.epoch = plan, epoch
+        self._served = {"epoch": None, "batches": 0}  # the epoch under way, and how many of its batches went out
+        self._resume: Optional[dict] = None  # a checkpoint's _served, applied to the next iteration of its epoch
 
-    def __iter__(self):
-        self.dataset.batches = self.plan(self.epoch())
-        return super().__iter__()
+    def __iter__(self) -> Iterator[dict]:
+        # planned when the first batch is asked for: Lightning makes a resumed run's iterator before the saved
+        # position is loaded (checkpoints.LastCheckpoint loads it) and before it knows whether the saved epoch was
+        # complete (then the next epoch's batches are the ones due)
+        return self._epoch_batches()
+
+    def _epoch_batches(self) -> Iterator[dict]:
+        epoch = self.epoch()
+        resume, self._resume = self._resume, None
+        self.dataset.batches = self.plan(epoch)
+        self.dataset.start = resume["batches"] if resume is not None and resume["epoch"] == epoch else 0
+        self._served = {"epoch": epoch, "batches": self.dataset.start}
+        for batch in super().__iter__():
+            self._served = {"epoch": epoch, "batches": self._served["batches"] + 1}
+            yield batch
+
+    def state_dict(self) -> dict:
+        return dict(self._served)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = {"epoch": state["epoch"], "batches": int(state["batches"])}
 
 
 class PredictBatches(IterableDataset):
