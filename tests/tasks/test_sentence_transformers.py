@@ -146,8 +146,10 @@ def test_what_the_embedder_cannot_reproduce_is_an_error(tmp_path, tiny_bert_dir)
     (folder / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(ConfigError, match="prompt_name 'passage' is not one of this model's prompts \\(document, query\\)"):
         Embedder(str(folder), prompt_name="passage")
-    with pytest.raises(ConfigError, match="precision"):
-        Embedder(str(folder), precision="int8")
+    with pytest.raises(ConfigError, match="model.precision 'int4' is not one of"):
+        Embedder(str(folder), precision="int4")
+    with pytest.raises(ConfigError, match="quantization_ranges is for model.precision int8 or uint8, not float32"):
+        Embedder(str(folder), quantization_ranges=str(folder / "ranges.npy"))
 
 
 def test_an_export_with_dense_layers_and_prompts_loads_in_sentence_transformers(tmp_path, tiny_bert_dir):
