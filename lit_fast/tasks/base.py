@@ -254,23 +254,9 @@ class LitTransformer(L.LightningModule):
                 raise ConfigError(f"model.packing is true, but {reason}; use model.packing: auto or false")
             log.info("packing: off (%s): padded batches", reason)
             return False
-        dropout = self._attention_dropout()
-        if asked == "auto" and dropout > 0 and _root_device_type(strategy) == "cuda":
-            # the CUDA varlen kernel has no dropout; the per-example attention that has one launches a kernel per
-            # example and layer, slower than length-bucketed padded batches
-            log.info("packing: off (attention dropout %g on CUDA, which the varlen kernel does not do): padded "
-                     "batches; model.packing: true packs with per-example attention (correct, slower)", dropout)
-            return False
         log.info("packing: on (%s is supported): each batch is one row of its examples' real tokens, attention "
                  "inside each example; model.packing: false pads instead", self.hf_config.model_type)
         return True
-
-    def _attention_dropout(self) -> float:
-        for key in ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop"):
-            value = getattr(self.hf_config, key, None)
-            if isinstance(value, (int, float)):
-                return float(value)
-        return 0.0
 
     def _packing_refusal(self, strategy: Any) -> Optional[str]:
         """Why this run cannot train on packed rows, or None."""
@@ -503,10 +489,3 @@ def _plain_name(name: str) -> str:
 def _no_decay_names(model: torch.nn.Module) -> set[str]:
     """Parameters that get no weight decay: biases, norm weights and other vectors (by their unwrapped shape)."""
     return {_plain_name(name) for name, p in model.named_parameters() if p.ndim < 2 or "norm" in name.lower()}
-
-
-def _root_device_type(strategy: Any) -> Optional[str]:
-    try:
-        return strategy.root_device.type if strategy is not None else None
-    except (AttributeError, TypeError, IndexError):  # a strategy not set up yet has no device to ask
-        return None

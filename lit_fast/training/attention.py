@@ -12,8 +12,9 @@ A call without boundaries (a padded validation batch) runs HF's SDPA with HF's m
 where the boundaries replace it.
 
 Kernels: CUDA fp16/bf16 without attention dropout runs `torch.nn.attention.varlen.varlen_attn` (flash, with a
-backward); everything else runs SDPA once per example, which on the CPU beats one call over a block-diagonal mask
-(docs/PACKED_TRAINING.md). No token ever attends across an example boundary.
+backward); the rest of CUDA (attention dropout, fp32) runs one SDPA call over the examples padded inside the
+attention only; the CPU runs SDPA once per example, which there beats both padded groups and one call over a
+block-diagonal mask (docs/PACKED_TRAINING.md). No token ever attends across an example boundary.
 """
 
 from __future__ import annotations
@@ -76,11 +77,13 @@ def varlen_attention(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0 and _varlen() is not None:
-        longest = kwargs.get("max_length_q")
-        longest = int(longest) if longest is not None else int((starts[1:] - starts[:-1]).max())
+    if not query.is_cuda:
+        return _sdpa_per_example(query, key, value, starts.tolist(), dropout, scaling, causal), None
+    longest = kwargs.get("max_length_q")
+    longest = int(longest) if longest is not None else int((starts[1:] - starts[:-1]).max())
+    if query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0 and _varlen() is not None:
         return _flash_varlen(query, key, value, starts, longest, scaling, causal), None
-    return _sdpa_per_example(query, key, value, starts.tolist(), dropout, scaling, causal), None
+    return _sdpa_padded(query, key, value, starts, longest, dropout, scaling, causal), None
 
 
 def _sdpa_per_example(query, key, value, bounds: list[int], dropout: float, scaling: float | None,
@@ -92,6 +95,32 @@ def _sdpa_per_example(query, key, value, bounds: list[int], dropout: float, scal
         for start, end in zip(bounds[:-1], bounds[1:])
     ]
     return torch.cat(outputs, dim=1)
+
+
+def _sdpa_padded(query, key, value, starts: torch.Tensor, longest: int, dropout: float, scaling: float | None,
+                 causal: bool) -> torch.Tensor:
+    """One SDPA call over the row's examples padded to `longest` inside the attention only (the GEMMs around it
+    stay on real tokens): CUDA's route for attention dropout and fp32, which flash varlen does not do. Keys past
+    an example's end are masked; query rows there are computed and dropped. No host sync: `longest` is a Python
+    int and the scatter and gather indices are built on the device."""
+    heads, total, dim = query.shape[1], query.shape[2], query.shape[3]
+    starts = starts.to(device=query.device, dtype=torch.long)
+    lengths = starts[1:] - starts[:-1]
+    count = lengths.numel()
+    example = torch.repeat_interleave(torch.arange(count, device=query.device), lengths, output_size=total)
+    slot = example * longest + torch.arange(total, device=query.device) - starts[:-1][example]
+
+    def padded(t: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (N, H, longest, D), zeros past each end
+        rows = t.new_zeros(count * longest, heads, dim).index_copy(0, slot, t[0].transpose(0, 1))
+        return rows.view(count, longest, heads, dim).transpose(1, 2)
+
+    keep = torch.arange(longest, device=query.device) < lengths[:, None]  # (N, longest): real keys
+    mask = keep[:, None, None, :]
+    if causal:
+        mask = mask & torch.ones(longest, longest, dtype=torch.bool, device=query.device).tril()
+    out = F.scaled_dot_product_attention(padded(query), padded(key), padded(value), attn_mask=mask,
+                                         dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).reshape(count * longest, heads, dim)[slot].unsqueeze(0)
 
 
 def _flash_varlen(query, key, value, starts: torch.Tensor, longest: int, scaling: float | None,

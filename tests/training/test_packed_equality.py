@@ -284,6 +284,75 @@ class _Attention(torch.nn.Module):
         self.is_causal = causal
 
 
+def _qkv(lengths: list[int], device: str = "cpu", dtype=torch.float32, heads=(4, 4, 4)):
+    g = torch.Generator(device=device).manual_seed(0)
+    return [torch.randn(1, h, sum(lengths), 16, device=device, generator=g, dtype=dtype).requires_grad_()
+            for h in heads]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_padded_inside_equals_per_example(causal):
+    """CUDA's route for dropout and fp32 (examples padded inside the attention only), run here on the CPU:
+    outputs and input gradients equal SDPA per example."""
+    from lit_fast.training.attention import _sdpa_padded, _sdpa_per_example
+
+    lengths = [7, 1, 12, 3]
+    bounds = torch.tensor([0] + lengths).cumsum(0)
+    q, k, v = _qkv(lengths)
+    out = _sdpa_padded(q, k, v, bounds, max(lengths), 0.0, 0.25, causal)
+    out.square().sum().backward()
+    got = [t.grad for t in (q, k, v)]
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref = _sdpa_per_example(q2, k2, v2, bounds.tolist(), 0.0, 0.25, causal)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, (q2.grad, k2.grad, v2.grad)):  # the 1-token example's query gradient is 0 only exactly
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+def test_attention_dropout_padded_inside_stays_inside_each_example():
+    """With dropout on, new keys and values in one example leave every other example's output unchanged (same
+    seed, same lengths: the same dropout draws), and dropout does act."""
+    from lit_fast.training.attention import _sdpa_padded
+
+    lengths = [9, 4, 11]
+    bounds = torch.tensor([0] + lengths).cumsum(0)
+    q, k, v = (t.detach() for t in _qkv(lengths))
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 9:13], v2[:, :, 9:13] = torch.randn_like(k2[:, :, 9:13]), torch.randn_like(v2[:, :, 9:13])
+    runs = []
+    for keys, values in ((k, v), (k2, v2)):
+        torch.manual_seed(3)
+        runs.append(_sdpa_padded(q, keys, values, bounds, max(lengths), 0.3, 0.25, False))
+    others = torch.cat([torch.arange(0, 9), torch.arange(13, 24)])
+    torch.testing.assert_close(runs[0][:, others], runs[1][:, others], rtol=0, atol=0)
+    assert not torch.allclose(runs[0][:, 9:13], runs[1][:, 9:13])
+    assert not torch.allclose(runs[0], _sdpa_padded(q, k, v, bounds, max(lengths), 0.0, 0.25, False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_attention_dropout_and_fp32_route(dtype):
+    """On CUDA, attention dropout (and fp32, which flash varlen does not take) runs padded inside the attention:
+    at dropout 0 it equals SDPA per example; with dropout it trains (gradients flow) and stays inside examples."""
+    from lit_fast.training.attention import _sdpa_per_example, varlen_attention
+
+    lengths = [37, 5, 128, 64, 1]
+    bounds = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).cuda()
+    q, k, v = _qkv(lengths, "cuda", dtype, heads=(8, 2, 2))
+    for dropout in (0.0, 0.1):
+        out, _ = varlen_attention(_Attention(False), q, k, v, None, dropout=dropout, scaling=0.25,
+                                  cu_seq_lens_q=bounds, max_length_q=max(lengths))
+        out.float().square().sum().backward()
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+        if dropout == 0.0:
+            ref = _sdpa_per_example(*(t.detach().float() for t in (q, k.repeat_interleave(4, 1),
+                                                                   v.repeat_interleave(4, 1))),
+                                    bounds.tolist(), 0.0, 0.25, False)
+            tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+            torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_varlen_attention_forward_and_backward(causal):
