@@ -11,8 +11,8 @@ ones first retry with smaller micro-batches, accumulating to the same step).
 
 Encoder: BERT-base classifier (12 layers, hidden 768, 12 heads, FFN 3072, vocabulary 30522, 2 labels), the W1
 length mix (lengths uniform in 32..256, seeded) over a pool of 50 x 64 examples (one group_by_length mega-batch),
-attention dropout 0 in every variant (`--encoder-attn-dropout`; with dropout lit_fast's CUDA path falls back to
-per-example SDPA), hidden dropout 0.1.
+attention dropout 0 in every variant by default (`--encoder-attn-dropout 0.1`, BERT's own default: lit_fast's CUDA
+path then pads inside the attention only, as flash varlen has no dropout), hidden dropout 0.1.
   hf_padded             HF sdpa, random batches of 64 padded to the longest (the Trainer default), HF's loss
   hf_grouped            HF sdpa, batches of 64 from transformers' own get_length_grouped_indices (group_by_length:
                         mega-batches of 50 x 64 sorted by length)
