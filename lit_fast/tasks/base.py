@@ -453,8 +453,9 @@ class LitTransformer(L.LightningModule):
 
 
 def _rows(batch: Any) -> int:
-    """Examples in a batch: a packed row's or a padded batch's."""
-    return batch.num_examples if isinstance(batch, PackedBatch) else len(batch["index"])
+    """Examples in a batch: a padded batch's, or a packed one's (`num_examples`: a `PackedBatch`, or a task's own
+    packed batch such as the Embedder's `PackedPairs`)."""
+    return batch.num_examples if hasattr(batch, "num_examples") else len(batch["index"])
 
 
 # Models whose position ids start after the padding index (RoBERTa's embeddings): that many fewer usable positions.

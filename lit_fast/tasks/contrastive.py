@@ -7,13 +7,18 @@ A batch of pair rows holds the anchors as `input_ids` / `attention_mask` (what p
 hard negatives as sub-dicts `pair` / `negative`, and a 63-bit key of every positive and negative text: two rows whose
 positive is the same text (several reviews of one film, one plot) must not count each other's positive as a
 negative, which sentence-transformers avoids with a no-duplicates sampler and lit_fast with these keys.
+
+Packed (`model.packing`, docs/PACKED_TRAINING.md), a batch is a `PackedPairs`: every text of the batch (the anchors,
+then the positives, then the hard negatives) in one row of real tokens, each text attending only to itself, with
+the same keys.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, replace
+from itertools import accumulate
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -23,8 +28,72 @@ from torchmetrics.utilities import dim_zero_cat
 
 from lit_fast.data.collate import padded_batch
 from lit_fast.tasks.codecs import EncoderCodec
+from lit_fast.training.packing import PackedBatch, pack_classification
 
-Inputs = dict[str, torch.Tensor]
+
+@dataclass
+class PackedTexts:
+    """Texts in one packed row, with their lengths on the host: a range of texts is cut out (`select`) without
+    waiting for the device (the gradient cache's mini-batches)."""
+
+    row: PackedBatch
+    lengths: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def device(self) -> torch.device:
+        return self.row.input_ids.device
+
+    def select(self, start: int, stop: int) -> "PackedTexts":
+        """Texts start..stop-1 as a row of their own (positions and boundaries are per text already)."""
+        begin, end = sum(self.lengths[:start]), sum(self.lengths[:stop])
+        bounds = self.row.cu_seqlens[start:stop + 1]
+        row = replace(self.row, input_ids=self.row.input_ids[:, begin:end],
+                      position_ids=self.row.position_ids[:, begin:end], cu_seqlens=bounds - bounds[0],
+                      max_seqlen=max(self.lengths[start:stop]),
+                      token_type_ids=None if self.row.token_type_ids is None else
+                      self.row.token_type_ids[:, begin:end])
+        return PackedTexts(row, self.lengths[start:stop])
+
+    def to(self, device, non_blocking: bool = False) -> "PackedTexts":
+        return PackedTexts(self.row.to(device, non_blocking=non_blocking), self.lengths)
+
+
+@dataclass
+class PackedPairs:
+    """A packed batch of pair rows: `texts` holds the N anchors, the N positives and the M hard negatives, in that
+    order; the keys are the padded batch's."""
+
+    texts: PackedTexts
+    pair_key: torch.Tensor  # (N,)
+    index: torch.Tensor  # (N,) the rows' numbers
+    negative_key: Optional[torch.Tensor] = None  # (M,)
+
+    @property
+    def num_examples(self) -> int:
+        """Rows (anchors): what a logged loss or metric is weighted by, as for a padded batch."""
+        return self.pair_key.shape[0]
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Texts of each part: anchors, positives and (when the batch has any) negatives."""
+        n, m = self.num_examples, len(self.texts) - 2 * self.num_examples
+        return (n, n, m) if m else (n, n)
+
+    def parts(self) -> list[PackedTexts]:
+        bounds = [0, *accumulate(self.counts)]
+        return [self.texts.select(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def to(self, device, non_blocking: bool = False) -> "PackedPairs":
+        def move(x):
+            return None if x is None else x.to(device, non_blocking=non_blocking)
+
+        return PackedPairs(move(self.texts), move(self.pair_key), move(self.index), move(self.negative_key))
+
+
+Inputs = Union[dict[str, torch.Tensor], PackedTexts]
 
 
 def text_key(text: str) -> int:
@@ -75,6 +144,22 @@ class PairCodec:
             batch["negative"] = padded_batch(tokenizer, negatives)
             batch["negative_key"] = torch.tensor([k for e in examples for k in e["negative_keys"]], dtype=torch.long)
         return batch
+
+    def pack(self, examples: list[dict]) -> Union[PackedPairs, PackedBatch]:
+        """The batch's anchors, positives and hard negatives in one packed row (rows without positives: their texts,
+        which no loss can use; the Embedder says so)."""
+        if "pair_ids" not in examples[0]:
+            return pack_classification(examples)
+        texts = ([e["input_ids"] for e in examples] + [e["pair_ids"] for e in examples]
+                 + [ids for e in examples for ids in e["negative_ids"]])
+        row = pack_classification([{"input_ids": ids} for ids in texts])
+        negative_keys = [k for e in examples for k in e["negative_keys"]]
+        return PackedPairs(
+            texts=PackedTexts(row, tuple(len(ids) for ids in texts)),
+            pair_key=torch.tensor([e["pair_key"] for e in examples], dtype=torch.long),
+            index=torch.tensor([e["index"] for e in examples], dtype=torch.long),
+            negative_key=torch.tensor(negative_keys, dtype=torch.long) if negative_keys else None,
+        )
 
 
 # ---- the loss ------------------------------------------------------------------------------------------------
@@ -194,7 +279,9 @@ class _RngReplay:
 
 
 def _slices(inputs: Inputs, size: int) -> list[Inputs]:
-    """Mini-batches of `size` rows, each cut to its own longest row (right padding)."""
+    """Mini-batches of `size` rows (texts), each cut to its own longest row (right padding) or packed row."""
+    if isinstance(inputs, PackedTexts):
+        return [inputs.select(start, min(start + size, len(inputs))) for start in range(0, len(inputs), size)]
     rows = inputs["input_ids"].shape[0]
     chunks = []
     for start in range(0, rows, size):
@@ -223,6 +310,7 @@ def cached_loss(embed: Callable[[Inputs], torch.Tensor], parts: list[Inputs], lo
                 mini_batch_size: int, params: list[torch.nn.Parameter]) -> torch.Tensor:
     """GradCache (Gao et al. 2021; sentence-transformers' CachedMultipleNegativesRankingLoss): the same loss and
     gradients as `loss_of(*[embed(p) for p in parts])` with the activations of only `mini_batch_size` rows alive.
+    A part is a padded batch's inputs or packed texts (`PackedTexts`: mini-batches of texts cut from the row).
 
     1. embed every mini-batch without a graph, keeping each one's RNG state;
     2. the loss on those embeddings, and its gradient with respect to them (the only full-batch step: vectors);
@@ -230,7 +318,7 @@ def cached_loss(embed: Callable[[Inputs], torch.Tensor], parts: list[Inputs], lo
        the parameters (`torch.autograd.grad`: no parameter hook fires yet);
     the returned loss then gives each parameter its summed gradient in the ordinary backward.
     """
-    device = parts[0]["input_ids"].device
+    device = parts[0].device if isinstance(parts[0], PackedTexts) else parts[0]["input_ids"].device
     chunks, states, reps = [], [], []
     for part in parts:
         vectors = []

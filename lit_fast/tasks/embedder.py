@@ -18,13 +18,14 @@ from lit_fast.models.sentence_transformers import (
     read_sentence_transformer,
     write_sentence_transformer,
 )
-from lit_fast.tasks.base import Attention, CudaGraphs, FastPath
+from lit_fast.tasks.base import Attention, CudaGraphs, FastPath, Packing
 from lit_fast.tasks.codecs import EncoderCodec
-from lit_fast.tasks.contrastive import PairCodec, Retrieval, cached_loss, ranking_loss
+from lit_fast.tasks.contrastive import PackedPairs, PackedTexts, PairCodec, Retrieval, cached_loss, ranking_loss
 from lit_fast.tasks.embedding import (  # noqa: F401 - pool, quantization_ranges: public helpers
     CALIBRATED, PRECISIONS, EmbeddingHead, pool, quantization_ranges, quantize, read_ranges)
 from lit_fast.tasks.encoder import EncoderTask
 from lit_fast.tasks.optim import OptimizerName
+from lit_fast.training.pooling import encoder_states
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,16 @@ class Embedder(EncoderTask):
     Training (docs/EMBEDDER_TRAINING.md): (anchor, positive) rows with optional hard negatives
     (`--data.text_column`, `--data.pair_column`, `--data.negative_column`), MultipleNegativesRankingLoss with
     in-batch negatives, optional gradient caching (`mini_batch_size`) and negatives from every rank under DDP;
-    validation ranks each anchor's positive among all validation positives (val_recall@10, val_mrr@10).
+    validation ranks each anchor's positive among all validation positives (val_recall@10, val_mrr@10). Training
+    and validation run on packed rows where the architecture is checked (`packing`).
     """
 
     auto_model_class = AutoModel
     monitor = ("val_mrr@10", "max")
     metric_modes = {"loss": "min", "recall@10": "max", "mrr@10": "max"}
+    # bare encoders whose packed vectors, loss and gradients equal the padded ones (tests/training/
+    # test_packed_equality.py); MPNet computes its own attention, outside transformers' AttentionInterface
+    packing_types = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert"})
 
     def __init__(
         self,
@@ -67,6 +72,7 @@ class Embedder(EncoderTask):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
+        packing: Packing = "auto",
         optimizer: OptimizerName = "adamw",
         optimizer_kwargs: Optional[dict[str, Any]] = None,
         lr_scheduler: str = "linear",
@@ -105,6 +111,12 @@ class Embedder(EncoderTask):
             weight_decay: training: weight decay (not on biases and norms).
             warmup_ratio: training: share of the steps spent warming up.
             gradient_checkpointing: training: recompute activations in backward (less memory, more compute).
+            packing: training and validation on packed rows: every text of a batch (anchors, positives, hard
+                negatives) in one row of real tokens, no padding, attention inside each text, each pooled over its
+                own tokens (docs/PACKED_TRAINING.md). auto (default): packed for BERT (MiniLM), RoBERTa, XLM-R,
+                CamemBERT, ELECTRA, DistilBERT and ALBERT, padded otherwise (MPNet; a log line says which); true:
+                packed or an error; false: padded. The gradient cache (mini_batch_size) packs its mini-batches
+                too. Predict and encode() are not affected.
             optimizer: training: adamw, sgd (momentum 0.9) or adafactor; --optimizer CLASS (any torch.optim class)
                 replaces it.
             optimizer_kwargs: training: more arguments of the optimizer (e.g. {betas: [0.9, 0.98]}).
@@ -135,7 +147,7 @@ class Embedder(EncoderTask):
             pretrained, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, attention=attention,
             fast_path=fast_path, cuda_graphs=cuda_graphs, quantization=quantization, max_length=max_length, lr=lr,
             weight_decay=weight_decay, warmup_ratio=warmup_ratio, gradient_checkpointing=gradient_checkpointing,
-            optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, lr_scheduler=lr_scheduler,
+            packing=packing, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, lr_scheduler=lr_scheduler,
             lr_scheduler_kwargs=lr_scheduler_kwargs, monitor=monitor,
         )
         if not scale > 0:
@@ -272,6 +284,12 @@ class Embedder(EncoderTask):
                               "strategy ddp, or no mini_batch_size")
         super().on_fit_start()
 
+    def _packing_refusal(self, strategy: Any) -> Optional[str]:
+        if self.hf_config.model_type == "mpnet":  # the why of the one common embedder left padded
+            return ("mpnet computes its attention itself (with a relative position bias over the whole row), not "
+                    "through transformers' AttentionInterface, so packed texts would attend to each other")
+        return super()._packing_refusal(strategy)
+
     def parameter_groups(self) -> list[dict]:
         groups = super().parameter_groups()
         head = [p for p in self.head.parameters() if p.requires_grad]
@@ -282,39 +300,56 @@ class Embedder(EncoderTask):
                 groups.append({"params": params, "weight_decay": decay})
         return groups
 
-    def _parts(self, batch: dict) -> list[dict]:
-        """The model inputs of the anchors, the positives and (when the batch has any) the hard negatives."""
-        if "pair" not in batch:
+    @staticmethod
+    def _check_pairs(batch: Any) -> None:
+        if not isinstance(batch, PackedPairs) and not (isinstance(batch, dict) and "pair" in batch):
             raise InputDataError("an Embedder batch without positives reached the loss: training rows need "
                                  "--data.pair_column")
+
+    def _parts(self, batch: dict | PackedPairs) -> list[dict | PackedTexts]:
+        """The model inputs of the anchors, the positives and (when the batch has any) the hard negatives."""
+        if isinstance(batch, PackedPairs):
+            return batch.parts()
         return [self._inputs(batch), batch["pair"]] + ([batch["negative"]] if "negative" in batch else [])
 
-    def _loss_of(self, batch: dict, gather: bool):
+    def _loss_of(self, batch: dict | PackedPairs, gather: bool):
         hp = self.hparams
+        keys = (batch.pair_key, batch.negative_key) if isinstance(batch, PackedPairs) else (
+            batch["pair_key"], batch.get("negative_key"))
 
         def loss(anchors, positives, negatives=None):
-            return ranking_loss(anchors, positives, negatives, batch["pair_key"], batch.get("negative_key"),
-                                scale=hp.scale, symmetric=hp.symmetric, gather=gather)
+            return ranking_loss(anchors, positives, negatives, *keys, scale=hp.scale, symmetric=hp.symmetric,
+                                gather=gather)
 
         return loss
 
-    def _embed_inputs(self, inputs: dict) -> torch.Tensor:
+    def _embed_inputs(self, inputs: dict | PackedTexts) -> torch.Tensor:
+        if isinstance(inputs, PackedTexts):  # each text pooled over its own segment of the row
+            return self.head.packed(encoder_states(self.model, inputs.row), inputs.row)
         return self.head(self.model(**inputs).last_hidden_state, inputs["attention_mask"])
 
-    def compute_loss(self, batch: dict) -> torch.Tensor:
-        parts = self._parts(batch)
+    def _vectors(self, batch: dict | PackedPairs) -> list[torch.Tensor]:
+        """The anchors', positives' (and negatives') vectors; a packed batch's texts in one forward."""
+        if isinstance(batch, PackedPairs):
+            return list(self._embed_inputs(batch.texts).split(batch.counts))
+        return [self._embed_inputs(p) for p in self._parts(batch)]
+
+    def compute_loss(self, batch: dict | PackedPairs) -> torch.Tensor:
+        self._check_pairs(batch)
         loss = self._loss_of(batch, gather=self.hparams.gather_across_ranks)
         if self.hparams.mini_batch_size and torch.is_grad_enabled():
             params = [p for p in self.parameters() if p.requires_grad]
-            return cached_loss(self._embed_inputs, parts, loss, self.hparams.mini_batch_size, params)
-        return loss(*[self._embed_inputs(p) for p in parts])
+            return cached_loss(self._embed_inputs, self._parts(batch), loss, self.hparams.mini_batch_size, params)
+        return loss(*self._vectors(batch))
 
     def metrics(self) -> dict:
         return {"recall@10": Retrieval("recall"), "mrr@10": Retrieval("mrr")}
 
-    def evaluate_batch(self, batch: dict) -> dict:
-        vectors = [self._embed_inputs(p) for p in self._parts(batch)]
-        found = (vectors[0], batch["pair_key"], vectors[1])  # ranked among all the split's positives at its end
+    def evaluate_batch(self, batch: dict | PackedPairs) -> dict:
+        self._check_pairs(batch)
+        vectors = self._vectors(batch)
+        pair_key = batch.pair_key if isinstance(batch, PackedPairs) else batch["pair_key"]
+        found = (vectors[0], pair_key, vectors[1])  # ranked among all the split's positives at its end
         return {"loss": self._loss_of(batch, gather=False)(*vectors), "recall@10": found, "mrr@10": found}
 
     def export(self, directory: str) -> None:

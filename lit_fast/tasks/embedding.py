@@ -13,6 +13,8 @@ from torch import nn
 
 from lit_fast.errors import ConfigError
 from lit_fast.models.sentence_transformers import ACTIVATIONS, POOLING_MODES, SentenceTransformerSpec
+from lit_fast.training.packing import PackedBatch
+from lit_fast.training.pooling import pool_packed
 
 # "float32" and "float16" round the values; "int8" / "uint8" put each dimension in one of 256 buckets between its
 # calibrated minimum and maximum; "binary" / "ubinary" pack one bit a dimension (> 0) into int8 / uint8 - all as
@@ -80,7 +82,14 @@ class EmbeddingHead(nn.Module):
         self.truncate_dim = truncate_dim
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        vectors = pool(hidden, mask, self.modes, self.prompt_length)
+        return self._finish(pool(hidden, mask, self.modes, self.prompt_length))
+
+    def packed(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """The vectors of a packed row's texts from its token states (T, H): each pooled over its own tokens."""
+        return self._finish(pool_packed(hidden, batch, self.modes, self.prompt_length))
+
+    def _finish(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Dense layers, normalisation and truncation of pooled vectors (padded and packed alike)."""
         if len(self.dense):
             vectors = self.dense(vectors.to(self.dense[0].weight.dtype))
         if self.normalize:

@@ -282,3 +282,73 @@ def test_auto_packs_models_with_attention_dropout_on_any_device(tiny_bert_dir, c
         assert decide("cuda") is True  # conftest's tiny BERT keeps BERT's dropout 0.1
         assert decide("cpu") is True
     assert "packing: on (bert is supported)" in caplog.text
+
+
+# ---- Embedder: every text of a batch in one packed row, the same ranking loss ---------------------------------------
+def _pairs(tmp_path: Path, n: int = 24) -> Path:
+    """Anchors and positives of 2 to 14 words sharing a topic word, one or two hard negatives a row."""
+    words = ["plot", "cast", "score", "light", "pace", "sound", "story", "ending", "actor", "scene", "music"]
+    rows = []
+    for i in range(n):
+        topic = words[i % len(words)]
+        row = {"anchor": " ".join([topic] + [words[(i + k) % 11] for k in range(1 + i % 13)]) + f" {i}",
+               "positive": f"about the {topic} " + " ".join(words[(2 * i + k) % 11] for k in range(i % 7))}
+        row["negative"] = [f"nothing on the {words[(i + 5 + k) % 11]} at all {i}" for k in range(1 + i % 2)]
+        rows.append(row)
+    return write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+
+def _embedder(pretrained: str, packing, **extra) -> dict:
+    return {"class_path": "lit_fast.Embedder",
+            "init_args": {"pretrained": pretrained, "max_length": 32, "lr": 1e-3, "lr_scheduler": "constant",
+                          "normalize": True, "packing": packing, **extra}}
+
+
+def test_embedder_packed_and_padded_start_equal_and_both_train(tmp_path, run_train, bert_dir, caplog):
+    """18 training rows in one batch (their anchors, positives and hard negatives in one packed row), 6 validation
+    rows."""
+    caplog.set_level(logging.INFO, logger="lit_fast")
+    data = {"path": str(_pairs(tmp_path)), "text_column": "anchor", "pair_column": "positive",
+            "negative_column": "negative", "batch_size": 18}
+    packed, val_packed = _train(run_train, tmp_path, "auto", _embedder(bert_dir, "auto"), data)
+    [line] = _packing_lines(caplog)
+    assert line.startswith("packing: on (bert is supported)")
+    padded, val_padded = _train(run_train, tmp_path, "off", _embedder(bert_dir, False), data)
+    assert _packing_lines(caplog) == ["packing: off (model.packing is false): padded batches"]
+    assert len(packed) == len(padded) == 10
+    _assert_same_start(packed, padded)
+    assert packed == pytest.approx(padded, rel=1e-4)
+    for losses in (packed, padded):
+        assert losses[-1] < 0.5 * losses[0], losses
+    # validation ranked packed vectors: the same retrieval metrics
+    assert val_packed["val_mrr@10"] == pytest.approx(val_padded["val_mrr@10"], rel=1e-6)
+    assert val_packed["val_recall@10"] == val_padded["val_recall@10"]
+    assert val_packed["val_loss"] == pytest.approx(val_padded["val_loss"], rel=1e-3)
+
+    # the gradient cache embeds mini-batches of 7 texts cut from the packed row: the same losses
+    cached, _ = _train(run_train, tmp_path, "cached", _embedder(bert_dir, True, mini_batch_size=7), data)
+    _assert_same_start(cached, packed)
+    assert cached == pytest.approx(packed, rel=1e-4)
+
+
+def test_embedder_mpnet_stays_padded_and_says_why(tmp_path, run_train, mpnet_dir, caplog):
+    """MPNet computes its attention itself, outside transformers' AttentionInterface: packed rows are refused."""
+    from transformers import MPNetModel
+
+    from lit_fast.errors import UnsupportedModelError
+    from lit_fast.training import use_packed_attention
+
+    with pytest.raises(UnsupportedModelError, match="does not call attention through transformers' AttentionInter"):
+        use_packed_attention(MPNetModel.from_pretrained(mpnet_dir))
+    data = {"path": str(_pairs(tmp_path)), "text_column": "anchor", "pair_column": "positive", "batch_size": 18}
+    config = _config(tmp_path, "mpnet-true", _embedder(mpnet_dir, True, attention="eager"), data, steps=1)
+    code, _, err = run_train("--config", str(config))
+    assert code == 2
+    assert "model.packing is true, but mpnet computes its attention itself" in err
+    assert len(err.strip().splitlines()) == 1
+
+    caplog.set_level(logging.INFO, logger="lit_fast")
+    losses, _ = _train(run_train, tmp_path, "mpnet-auto", _embedder(mpnet_dir, "auto", attention="eager"), data,
+                       steps=1)
+    [line] = _packing_lines(caplog)
+    assert line.startswith("packing: off (mpnet computes its attention itself") and len(losses) == 1

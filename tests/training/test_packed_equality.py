@@ -387,3 +387,173 @@ def test_cuda_bf16_packed_classifier_loss_matches_padded():
         want = ref(**batch).loss
         got, _ = classification_loss(packed, pack_classification(examples).to("cuda"))
     assert abs(got.item() - want.item()) <= 2e-2 * abs(want.item())
+
+
+# ---- sentence embeddings: the Embedder's ranking loss on packed texts ---------------------------------------------
+EMBEDDER_TYPES = ["bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert"]
+PROMPT = 4  # tokens of a prompt (with the leading special token) that a head with include_prompt false leaves out
+# how vectors are made: MiniLM's (mean, normalised); cls after the prompt; every mode concatenated after the prompt
+EMBEDDING_HEADS = {
+    "mean-normalize": dict(pooling=("mean",), normalize=True),
+    "cls-prompt-dense-normalize": dict(pooling=("cls",), include_prompt=False, dense=True, normalize=True),
+    "every-mode-prompt-dense": dict(pooling=("mean", "max", "mean_sqrt_len", "weightedmean", "lasttoken", "cls"),
+                                    include_prompt=False, dense=True),
+}
+
+
+@pytest.fixture(scope="module")
+def encoder_dirs(tmp_path_factory, minilm_dir):
+    """model_type -> a folder with a tiny random bare encoder (as an Embedder loads it) and a tokenizer; the tests
+    build their token ids themselves (5..98, the tiny models' vocabulary)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    folders = {}
+    for model_type in EMBEDDER_TYPES:
+        folder = tmp_path_factory.mktemp(f"tiny-{model_type}")
+        tiny_text_model(model_type, attn="sdpa").save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[model_type] = str(folder)
+    return folders
+
+
+def embedder_pair(directory: str, head: dict, **options):
+    """The same Embedder twice, padded and packed: a tiny encoder, the given head (a seeded Dense layer), eval mode
+    (dropout off)."""
+    from lit_fast import Embedder
+    from lit_fast.models.sentence_transformers import DenseSpec, SentenceTransformerSpec
+    from lit_fast.tasks.embedding import EmbeddingHead
+
+    torch.manual_seed(0)
+    width = 64 * len(head["pooling"])
+    dense = (DenseSpec(torch.randn(16, width) / width ** 0.5, torch.randn(16), "torch.nn.modules.activation.Tanh"),
+             ) if head.get("dense") else ()
+    spec = SentenceTransformerSpec(pooling=head["pooling"], include_prompt=head.get("include_prompt", True),
+                                   dense=dense, normalize=head.get("normalize", False))
+    modules = []
+    for packing in (False, True):
+        module = Embedder(directory, packing=packing, **options)
+        module.configure_model()
+        module.head = EmbeddingHead(spec, prompt_length=PROMPT)
+        modules.append(module.eval())
+    padded, packed = modules
+    use_packed_attention(packed.model)
+    return padded, packed
+
+
+def embedder_rows(seed: int = 0) -> list[dict]:
+    """Rows as PairCodec.encode makes them: 5 anchors and positives and 0 to 2 hard negatives each (4 in all), every
+    text 5 to 14 tokens (more than the prompt), distinct keys."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(5):
+        negatives = i % 3
+        texts = [_ids(int(n), g, 5, 99) for n in torch.randint(5, 15, (2 + negatives,), generator=g)]
+        rows.append({"index": i, "input_ids": texts[0], "pair_ids": texts[1], "pair_key": 100 + i,
+                     "negative_ids": texts[2:], "negative_keys": [200 + 10 * i + k for k in range(negatives)],
+                     "length": sum(len(t) for t in texts)})
+    return rows
+
+
+def pair_codec(pad_id: int):
+    """The Embedder's codec, padding with the tiny models' pad id (its collate is the padded batch, pack the packed)."""
+    from types import SimpleNamespace
+
+    from lit_fast.tasks.codecs import EncoderCodec
+    from lit_fast.tasks.contrastive import PairCodec
+
+    return PairCodec(EncoderCodec(SimpleNamespace(pad_token_id=pad_id, padding_side="right"), max_length=64))
+
+
+def embedder_loss_and_grads(module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    module.zero_grad(set_to_none=True)
+    loss = module.compute_loss(batch)
+    loss.backward()
+    return loss.detach(), grads(module)
+
+
+def assert_embedder_packed_equals_padded(directory: str, head: dict, **options) -> None:
+    padded, packed = embedder_pair(directory, head, **options)
+    rows, codec = embedder_rows(), pair_codec(padded.model.config.pad_token_id)
+    loss, ref = embedder_loss_and_grads(padded, codec.collate(rows))
+    batch = codec.pack(rows)
+    assert batch.texts.row.num_examples == 14 and batch.num_examples == 5  # anchors, positives, hard negatives
+    packed_loss, got = embedder_loss_and_grads(packed, batch)
+    assert_loss_close(packed_loss, loss)
+    assert not any("pooler" in name for name in ref)  # frozen: not part of a sentence embedding
+    assert_grads_close(got, ref)
+    if head.get("dense"):
+        assert "head.dense.0.weight" in got
+
+
+@pytest.mark.parametrize("model_type", EMBEDDER_TYPES)
+def test_embedder_packed_equals_padded(model_type, encoder_dirs):
+    """MiniLM's head (mean, normalised) on every packed architecture: loss and every gradient."""
+    assert_embedder_packed_equals_padded(encoder_dirs[model_type], EMBEDDING_HEADS["mean-normalize"])
+
+
+@pytest.mark.parametrize("head", ["cls-prompt-dense-normalize", "every-mode-prompt-dense"])
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_embedder_heads_packed_equal_padded(model_type, head, encoder_dirs):
+    """Every pooling mode, the prompt left out, a Dense layer, and both loss directions."""
+    assert_embedder_packed_equals_padded(encoder_dirs[model_type], EMBEDDING_HEADS[head], symmetric=True)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "distilbert"])
+def test_embedder_gradient_cache_packed_equals_padded(model_type, encoder_dirs):
+    """The gradient cache on packed texts (mini-batches of 3 texts cut from the row) against the padded loss
+    without a cache: the same loss and gradients."""
+    padded, packed = embedder_pair(encoder_dirs[model_type], EMBEDDING_HEADS["cls-prompt-dense-normalize"],
+                                   symmetric=True)
+    packed.hparams.mini_batch_size = 3
+    rows, codec = embedder_rows(), pair_codec(padded.model.config.pad_token_id)
+    loss, ref = embedder_loss_and_grads(padded, codec.collate(rows))
+    packed_loss, got = embedder_loss_and_grads(packed, codec.pack(rows))
+    assert_loss_close(packed_loss, loss)
+    assert_grads_close(got, ref)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_embedder_changing_one_text_leaves_the_other_vectors_unchanged(model_type, encoder_dirs):
+    """A positive with new tokens and a new length: every other text's vector, and the gradients of a function of
+    those vectors, stay as they were; the changed text's own vector changes."""
+    _, packed = embedder_pair(encoder_dirs[model_type], EMBEDDING_HEADS["every-mode-prompt-dense"])
+    rows, codec = embedder_rows(), pair_codec(packed.model.config.pad_token_id)
+    other = copy.deepcopy(rows)
+    other[2]["pair_ids"] = _ids(len(rows[2]["pair_ids"]) + 4, torch.Generator().manual_seed(9), 5, 99)
+    changed = 5 + 2  # the row's texts: the 5 anchors, then the positives
+    keep = [i for i in range(14) if i != changed]
+    weights = torch.randn(14, 16, generator=torch.Generator().manual_seed(3))
+    results = []
+    for batch_rows in (rows, other):
+        packed.zero_grad(set_to_none=True)
+        vectors = packed._embed_inputs(codec.pack(batch_rows).texts)
+        (vectors[keep] * weights[keep]).sum().backward()
+        results.append((vectors.detach(), grads(packed)))
+    (vectors, grad), (vectors2, grad2) = results
+    assert (vectors2[changed] - vectors[changed]).norm() > 1e-3 * vectors[changed].norm()
+    for i in keep:
+        assert (vectors2[i] - vectors[i]).norm() <= RTOL * vectors[i].norm(), i
+    assert_grads_close(grad2, grad)
+
+
+@pytest.mark.parametrize("prompt", [0, 3])
+@pytest.mark.parametrize("mode", ["mean", "max", "mean_sqrt_len", "weightedmean", "lasttoken", "cls"])
+def test_pooling_over_packed_texts_equals_padded(mode, prompt):
+    """pool_packed on a packed row's states == pool on the padded batch's, texts shorter than the prompt included
+    (they pool as an all-masked padded row does); the pad positions hold large values that must not leak in."""
+    from lit_fast.tasks.embedding import pool
+    from lit_fast.training import pack_classification
+    from lit_fast.training.pooling import pool_packed
+
+    lengths = [6, 1, 3, 9, 4, 2]
+    g = torch.Generator().manual_seed(0)
+    states = [torch.randn(n, 8, generator=g) for n in lengths]
+    mask = padded([[1] * n for n in lengths], 0)
+    hidden = torch.full((len(lengths), max(lengths), 8), 1e4)
+    for row, s in enumerate(states):
+        hidden[row, : len(s)] = s
+    batch = pack_classification([{"input_ids": [5] * n} for n in lengths])
+    want = pool(hidden, mask, mode, prompt)
+    got = pool_packed(torch.cat(states), batch, mode, prompt)
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=1e-6)
