@@ -21,6 +21,7 @@ import torch
 
 from lit_fast.models import sharding
 from lit_fast.training import PackedBatch
+from lit_fast.training.ranks import rank_share
 from lit_fast.tasks.optim import OptimizerName, build_optimizer, build_scheduler, check_optimizer
 from lit_fast.errors import ConfigError, LitFastError, UnsupportedModelError
 from lit_fast.models.loading import (
@@ -306,6 +307,8 @@ class LitTransformer(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=_rows(batch))
+        if isinstance(batch, PackedBatch) and batch.num_targets > 0:  # a mean over num_targets units
+            loss = loss * rank_share(batch.num_targets, loss.device)
         return loss
 
     def _eval_step(self, batch: dict, prefix: str) -> None:
