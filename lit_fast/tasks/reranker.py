@@ -6,7 +6,9 @@ query, null below the k best). A rank needs every pair of its query scored first
 by length, not by query: so with `top_k` every pair is scored once when predict starts (on each rank, its share,
 gathered), and the predict steps then write the scores and ranks. Fine-tuning reads a relevance label per pair
 (0/1 or graded in [0, 1]) with binary cross-entropy on the logit (sentence-transformers' BinaryCrossEntropyLoss), and
-validates by accuracy at 0.5 and by MRR@10 over each query's passages. docs/TASKS.md, "Reranker".
+validates by accuracy at 0.5 and by MRR@10 over each query's passages. Training, validation and test run on packed
+rows where the model type allows (`PackedPairs`: each pair's first token through the classifier's head, token types
+and query keys kept; docs/PACKED_TRAINING.md). docs/TASKS.md, "Reranker".
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal, Optional
 
 import numpy as np
@@ -25,10 +27,11 @@ from transformers import AutoModelForSequenceClassification
 from lit_fast.data.collate import pad_ids, padded_batch
 from lit_fast.errors import ConfigError, InputDataError
 from lit_fast.models.loading import hub_file
-from lit_fast.tasks.base import Attention, CudaGraphs, FastPath
+from lit_fast.tasks.base import Attention, CudaGraphs, FastPath, Packing
 from lit_fast.tasks.contrastive import gather_rows, text_key
 from lit_fast.tasks.encoder import EncoderTask
 from lit_fast.tasks.optim import OptimizerName
+from lit_fast.training import CLASSIFIER_HEADS, PackedBatch, classifier_logits, pack_classification
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,13 @@ Activation = Literal["auto", "sigmoid", "identity", "softmax"]
 # what sentence-transformers saves as a CrossEncoder's activation_fn -> ours
 _SAVED_ACTIVATIONS = {"torch.nn.modules.activation.Sigmoid": "sigmoid", "torch.nn.modules.linear.Identity": "identity"}
 MRR_AT = 10
+
+
+@dataclass
+class PackedPairs(PackedBatch):
+    """A packed row of (query, passage) pairs, with each pair's query key (MRR groups pairs by query)."""
+
+    query_key: Optional[torch.Tensor] = None  # (N,)
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,12 @@ class CrossEncoderCodec:
         if "labels" in examples[0]:
             batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.float32)
         return batch
+
+    def pack(self, examples: list[dict]) -> PackedPairs:
+        """The pairs in one packed row (training, validation and test): token types, relevance and query keys."""
+        batch = pack_classification(examples)  # relevance labels are floats: a float32 (N,) tensor
+        return PackedPairs(**{f.name: getattr(batch, f.name) for f in fields(batch)},
+                           query_key=torch.tensor([e["query_key"] for e in examples], dtype=torch.long))
 
 
 def relevance(label: Any, row: int) -> float:
@@ -117,6 +133,8 @@ class Reranker(EncoderTask):
     needs_pair = True
     monitor = (f"val_mrr@{MRR_AT}", "max")
     metric_modes = {"loss": "min", "acc": "max", f"mrr@{MRR_AT}": "max"}  # what validation logs
+    # the encoders whose packed pair logits equal the padded model's (tests/training/test_packed_equality.py)
+    packing_types = frozenset(CLASSIFIER_HEADS)
 
     def __init__(
         self,
@@ -126,6 +144,7 @@ class Reranker(EncoderTask):
         top_k: Optional[int] = None,
         max_length: Optional[int] = None,
         gradient_checkpointing: bool = False,
+        packing: Packing = "auto",
         lr: float = 2e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
@@ -153,6 +172,10 @@ class Reranker(EncoderTask):
             max_length: longer pairs are truncated to this many tokens, the longer text first (default: the
                 tokenizer's limit, at most 512).
             gradient_checkpointing: recompute activations in backward (less memory, more compute).
+            packing: train, validate and test on packed rows: each batch's pairs' real tokens (and token types) in
+                one row, no padding, attention inside each pair (docs/PACKED_TRAINING.md). auto (default): packed
+                for BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT and ALBERT, padded otherwise (a log line
+                says which); true: packed or an error; false: padded. Predict is not affected.
             lr: peak learning rate.
             weight_decay: weight decay (not on biases and norms).
             warmup_ratio: share of the steps spent warming up.
@@ -175,7 +198,7 @@ class Reranker(EncoderTask):
             pretrained, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, attention=attention,
             fast_path=fast_path, cuda_graphs=cuda_graphs, quantization=quantization, max_length=max_length, lr=lr,
             weight_decay=weight_decay, warmup_ratio=warmup_ratio, gradient_checkpointing=gradient_checkpointing,
-            optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, lr_scheduler=lr_scheduler,
+            packing=packing, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, lr_scheduler=lr_scheduler,
             lr_scheduler_kwargs=lr_scheduler_kwargs, monitor=monitor,
         )
         if top_k is not None and top_k < 1:
@@ -223,7 +246,9 @@ class Reranker(EncoderTask):
                               "relevance score per pair: start from an encoder or a one-label cross-encoder")
 
     # ---- scores --------------------------------------------------------------------------------------------
-    def _logits(self, batch: dict) -> torch.Tensor:
+    def _logits(self, batch: dict | PackedPairs) -> torch.Tensor:
+        if isinstance(batch, PackedBatch):  # each pair's own first token through the model's head
+            return classifier_logits(self.model, batch).float()
         return self.model(**self._inputs(batch)).logits.float()
 
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:
@@ -234,18 +259,19 @@ class Reranker(EncoderTask):
         return logits
 
     # ---- training ------------------------------------------------------------------------------------------
-    def compute_loss(self, batch: dict) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(self._logits(batch)[:, 0], batch["labels"])
+    def compute_loss(self, batch: dict | PackedPairs) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(self._logits(batch)[:, 0], _labels(batch))
 
     def on_validation_epoch_start(self) -> None:
         self._ranked: list[tuple[torch.Tensor, torch.Tensor]] = []  # (query keys, [logit, label]) per batch
 
     on_test_epoch_start = on_validation_epoch_start
 
-    def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+    def evaluate_batch(self, batch: dict | PackedPairs) -> dict[str, torch.Tensor]:
         logits = self._logits(batch)[:, 0]
-        labels = batch["labels"]
-        self._ranked.append((batch["query_key"], torch.stack([logits.detach(), labels], 1)))
+        labels = _labels(batch)
+        keys = batch.query_key if isinstance(batch, PackedBatch) else batch["query_key"]
+        self._ranked.append((keys, torch.stack([logits.detach(), labels], 1)))
         return {"loss": F.binary_cross_entropy_with_logits(logits, labels),
                 "acc": ((logits > 0) == (labels >= 0.5)).float().mean()}
 
@@ -324,3 +350,7 @@ class Reranker(EncoderTask):
             super().export(directory)
         finally:
             self.tokenizer.model_max_length = previous
+
+
+def _labels(batch: dict | PackedPairs) -> torch.Tensor:
+    return batch.labels if isinstance(batch, PackedBatch) else batch["labels"]

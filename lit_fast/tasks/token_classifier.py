@@ -5,13 +5,15 @@ a word takes the tag of its first token, and in training only first tokens carry
 and on special tokens: transformers' token-classification recipe). Entities are read from the word tags in the
 seqeval scheme (entities.py), with character offsets: into the text for a string; for a list of words, into the words
 joined by single spaces (the words' own indices come along). Validation reports entity-level precision, recall and
-F1 as seqeval computes them. docs/TASKS.md, "Token classifier".
+F1 as seqeval computes them. Training, validation and test run on packed rows where the model type allows
+(`PackedTokens`: each token's label and word travel with it; docs/PACKED_TRAINING.md). docs/TASKS.md,
+"Token classifier".
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 import torch
@@ -19,15 +21,25 @@ from transformers import AutoModelForTokenClassification
 
 from lit_fast.data.collate import pad_ids, padded_batch
 from lit_fast.errors import ConfigError, InputDataError
-from lit_fast.tasks.base import Attention, CudaGraphs, FastPath
+from lit_fast.tasks.base import Attention, CudaGraphs, FastPath, Packing
 from lit_fast.tasks.codecs import IGNORE
 from lit_fast.tasks.encoder import EncoderTask
 from lit_fast.tasks.entities import EntityCounts, spans, tag_error
 from lit_fast.tasks.optim import OptimizerName
+from lit_fast.training import CLASSIFIER_HEADS, PackedBatch, pack_tokens, token_classification_loss
 
 log = logging.getLogger(__name__)
 
 NO_WORD = -1  # word id of special and padding tokens
+
+
+@dataclass
+class PackedTokens(PackedBatch):
+    """A packed row of tagged examples: with the row's per-token labels, each token's word (NO_WORD on special
+    tokens) and each example's word tags, which the entity scores read."""
+
+    word_ids: Optional[torch.Tensor] = None  # (1, T)
+    tags: Optional[list[list[int]]] = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,26 @@ class TokenCodec:
             batch["tags"] = [e["tags"] for e in examples]
         return batch
 
+    def pack(self, examples: list[dict]) -> PackedTokens:
+        """The examples in one packed row (training, validation and test): labels, words and tags per token."""
+        batch = pack_tokens(examples)
+        word_ids = torch.tensor([w for e in examples for w in e["word_ids"]], dtype=torch.long).unsqueeze(0)
+        tags = [e["tags"] for e in examples] if "tags" in examples[0] else None
+        return PackedTokens(**{f.name: getattr(batch, f.name) for f in fields(batch)}, word_ids=word_ids, tags=tags)
+
+
+def example_rows(values: torch.Tensor, cu_seqlens: torch.Tensor, longest: int, fill: float) -> torch.Tensor:
+    """(T, ...) values of a packed row -> (N, longest, ...): one row per example, `fill` after its end (the layout
+    of a right-padded batch, which word_predictions reads)."""
+    starts = cu_seqlens.long()
+    lengths = starts[1:] - starts[:-1]
+    example = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths,
+                                      output_size=values.shape[0])
+    position = torch.arange(values.shape[0], device=values.device) - starts[:-1][example]
+    rows = values.new_full((lengths.numel(), longest, *values.shape[1:]), fill)
+    rows[example, position] = values
+    return rows
+
 
 def word_predictions(logits: torch.Tensor, word_ids: torch.Tensor, counts: list[int]) -> list[list[tuple[int, float]]]:
     """(tag id, probability) of each word, from its first token; (-1, 0.0) for a word without a token (truncated)."""
@@ -161,6 +193,8 @@ class TokenClassifier(EncoderTask):
     list_roles = ("text", "label")  # words and their tags come as lists
     monitor = ("val_f1", "max")
     metric_modes = {"loss": "min", "f1": "max", "precision": "max", "recall": "max"}  # what validation logs
+    # the encoders whose packed token logits equal the padded model's (tests/training/test_packed_equality.py)
+    packing_types = frozenset(CLASSIFIER_HEADS)
 
     def __init__(
         self,
@@ -169,6 +203,7 @@ class TokenClassifier(EncoderTask):
         labels: Optional[list[str]] = None,
         max_length: Optional[int] = None,
         gradient_checkpointing: bool = False,
+        packing: Packing = "auto",
         lr: float = 5e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
@@ -192,6 +227,10 @@ class TokenClassifier(EncoderTask):
             max_length: longer rows are truncated to this many tokens (default: the tokenizer's limit, at most 512);
                 predict gives their remaining words no tag (null) and says how many.
             gradient_checkpointing: recompute activations in backward (less memory, more compute).
+            packing: train, validate and test on packed rows: each batch's real tokens in one row, no padding,
+                attention inside each example, each token's label and word kept with it (docs/PACKED_TRAINING.md).
+                auto (default): packed for BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT and ALBERT, padded
+                otherwise (a log line says which); true: packed or an error; false: padded. Predict is not affected.
             lr: peak learning rate.
             weight_decay: weight decay (not on biases and norms).
             warmup_ratio: share of the steps spent warming up.
@@ -214,7 +253,7 @@ class TokenClassifier(EncoderTask):
             pretrained, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, attention=attention,
             fast_path=fast_path, cuda_graphs=cuda_graphs, quantization=quantization, max_length=max_length, lr=lr,
             weight_decay=weight_decay, warmup_ratio=warmup_ratio, gradient_checkpointing=gradient_checkpointing,
-            optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, lr_scheduler=lr_scheduler,
+            packing=packing, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, lr_scheduler=lr_scheduler,
             lr_scheduler_kwargs=lr_scheduler_kwargs, monitor=monitor,
         )
         why = _tags_error(labels or [])
@@ -254,21 +293,31 @@ class TokenClassifier(EncoderTask):
         return TokenCodec(self.tokenizer, self.max_length, tuple(self.labels) if self.labels else None)
 
     # ---- training ------------------------------------------------------------------------------------------
-    def compute_loss(self, batch: dict) -> torch.Tensor:
-        return self.model(**self._inputs(batch), labels=batch["labels"]).loss
+    def _loss_and_logits(self, batch: dict | PackedTokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, logits, word ids), the last two one row per example as in a right-padded batch."""
+        if isinstance(batch, PackedBatch):  # the row's tokens through the model's per-token head
+            loss, logits = token_classification_loss(self.model, batch)
+            return (loss, example_rows(logits, batch.cu_seqlens, batch.max_seqlen, 0.0),
+                    example_rows(batch.word_ids[0], batch.cu_seqlens, batch.max_seqlen, NO_WORD))
+        out = self.model(**self._inputs(batch), labels=batch["labels"])
+        return out.loss, out.logits, batch["word_ids"]
+
+    def compute_loss(self, batch: dict | PackedTokens) -> torch.Tensor:
+        return self._loss_and_logits(batch)[0]
 
     def on_validation_epoch_start(self) -> None:
         self._counts = EntityCounts()
 
     on_test_epoch_start = on_validation_epoch_start
 
-    def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = self.model(**self._inputs(batch), labels=batch["labels"])
-        words = word_predictions(out.logits, batch["word_ids"], [len(t) for t in batch["tags"]])
-        for tags, predicted in zip(batch["tags"], words):
+    def evaluate_batch(self, batch: dict | PackedTokens) -> dict[str, torch.Tensor]:
+        loss, logits, word_ids = self._loss_and_logits(batch)
+        all_tags = batch.tags if isinstance(batch, PackedBatch) else batch["tags"]
+        words = word_predictions(logits, word_ids, [len(t) for t in all_tags])
+        for tags, predicted in zip(all_tags, words):
             # a truncated word counts as tagged O: its true entities are still counted, as missed
             self._counts.add([self.labels[t] for t in tags], [self.labels[t] if t >= 0 else "O" for t, _ in predicted])
-        return {"loss": out.loss}
+        return {"loss": loss}
 
     def on_validation_epoch_end(self) -> None:
         self._log_entity_scores("val")

@@ -10,11 +10,20 @@ from lit_fast.training.heads import (
     causal_lm_loss,
     classification_loss,
     classifier_logits,
+    token_classification_loss,
+    token_classifier_logits,
 )
-from lit_fast.training.packing import PackedBatch, TokenBudgetPlan, first_fit, pack_causal, pack_classification
+from lit_fast.training.packing import (
+    PackedBatch,
+    TokenBudgetPlan,
+    first_fit,
+    pack_causal,
+    pack_classification,
+    pack_tokens,
+)
 
 __all__ = [
     "CAUSAL_LM_TYPES", "CLASSIFIER_HEADS", "PackedBatch", "TokenBudgetPlan", "causal_lm_example_losses",
     "causal_lm_loss", "classification_loss", "classifier_logits", "first_fit", "pack_causal", "pack_classification",
-    "use_packed_attention", "varlen_attention",
+    "pack_tokens", "token_classification_loss", "token_classifier_logits", "use_packed_attention", "varlen_attention",
 ]

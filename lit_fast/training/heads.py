@@ -4,7 +4,9 @@ A sequence classifier's HF head reads token 0 of each row, which in a packed row
 For each architecture a `ClassifierHead` says, as data, where the base model is, whether it takes token types,
 where its position table starts, and how its head turns each example's first-token state into logits (BERT's
 pooler, RoBERTa's classification head, DistilBERT's pre_classifier, ALBERT's pooler). The loss is the task
-model's own (`ForSequenceClassificationLoss`, which reads `config.problem_type`).
+model's own (`ForSequenceClassificationLoss`, which reads `config.problem_type`). A token classifier's head is per
+token: its own forward runs on the row (the same positions and token types), and the loss is the cross-entropy
+mean over the labelled tokens, as HF's padded head computes it.
 
 A causal LM runs its full forward (so peft's wrappers and the model's lm_head are used as they are) with
 `logits_to_keep` naming the positions that have a target: prompt tokens get no logits at all. The loss is the mean
@@ -80,6 +82,14 @@ def classifier_logits(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
     """(N, num_labels) logits of a packed row's examples through a `...ForSequenceClassification` model."""
     task = _unwrap(model)
     spec = _classifier_head(task)
+    hidden = getattr(task, spec.base)(**_encoder_inputs(task, spec, batch)).last_hidden_state
+    first = hidden[0, batch.cu_seqlens[:-1].long()]
+    return spec.head(task, first)
+
+
+def _encoder_inputs(task: nn.Module, spec: ClassifierHead, batch: PackedBatch) -> dict:
+    """The encoder's keywords for a packed row: ids, positions from the architecture's first position, token
+    types where the encoder takes them, and the boundaries its attention keeps examples apart by."""
     offset = spec.position_offset(task.config)
     inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids + offset if offset else
               batch.position_ids, **batch.boundaries()}
@@ -87,9 +97,7 @@ def classifier_logits(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
         if not spec.token_types:
             raise ConfigError(f"{task.config.model_type} takes no token_type_ids; pack its examples without them")
         inputs["token_type_ids"] = batch.token_type_ids
-    hidden = getattr(task, spec.base)(**inputs).last_hidden_state
-    first = hidden[0, batch.cu_seqlens[:-1].long()]
-    return spec.head(task, first)
+    return inputs
 
 
 def classification_loss(model: nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +108,27 @@ def classification_loss(model: nn.Module, batch: PackedBatch) -> tuple[torch.Ten
         raise ConfigError("classification_loss needs labels in the packed batch (pack_classification with labels)")
     logits = classifier_logits(model, batch)
     return ForSequenceClassificationLoss(batch.labels, logits, _unwrap(model).config), logits
+
+
+def token_classifier_logits(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """(T, num_labels) logits of every token of a packed row through a `...ForTokenClassification` model: its own
+    forward and head, which are per token, so only the positions and the boundaries change."""
+    task = _unwrap(model)
+    _check_attention(task)
+    spec = CLASSIFIER_HEADS.get(task.config.model_type)
+    if spec is None or not hasattr(task, spec.base) or not type(task).__name__.endswith("ForTokenClassification"):
+        raise UnsupportedModelError(f"packed token classification supports {sorted(CLASSIFIER_HEADS)} token "
+                                    f"classifiers, not {type(task).__name__}; train it padded (model.packing: false)")
+    return task(**_encoder_inputs(task, spec, batch)).logits[0]
+
+
+def token_classification_loss(model: nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits (T, num_labels)) of a packed row: the cross-entropy mean over its labelled tokens (-100 on
+    the others), as HF's padded token classifier computes it."""
+    if batch.labels is None:
+        raise ConfigError("token_classification_loss needs labels in the packed batch (pack_tokens with labels)")
+    logits = token_classifier_logits(model, batch)
+    return nn.functional.cross_entropy(logits.float(), batch.labels[0], ignore_index=IGNORE), logits
 
 
 def causal_lm_target_logits(model: nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,9 +5,10 @@ and records where each example starts (`cu_seqlens`, int32, `[0, l1, l1+l2, ...,
 inside each example (training/attention.py). Architectures whose position table starts elsewhere (RoBERTa:
 padding_idx + 1) add their offset in training/heads.py, so a packed batch depends on no model.
 
-Labels: a sequence classifier's one label per example; a causal LM's per-token labels (-100 where no loss, as
-the codecs make them) become shifted targets: the token at position i of an example is scored on that example's
-token i + 1, and each example's last token on nothing, so no token predicts across a boundary.
+Labels: a sequence classifier's one label per example; a token classifier's per-token labels, in place; a causal
+LM's per-token labels (-100 where no loss, as the codecs make them) become shifted targets: the token at position i
+of an example is scored on that example's token i + 1, and each example's last token on nothing, so no token
+predicts across a boundary.
 
 The plan (`TokenBudgetPlan`) shuffles the examples each epoch (seeded) and places them, in that order, into the
 first batch with room under `max_tokens` real tokens (first-fit; lengths are never sorted, so batches stay
@@ -83,6 +84,22 @@ def pack_causal(examples: Sequence[dict]) -> PackedBatch:
         targets += list(labels[1:]) + [IGNORE]
     batch.labels = torch.tensor(targets, dtype=torch.long).unsqueeze(0)
     batch.num_targets = sum(t != IGNORE for t in targets)
+    return batch
+
+
+def pack_tokens(examples: Sequence[dict]) -> PackedBatch:
+    """Examples {"input_ids": [...], "labels": [...] one per token (-100: no loss), optional "token_type_ids",
+    "index"} -> one row; `labels` is (1, T), each token's own label in place (a token classifier's, unshifted)."""
+    batch = _pack(examples)
+    if "labels" in examples[0]:
+        labels: list[int] = []
+        for row, example in enumerate(examples):
+            if len(example["labels"]) != len(example["input_ids"]):
+                raise InputDataError(f"example {example.get('index', row)}: {len(example['labels'])} labels for "
+                                     f"{len(example['input_ids'])} tokens; token classification needs one per token")
+            labels += example["labels"]
+        batch.labels = torch.tensor(labels, dtype=torch.long).unsqueeze(0)
+        batch.num_targets = sum(label != IGNORE for label in labels)
     return batch
 
 

@@ -13,7 +13,7 @@ import torch
 
 from _decoder_models import causal_model
 from _encoder_models import tiny_text_model
-from lit_fast.errors import ConfigError
+from lit_fast.errors import ConfigError, UnsupportedModelError
 from lit_fast.training import (
     causal_lm_example_losses,
     causal_lm_loss,
@@ -21,6 +21,9 @@ from lit_fast.training import (
     classifier_logits,
     pack_causal,
     pack_classification,
+    pack_tokens,
+    token_classification_loss,
+    token_classifier_logits,
     use_packed_attention,
 )
 from lit_fast.training.packing import IGNORE
@@ -282,6 +285,167 @@ class _Attention(torch.nn.Module):
     def __init__(self, causal: bool):
         super().__init__()
         self.is_causal = causal
+
+
+# ---- token classification and (query, passage) pairs: TokenClassifier and Reranker -------------------------------
+PAIR_TOKEN_TYPES = ("bert", "electra", "albert")  # the encoders whose tokenizers mark the second text
+
+
+def head_pair(model_type: str, auto_class, num_labels: int):
+    """A tiny `model_type` with another task head (token classification, or one relevance logit), sdpa and packed."""
+    config = tiny_text_model(model_type, task=True, attn="sdpa").config
+    config.num_labels = num_labels
+    torch.manual_seed(0)
+    ref = auto_class.from_config(config, attn_implementation="sdpa").eval()
+    return ref, use_packed_attention(copy.deepcopy(ref))
+
+
+def token_examples(lengths=LENGTHS, seed: int = 0) -> list[dict]:
+    """A tag on about half the tokens (first subwords), -100 on the rest and on the first and last (special) ones."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for i, n in enumerate(lengths):
+        tags = torch.randint(0, 3, (n,), generator=g).tolist()
+        labelled = torch.rand(n, generator=g) < 0.5
+        labels = [t if keep and 0 < k < n - 1 else IGNORE for k, (t, keep) in enumerate(zip(tags, labelled))]
+        labels[1] = tags[1]  # at least one labelled token in every example
+        examples.append({"index": i, "input_ids": _ids(n, g, 5, 99), "labels": labels})
+    return examples
+
+
+def pair_examples(model_type: str, lengths=LENGTHS, seed: int = 0) -> list[dict]:
+    """Query then passage, token type 1 on the passage where the encoder takes token types; relevance in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for i, n in enumerate(lengths):
+        example = {"index": i, "input_ids": _ids(n, g, 5, 99), "labels": float(torch.rand(1, generator=g))}
+        if model_type in PAIR_TOKEN_TYPES:
+            example["token_type_ids"] = [0] * (n // 2) + [1] * (n - n // 2)
+        examples.append(example)
+    return examples
+
+
+def padded_token_batch(examples: list[dict], pad_id: int) -> dict:
+    ids = [e["input_ids"] for e in examples]
+    return {"input_ids": padded(ids, pad_id), "attention_mask": padded([[1] * len(r) for r in ids], 0),
+            "labels": padded([e["labels"] for e in examples], IGNORE)}
+
+
+@pytest.mark.parametrize("model_type", ENCODERS)
+def test_token_classifier_packed_equals_padded(model_type):
+    from transformers import AutoModelForTokenClassification
+
+    ref, packed = head_pair(model_type, AutoModelForTokenClassification, 3)
+    examples = token_examples()
+    batch = padded_token_batch(examples, ref.config.pad_token_id)
+    out = ref(**batch)  # HF's own loss: the mean over the labelled tokens
+    out.loss.backward()
+    row = pack_tokens(examples)
+    loss, logits = token_classification_loss(packed, row)
+    loss.backward()
+    assert_loss_close(loss, out.loss)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits, out.logits[real], rtol=RTOL, atol=RTOL * out.logits.abs().max().item())
+    assert row.num_targets == int((batch["labels"] != IGNORE).sum())
+    assert_grads_close(grads(packed), grads(ref))
+    # the test can fail: where the first two examples attend to each other, their logits leave the tolerance
+    merged = copy.copy(row)
+    merged.cu_seqlens = row.cu_seqlens[[0, 2, 3, 4, 5]]
+    with torch.no_grad():
+        crossed = token_classifier_logits(packed, merged)
+    assert not torch.allclose(crossed, out.logits[real], rtol=RTOL, atol=RTOL * out.logits.abs().max().item())
+
+
+def test_token_classifier_evaluation_reads_each_examples_own_tokens():
+    """The TokenClassifier's validation on a packed row: per-example logits and word ids laid out as the padded
+    batch's, so the word tags (and the entity scores made of them) are the padded batch's."""
+    from transformers import AutoModelForTokenClassification
+
+    from lit_fast.tasks.token_classifier import NO_WORD, example_rows, word_predictions
+
+    ref, packed = head_pair("bert", AutoModelForTokenClassification, 3)
+    examples = token_examples()
+    for e in examples:  # words of one or two subwords between the special tokens
+        inner = [k // 2 for k in range(len(e["input_ids"]) - 2)]
+        e["word_ids"] = [NO_WORD, *inner, NO_WORD]
+    batch = padded_token_batch(examples, ref.config.pad_token_id)
+    word_ids = padded([e["word_ids"] for e in examples], NO_WORD)
+    counts = [max(e["word_ids"]) + 1 for e in examples]
+    with torch.no_grad():
+        want = word_predictions(ref(**batch).logits, word_ids, counts)
+        row = pack_tokens(examples)
+        logits = example_rows(token_classification_loss(packed, row)[1], row.cu_seqlens, row.max_seqlen, 0.0)
+    flat = torch.tensor([w for e in examples for w in e["word_ids"]])
+    got = word_predictions(logits, example_rows(flat, row.cu_seqlens, row.max_seqlen, NO_WORD), counts)
+    assert [[t for t, _ in words] for words in got] == [[t for t, _ in words] for words in want]
+    for words, ref_words in zip(got, want):
+        assert [s for _, s in words] == pytest.approx([s for _, s in ref_words], rel=RTOL)
+
+
+@pytest.mark.parametrize("model_type", ENCODERS)
+def test_pair_classifier_packed_equals_padded(model_type):
+    """A cross-encoder (the Reranker): one logit per (query, passage) pair, binary cross-entropy on it."""
+    from transformers import AutoModelForSequenceClassification
+
+    ref, packed = head_pair(model_type, AutoModelForSequenceClassification, 1)
+    examples = pair_examples(model_type)
+    batch = padded_batch(examples, ref.config.pad_token_id, causal=False)
+    if model_type in PAIR_TOKEN_TYPES:
+        batch["token_type_ids"] = padded([e["token_type_ids"] for e in examples], 0)
+    labels = batch.pop("labels").float()
+    want = ref(**batch).logits.float()
+    ref_loss = torch.nn.functional.binary_cross_entropy_with_logits(want[:, 0], labels)
+    ref_loss.backward()
+    row = pack_classification(examples)
+    assert row.labels.dtype == torch.float32
+    logits = classifier_logits(packed, row).float()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], row.labels)
+    loss.backward()
+    assert_loss_close(loss, ref_loss)
+    torch.testing.assert_close(logits, want, rtol=RTOL, atol=RTOL * want.abs().max().item())
+    assert_grads_close(grads(packed), grads(ref))
+    if model_type in PAIR_TOKEN_TYPES:  # the token types travel in the row: without them the logits move
+        plain = copy.copy(row)
+        plain.token_type_ids = None
+        with torch.no_grad():
+            assert not torch.allclose(classifier_logits(packed, plain).float(), want, rtol=100 * RTOL, atol=0)
+
+
+def _other_examples_token_terms(model, examples, changed: int):
+    """Each example's summed token cross-entropy, and the gradients of the sum over the examples but `changed`."""
+    model.zero_grad()
+    row = pack_tokens(examples)
+    per_token = torch.nn.functional.cross_entropy(token_classifier_logits(model, row), row.labels[0],
+                                                  ignore_index=IGNORE, reduction="none")
+    starts = row.cu_seqlens.long()
+    example = torch.repeat_interleave(torch.arange(row.num_examples), starts[1:] - starts[:-1])
+    terms = torch.zeros(row.num_examples).index_add(0, example, per_token)
+    keep = [i for i in range(len(examples)) if i != changed]
+    terms[keep].sum().backward()
+    return terms.detach(), grads(model)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert"])
+def test_changing_one_tagged_example_leaves_the_others_token_terms_unchanged(model_type):
+    from transformers import AutoModelForTokenClassification
+
+    _, model = head_pair(model_type, AutoModelForTokenClassification, 3)
+    examples = token_examples()
+    changed = 2
+    other = copy.deepcopy(examples)
+    other[changed] = token_examples([LENGTHS[changed] + 4], seed=9)[0]  # new tokens, labels and length
+    terms, grad = _other_examples_token_terms(model, examples, changed)
+    terms2, grad2 = _other_examples_token_terms(model, other, changed)
+    keep = [i for i in range(len(examples)) if i != changed]
+    assert not torch.allclose(terms[changed], terms2[changed])
+    torch.testing.assert_close(terms2[keep], terms[keep], rtol=RTOL, atol=0)
+    assert_grads_close(grad2, grad)
+
+
+def test_packed_token_losses_refuse_a_sequence_classifier():
+    _, model = encoder_pair("bert")
+    with pytest.raises(UnsupportedModelError, match="not BertForSequenceClassification"):
+        token_classification_loss(model, pack_tokens(token_examples()))
 
 
 def _qkv(lengths: list[int], device: str = "cpu", dtype=torch.float32, heads=(4, 4, 4)):
