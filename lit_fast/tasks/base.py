@@ -243,7 +243,9 @@ class LitTransformer(L.LightningModule):
 
     def _decide_packing(self) -> bool:
         asked = self.hparams.get("packing", False)
-        if not self.packing_types:  # a task without packed training says nothing about it
+        if not self.packing_types:
+            if asked == "auto":
+                log.info("packing: off (%s trains on padded batches only): padded batches", type(self).__name__)
             return False
         if asked is False:
             log.info("packing: off (model.packing is false): padded batches")
@@ -457,7 +459,7 @@ class LitTransformer(L.LightningModule):
 
 def _rows(batch: Any) -> int:
     """Examples in a batch: a padded batch's, or a packed one's (`num_examples`: a `PackedBatch`, or a task's own
-    packed batch such as the Embedder's `PackedPairs`)."""
+    packed batch such as the Embedder's `PackedContrastive`)."""
     return batch.num_examples if hasattr(batch, "num_examples") else len(batch["index"])
 
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForSeq2SeqLM
 
 from lit_fast.fastpath.decoder.loop import hf_generate
 from lit_fast.models.lora import LoraSettings
-from lit_fast.tasks.base import Attention
+from lit_fast.tasks.base import Attention, Packing
 from lit_fast.tasks.codecs import Seq2SeqCodec
 from lit_fast.tasks.generator import Generator
 from lit_fast.tasks.optim import OptimizerName
@@ -62,6 +62,7 @@ class Seq2SeqLM(Generator):
         sdpa_backends: Optional[list[str]] = None,
         attention_strict: bool = True,
         quantization: Optional[str] = None,
+        packing: Packing = "auto",
     ):
         """Args:
             pretrained: a local model directory or a hub id (e.g. google-t5/t5-small, facebook/bart-base).
@@ -93,6 +94,9 @@ class Seq2SeqLM(Generator):
             sdpa_backends: SDPA kernels allowed (flash, efficient, cudnn, math).
             attention_strict: when no allowed SDPA kernel fits, stop (true) or add math (false).
             quantization: bitsandbytes weights; with lora: QLoRA.
+            packing: auto (default) and false: padded batches, which is what encoder-decoder models train on here
+                (packed rows would need varlen cross-attention and T5's position bias per example; the log says so);
+                true: an error.
         """
         super().__init__(
             pretrained, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
@@ -101,7 +105,7 @@ class Seq2SeqLM(Generator):
             trust_remote_code=trust_remote_code, dtype=dtype, attention=attention, quantization=quantization,
             max_length=max_length, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
             optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, lr_scheduler=lr_scheduler,
-            lr_scheduler_kwargs=lr_scheduler_kwargs, monitor=monitor,
+            lr_scheduler_kwargs=lr_scheduler_kwargs, monitor=monitor, packing=packing,
         )
         self._told_hf = False
 

@@ -1,6 +1,7 @@
 """Seq2SeqLM (T5, BART) through train.py / predict.py with the seq2seq configs, on tiny random models."""
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from _decoder_models import save_tiny
 from conftest import read_jsonl
 
+from lit_fast.errors import ConfigError
 from lit_fast.tasks.codecs import IGNORE
 from lit_fast.tasks.seq2seq import Seq2SeqLM
 
@@ -77,3 +79,13 @@ def test_empty_source_is_an_error(tmp_path, tokenizer_dir):
     module = Seq2SeqLM(save_tiny("t5", tmp_path / "t5", tokenizer_dir))
     with pytest.raises(InputDataError, match="row 3: empty source"):
         module.codec().encode([{"index": 3, "text": "  "}], "predict")
+
+
+def test_packing_pads_and_says_so(tmp_path, tokenizer_dir, caplog):
+    """Encoder-decoder models train padded: auto says so once, true is refused before any data is read."""
+    model_dir = save_tiny("bart", tmp_path / "bart", tokenizer_dir)
+    with pytest.raises(ConfigError, match="model.packing is true, but Seq2SeqLM trains on padded batches only"):
+        Seq2SeqLM(model_dir, packing=True)
+    with caplog.at_level(logging.INFO, logger="lit_fast.tasks.base"):
+        assert Seq2SeqLM(model_dir).packed_batches() is False
+    assert "packing: off (Seq2SeqLM trains on padded batches only)" in caplog.text
