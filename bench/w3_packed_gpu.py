@@ -35,6 +35,8 @@ tied head), full fine-tuning and LoRA (peft, r 16, alpha 32, q/k/v/o_proj). Leng
                         accumulated over the step (its full step at once does not fit: 128k-vocabulary logits)
   hf_flattening         DataCollatorWithFlattening + sdpa (block-diagonal causal mask from the restarted positions)
   lit_fast_packed       pack_causal + use_packed_attention + causal_lm_loss (logits only where there is a target)
+  lit_fast_packed_liger the same rows with liger-kernel's RMSNorm, SwiGLU and RoPE kernels and its fused linear
+                        cross-entropy (no logits tensor): what adopting liger would give (needs liger-kernel)
 
 Correctness, before timing, on one batch, eval mode, same weights: every variant's loss against hf_padded's at the
 run precision (bf16 autocast: rel 2e-2; the CPU smoke run is fp32: rel 1e-5) and in fp32 (CUDA: rel 1e-4, CPU
@@ -88,8 +90,9 @@ from lit_fast.training.heads import CLASSIFIER_HEADS
 PEAK_TFLOPS = 989.0  # H100 SXM (and H200) dense bf16
 IGNORE = -100
 ENCODER_VARIANTS = ("hf_padded", "hf_grouped", "hf_flattening", "hf_flattening_gather", "lit_fast_packed")
-DECODER_VARIANTS = ("hf_padded", "hf_flattening", "lit_fast_packed")
+DECODER_VARIANTS = ("hf_padded", "hf_flattening", "lit_fast_packed", "lit_fast_packed_liger")
 PACKED = "lit_fast_packed"
+LIGER = "lit_fast_packed_liger"  # last: liger patches transformers' Llama rotary function for the whole process
 
 
 @dataclass(frozen=True)
@@ -294,10 +297,12 @@ def encoder_loss(variant: str):
 def set_attention(model, variant: str) -> None:
     """lit_fast's packed attention for lit_fast_packed, HF's sdpa for the rest (peft: on the wrapped model)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if variant == PACKED:
+    if variant in (PACKED, LIGER):
         use_packed_attention(base)
     else:
         base.set_attn_implementation("sdpa")
+    if variant == LIGER:
+        use_liger(model)
 
 
 def probe_hf_flattening(model, examples: list[dict], device) -> str:
@@ -568,13 +573,40 @@ def decoder_micro(variant: str, group: list[dict], split: int, device) -> list[d
 def decoder_loss(variant: str):
     if variant == PACKED:
         return lambda model, micro: causal_lm_loss(model, micro["batch"], num_items_in_batch=micro["num_items"])
+    if variant == LIGER:
+        return lambda model, micro: liger_causal_loss(model, micro["batch"], micro["num_items"])
     return lambda model, micro: model(**micro["batch"], use_cache=False).loss * micro["weight"]
+
+
+def use_liger(model) -> None:
+    """liger-kernel's fused RMSNorm, SwiGLU and RoPE in the model's modules (its Triton kernels; the loss below
+    is its fused linear cross-entropy)."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=base)
+
+
+def liger_causal_loss(model, batch, num_items: int) -> torch.Tensor:
+    """The packed row's summed cross-entropy over its targets / num_items, through liger's fused linear
+    cross-entropy: the head's logits are made and consumed in chunks, never (targets x vocabulary) at once."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                        **batch.boundaries()).last_hidden_state[0]
+    targets = batch.labels[0]
+    keep = targets != IGNORE
+    hidden = hidden[keep]
+    weight = base.lm_head.weight.to(hidden.dtype)  # what autocast does to the head's matmul (bf16-mixed)
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, targets[keep]) / num_items
 
 
 def decoder_example_losses(variant: str, model, micro: dict) -> torch.Tensor:
     """(N,) summed cross-entropy of each example's targets (for the independence check)."""
     batch = micro["batch"]
-    if variant == PACKED:
+    if variant in (PACKED, LIGER):
         return causal_lm_example_losses(model, batch)
     if variant == "hf_padded":
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
