@@ -12,7 +12,7 @@ distractors too). Films are split, not reviews: the test reviews are of films th
     3. fine-tune with configs/embed-finetune.yaml through train.py's code path (lit_fast.cli.train_main), export;
     4. after: the export, measured the same way.
 
-    .venv/bin/python -m bench.embed_finetune_demo [--train-rows 640] [--out FILE]
+    .venv/bin/python -m bench.embed_finetune_demo [--train-rows 640] [--packing auto|true|false] [--out FILE]
     .venv/bin/python -m bench.embed_finetune_demo --pairs-only runs/rotten-pairs   # the files the config reads
 """
 
@@ -116,6 +116,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-rows", type=int, default=640, help="training pairs (one epoch)")
     parser.add_argument("--pairs-only", metavar="FOLDER", help="write the pair files there and stop")
+    parser.add_argument("--packing", choices=("auto", "true", "false"), default="auto",
+                        help="model.packing: packed training rows (auto: packed for MiniLM) or padded batches")
     parser.add_argument("--out", default=str(common.RESULTS / "embed_finetune_cpu.json"))
     args = parser.parse_args()
     if args.pairs_only:
@@ -135,7 +137,7 @@ def main() -> None:
         code = train_main(["--config", str(CONFIG), "--data.path", str(work / "pairs/train.jsonl"),
                            "--data.val_path", str(work / "pairs/val.jsonl"), "--trainer.accelerator", "cpu",
                            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(work / "runs"),
-                           "--export_dir", str(work / "export")])
+                           "--model.packing", args.packing, "--export_dir", str(work / "export")])
         train_seconds = time.perf_counter() - start
         if code != 0:
             raise SystemExit(f"training failed (exit {code})")
@@ -148,7 +150,7 @@ def main() -> None:
               "task": "review -> its film's plot among all plots; test films unseen in training",
               "rows": {k: len(v) for k, v in splits.items()}, "corpus_plots": len(splits["plots"]),
               "films": {"train": len({r["film"] for r in splits["train"]}), **SPLIT_FILMS},
-              "train_seconds": round(train_seconds, 1), "before": before, "after": after}
+              "packing": args.packing, "train_seconds": round(train_seconds, 1), "before": before, "after": after}
     common.write_json(result, args.out)
     print(f"\nall-MiniLM-L6-v2, {len(splits['test'])} test reviews of {SPLIT_FILMS['test']} unseen films vs "
           f"{len(splits['plots'])} plots; {len(splits['train'])} training pairs, {train_seconds:.0f} s on CPU "

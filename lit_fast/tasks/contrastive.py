@@ -8,9 +8,9 @@ hard negatives as sub-dicts `pair` / `negative`, and a 63-bit key of every posit
 positive is the same text (several reviews of one film, one plot) must not count each other's positive as a
 negative, which sentence-transformers avoids with a no-duplicates sampler and lit_fast with these keys.
 
-Packed (`model.packing`, docs/PACKED_TRAINING.md), a batch is a `PackedPairs`: every text of the batch (the anchors,
-then the positives, then the hard negatives) in one row of real tokens, each text attending only to itself, with
-the same keys.
+Packed (`model.packing`, docs/PACKED_TRAINING.md), a batch is a `PackedContrastive`: every text of the batch (the
+anchors, then the positives, then the hard negatives) in one row of real tokens, each text attending only to itself,
+with the same keys.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class PackedTexts:
 
 
 @dataclass
-class PackedPairs:
+class PackedContrastive:
     """A packed batch of pair rows: `texts` holds the N anchors, the N positives and the M hard negatives, in that
     order; the keys are the padded batch's."""
 
@@ -77,6 +77,11 @@ class PackedPairs:
         return self.pair_key.shape[0]
 
     @property
+    def num_targets(self) -> int:
+        """The loss's units, its anchors: under DDP a rank's mean is scaled by its share (base.training_step)."""
+        return self.num_examples
+
+    @property
     def counts(self) -> tuple[int, ...]:
         """Texts of each part: anchors, positives and (when the batch has any) negatives."""
         n, m = self.num_examples, len(self.texts) - 2 * self.num_examples
@@ -86,11 +91,11 @@ class PackedPairs:
         bounds = [0, *accumulate(self.counts)]
         return [self.texts.select(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def to(self, device, non_blocking: bool = False) -> "PackedPairs":
+    def to(self, device, non_blocking: bool = False) -> "PackedContrastive":
         def move(x):
             return None if x is None else x.to(device, non_blocking=non_blocking)
 
-        return PackedPairs(move(self.texts), move(self.pair_key), move(self.index), move(self.negative_key))
+        return PackedContrastive(move(self.texts), move(self.pair_key), move(self.index), move(self.negative_key))
 
 
 Inputs = Union[dict[str, torch.Tensor], PackedTexts]
@@ -145,7 +150,7 @@ class PairCodec:
             batch["negative_key"] = torch.tensor([k for e in examples for k in e["negative_keys"]], dtype=torch.long)
         return batch
 
-    def pack(self, examples: list[dict]) -> Union[PackedPairs, PackedBatch]:
+    def pack(self, examples: list[dict]) -> Union[PackedContrastive, PackedBatch]:
         """The batch's anchors, positives and hard negatives in one packed row (rows without positives: their texts,
         which no loss can use; the Embedder says so)."""
         if "pair_ids" not in examples[0]:
@@ -154,7 +159,7 @@ class PairCodec:
                  + [ids for e in examples for ids in e["negative_ids"]])
         row = pack_classification([{"input_ids": ids} for ids in texts])
         negative_keys = [k for e in examples for k in e["negative_keys"]]
-        return PackedPairs(
+        return PackedContrastive(
             texts=PackedTexts(row, tuple(len(ids) for ids in texts)),
             pair_key=torch.tensor([e["pair_key"] for e in examples], dtype=torch.long),
             index=torch.tensor([e["index"] for e in examples], dtype=torch.long),

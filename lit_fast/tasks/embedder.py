@@ -20,7 +20,8 @@ from lit_fast.models.sentence_transformers import (
 )
 from lit_fast.tasks.base import Attention, CudaGraphs, FastPath, Packing
 from lit_fast.tasks.codecs import EncoderCodec
-from lit_fast.tasks.contrastive import PackedPairs, PackedTexts, PairCodec, Retrieval, cached_loss, ranking_loss
+from lit_fast.tasks.contrastive import (
+    PackedContrastive, PackedTexts, PairCodec, Retrieval, cached_loss, ranking_loss)
 from lit_fast.tasks.embedding import (  # noqa: F401 - pool, quantization_ranges: public helpers
     CALIBRATED, PRECISIONS, EmbeddingHead, pool, quantization_ranges, quantize, read_ranges)
 from lit_fast.tasks.encoder import EncoderTask
@@ -302,19 +303,19 @@ class Embedder(EncoderTask):
 
     @staticmethod
     def _check_pairs(batch: Any) -> None:
-        if not isinstance(batch, PackedPairs) and not (isinstance(batch, dict) and "pair" in batch):
+        if not isinstance(batch, PackedContrastive) and not (isinstance(batch, dict) and "pair" in batch):
             raise InputDataError("an Embedder batch without positives reached the loss: training rows need "
                                  "--data.pair_column")
 
-    def _parts(self, batch: dict | PackedPairs) -> list[dict | PackedTexts]:
+    def _parts(self, batch: dict | PackedContrastive) -> list[dict | PackedTexts]:
         """The model inputs of the anchors, the positives and (when the batch has any) the hard negatives."""
-        if isinstance(batch, PackedPairs):
+        if isinstance(batch, PackedContrastive):
             return batch.parts()
         return [self._inputs(batch), batch["pair"]] + ([batch["negative"]] if "negative" in batch else [])
 
-    def _loss_of(self, batch: dict | PackedPairs, gather: bool):
+    def _loss_of(self, batch: dict | PackedContrastive, gather: bool):
         hp = self.hparams
-        keys = (batch.pair_key, batch.negative_key) if isinstance(batch, PackedPairs) else (
+        keys = (batch.pair_key, batch.negative_key) if isinstance(batch, PackedContrastive) else (
             batch["pair_key"], batch.get("negative_key"))
 
         def loss(anchors, positives, negatives=None):
@@ -328,13 +329,13 @@ class Embedder(EncoderTask):
             return self.head.packed(encoder_states(self.model, inputs.row), inputs.row)
         return self.head(self.model(**inputs).last_hidden_state, inputs["attention_mask"])
 
-    def _vectors(self, batch: dict | PackedPairs) -> list[torch.Tensor]:
+    def _vectors(self, batch: dict | PackedContrastive) -> list[torch.Tensor]:
         """The anchors', positives' (and negatives') vectors; a packed batch's texts in one forward."""
-        if isinstance(batch, PackedPairs):
+        if isinstance(batch, PackedContrastive):
             return list(self._embed_inputs(batch.texts).split(batch.counts))
         return [self._embed_inputs(p) for p in self._parts(batch)]
 
-    def compute_loss(self, batch: dict | PackedPairs) -> torch.Tensor:
+    def compute_loss(self, batch: dict | PackedContrastive) -> torch.Tensor:
         self._check_pairs(batch)
         loss = self._loss_of(batch, gather=self.hparams.gather_across_ranks)
         if self.hparams.mini_batch_size and torch.is_grad_enabled():
@@ -345,10 +346,10 @@ class Embedder(EncoderTask):
     def metrics(self) -> dict:
         return {"recall@10": Retrieval("recall"), "mrr@10": Retrieval("mrr")}
 
-    def evaluate_batch(self, batch: dict | PackedPairs) -> dict:
+    def evaluate_batch(self, batch: dict | PackedContrastive) -> dict:
         self._check_pairs(batch)
         vectors = self._vectors(batch)
-        pair_key = batch.pair_key if isinstance(batch, PackedPairs) else batch["pair_key"]
+        pair_key = batch.pair_key if isinstance(batch, PackedContrastive) else batch["pair_key"]
         found = (vectors[0], pair_key, vectors[1])  # ranked among all the split's positives at its end
         return {"loss": self._loss_of(batch, gather=False)(*vectors), "recall@10": found, "mrr@10": found}
 
