@@ -20,7 +20,6 @@ import lightning as L
 import torch
 
 from lit_fast.models import sharding
-from lit_fast.training import PackedBatch
 from lit_fast.training.ranks import rank_share
 from lit_fast.tasks.optim import OptimizerName, build_optimizer, build_scheduler, check_optimizer
 from lit_fast.errors import ConfigError, LitFastError, UnsupportedModelError
