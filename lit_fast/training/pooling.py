@@ -16,7 +16,7 @@ from torch import nn
 
 from lit_fast.errors import ConfigError, UnsupportedModelError
 from lit_fast.models.sentence_transformers import POOLING_MODES
-from lit_fast.training.heads import CLASSIFIER_HEADS, _check_attention
+from lit_fast.training.heads import CLASSIFIER_HEADS, _check_attention, _encoder_inputs
 from lit_fast.training.packing import PackedBatch
 
 
@@ -27,14 +27,7 @@ def encoder_states(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
     if spec is None:
         raise UnsupportedModelError(f"packed encoder rows support {sorted(CLASSIFIER_HEADS)} models, not "
                                     f"{model.config.model_type}; train it padded (model.packing: false)")
-    offset = spec.position_offset(model.config)
-    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids + offset if offset else
-              batch.position_ids, **batch.boundaries()}
-    if batch.token_type_ids is not None:
-        if not spec.token_types:
-            raise ConfigError(f"{model.config.model_type} takes no token_type_ids; pack its texts without them")
-        inputs["token_type_ids"] = batch.token_type_ids
-    return model(**inputs).last_hidden_state[0]
+    return model(**_encoder_inputs(model, spec, batch)).last_hidden_state[0]
 
 
 def pool_packed(hidden: torch.Tensor, batch: PackedBatch, modes: tuple[str, ...] | str,
