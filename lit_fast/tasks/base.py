@@ -55,6 +55,7 @@ class LitTransformer(L.LightningModule):
     metric_modes: dict[str, str] = {"loss": "min"}
     # model types this task trains on packed rows (lit_fast/training/heads.py); empty: padded batches only
     packing_types: frozenset[str] = frozenset()
+    packs_on_cuda = True  # `packing: auto` packs on CUDA too (see _packing_measured_slower)
 
     def __init__(
         self,
@@ -256,9 +257,34 @@ class LitTransformer(L.LightningModule):
                 raise ConfigError(f"model.packing is true, but {reason}; use model.packing: auto or false")
             log.info("packing: off (%s): padded batches", reason)
             return False
+        slower = self._packing_measured_slower(_root_device_type(strategy)) if asked == "auto" else None
+        if slower:
+            log.info("packing: off (%s; docs/PACKED_TRAINING.md, W3): padded batches; model.packing: true packs "
+                     "anyway", slower)
+            return False
         log.info("packing: on (%s is supported): each batch is one row of its examples' real tokens, attention "
                  "inside each example; model.packing: false pads instead", self.hf_config.model_type)
         return True
+
+    def _packing_measured_slower(self, device: Optional[str]) -> Optional[str]:
+        """Why `auto` pads on this device although packing is supported: where W3 measured packed steps slower than
+        padded ones at steady state (an H100: the packed BERT-base step, and any packed step with attention dropout,
+        which flash varlen lacks). None where packing is on."""
+        if device != "cuda":
+            return None
+        if not self.packs_on_cuda:
+            return f"packed {type(self).__name__} steps measured slower than padded ones on CUDA"
+        dropout = self._attention_dropout()
+        if dropout > 0:
+            return f"attention dropout {dropout:g} on CUDA, which the varlen kernel does not do"
+        return None
+
+    def _attention_dropout(self) -> float:
+        for key in ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop"):
+            value = getattr(self.hf_config, key, None)
+            if isinstance(value, (int, float)):
+                return float(value)
+        return 0.0
 
     def _packing_refusal(self, strategy: Any) -> Optional[str]:
         """Why this run cannot train on packed rows, or None."""
@@ -494,3 +520,10 @@ def _plain_name(name: str) -> str:
 def _no_decay_names(model: torch.nn.Module) -> set[str]:
     """Parameters that get no weight decay: biases, norm weights and other vectors (by their unwrapped shape)."""
     return {_plain_name(name) for name, p in model.named_parameters() if p.ndim < 2 or "norm" in name.lower()}
+
+
+def _root_device_type(strategy: Any) -> Optional[str]:
+    try:
+        return strategy.root_device.type if strategy is not None else None
+    except (AttributeError, TypeError, IndexError):  # a strategy not set up yet has no device to ask
+        return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import logging
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -268,20 +269,38 @@ def test_packed_rows_longer_than_max_tokens_are_refused_before_loading(tmp_path,
         dm.setup("fit")
 
 
-def test_auto_packs_models_with_attention_dropout_on_any_device(tiny_bert_dir, caplog):
-    """Attention dropout no longer turns packing off: on CUDA it runs padded inside the attention only
-    (attention._sdpa_padded), on the CPU per example."""
+def test_auto_packs_where_w3_measured_packing_faster(tiny_bert_dir, llama_dir, tmp_path, caplog):
+    """W3 on an H100: packed encoder steps and packed steps with attention dropout were slower than padded ones, so
+    on CUDA auto pads them and says why; on the CPU it packs them; true packs anyway; a decoder without attention
+    dropout packs on CUDA."""
+    from transformers import AutoConfig
+
+    from lit_fast.tasks.causal_lm import CausalLM
     from lit_fast.tasks.classifier import Classifier
 
-    def decide(device: str) -> bool:
-        task = Classifier(tiny_bert_dir, labels=["no", "yes"], packing="auto")
+    def decide(task, device: str) -> bool:
         task._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
         return task.packed_batches()
 
+    def bert(packing="auto"):
+        return Classifier(tiny_bert_dir, labels=["no", "yes"], packing=packing)
+
     with caplog.at_level(logging.INFO, logger="lit_fast.tasks.base"):
-        assert decide("cuda") is True  # conftest's tiny BERT keeps BERT's dropout 0.1
-        assert decide("cpu") is True
-    assert "packing: on (bert is supported)" in caplog.text
+        assert decide(bert(), "cuda") is False
+    assert "packing: off (packed Classifier steps measured slower than padded ones on CUDA" in caplog.text
+    assert decide(bert(), "cpu") is True
+    assert decide(bert(packing=True), "cuda") is True
+    assert decide(CausalLM(llama_dir, chat_template=False), "cuda") is True
+    dropout_dir = tmp_path / "llama-attention-dropout"
+    config = AutoConfig.from_pretrained(llama_dir)
+    config.attention_dropout = 0.1
+    shutil.copytree(llama_dir, dropout_dir)
+    config.save_pretrained(dropout_dir)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lit_fast.tasks.base"):
+        assert decide(CausalLM(str(dropout_dir), chat_template=False), "cuda") is False
+        assert decide(CausalLM(str(dropout_dir), chat_template=False), "cpu") is True
+    assert "attention dropout 0.1 on CUDA" in caplog.text
 
 
 # ---- TokenClassifier and Reranker -----------------------------------------------------------------------------
