@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -216,3 +216,25 @@ class PredictBatches(IterableDataset):
                 yield self.codec.collate([examples[j] for j in part])
 
 
+def predict_loader(dataset: IterableDataset, num_workers: int = 0) -> DataLoader:
+    """A DataLoader of ready predict batches whose workers send each batch back as NumPy arrays through the
+    loader's pipe; `as_tensors` makes them tensors again in the main process without a copy (the DataModule's
+    `on_before_batch_transfer`, the in-memory API's loop).
+
+    Tensors from workers would travel as shared-memory files whose descriptors the main process fetches from each
+    worker: a container's small /dev/shm (64 MB by default under Docker) or a worker gone before its descriptors
+    were fetched stops the job with a connection reset (docs/MEASUREMENTS.md, W8). A predict batch is a few MB,
+    which a pipe carries in about a millisecond."""
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=as_arrays if num_workers else None)
+
+
+def as_arrays(batch: dict) -> dict:
+    """In a worker: the batch's tensors as NumPy arrays (pickled into the pipe, not shared)."""
+    return {key: value.numpy() if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+def as_tensors(batch: Any) -> Any:
+    """A batch from `predict_loader` with tensors again (anything else as it is)."""
+    if not isinstance(batch, dict):
+        return batch
+    return {key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value for key, value in batch.items()}

@@ -17,8 +17,8 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 
-from lit_fast.data.batching import (Batches, EpochLoader, EpochPlan, PredictBatches, loader_workers, make_batches,
-                                    predict_plan)
+from lit_fast.data.batching import (Batches, EpochLoader, EpochPlan, PredictBatches, as_tensors, loader_workers,
+                                    make_batches, predict_loader, predict_plan)
 from lit_fast.data.readers import check_texts, read_table
 from lit_fast.errors import ConfigError, InputDataError
 from lit_fast.models import sharding
@@ -337,7 +337,10 @@ class TextDataModule(L.LightningDataModule):
         rank, world = sharding.data_parallel_rank(self.trainer.strategy)
         dataset = PredictBatches(self._texts, self._plan, self.codec, self.hparams.max_tokens, rank, world,
                                  pairs=self._pairs)
-        return DataLoader(dataset, batch_size=None, num_workers=self._num_workers())
+        return predict_loader(dataset, num_workers=self._num_workers())
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return as_tensors(batch)  # predict workers send arrays (batching.predict_loader)
 
 
 def _negatives(value: Any, file: Any, row: int, column: str) -> list[str]:

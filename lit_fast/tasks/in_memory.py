@@ -68,9 +68,7 @@ def batches(task, texts: Sequence[Any], *, pairs: Optional[Sequence[str]] = None
     device (`place`); each holds its rows' input positions in "index" (on the CPU)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    from torch.utils.data import DataLoader
-
-    from lit_fast.data.batching import PredictBatches, predict_plan
+    from lit_fast.data.batching import PredictBatches, as_tensors, predict_loader, predict_plan
 
     if isinstance(texts, str):
         raise InputDataError("texts must be a list of texts; wrap one text in a list")
@@ -95,8 +93,7 @@ def batches(task, texts: Sequence[Any], *, pairs: Optional[Sequence[str]] = None
     dataset = PredictBatches(column, plan, task.codec(), max_tokens, 0, 1, pairs=pair_column)
     # on a CPU the model's threads have every core already; a tokenizing worker would only take one away
     workers = (_workers(len(plan)) if target.type == "cuda" else 0) if num_workers is None else num_workers
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=target.type == "cuda")
-    for batch in loader:
+    for batch in map(as_tensors, predict_loader(dataset, num_workers=workers)):
         yield {key: v.to(target, non_blocking=True) if torch.is_tensor(v) and key != "index" else v
                for key, v in batch.items()}
 

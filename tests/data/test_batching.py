@@ -69,3 +69,31 @@ def test_loader_workers_receive_the_codec_not_the_model(tmp_path, tiny_bert_dir)
     batch = next(iter(dataset))
     # model.packing auto: a BERT classifier trains on packed rows, which the codec's pack builds in the workers
     assert isinstance(batch, PackedBatch) and batch.labels is not None and batch.index is not None
+
+
+def test_predict_workers_send_arrays_through_the_pipe_and_the_loop_gets_tensors(tiny_bert_dir):
+    """predict_loader: what a worker sends holds no tensor (so nothing travels through /dev/shm or a worker's descriptor
+    server); the main process gets the same batches, as tensors of the same dtypes, as without workers."""
+    import pyarrow as pa
+    import torch
+
+    from lit_fast.data.batching import PredictBatches, as_arrays, as_tensors, predict_loader, predict_plan
+    from lit_fast.tasks import Embedder
+
+    texts = pa.array([f"sentence number {i} " * (1 + i % 7) for i in range(60)])
+    plan = predict_plan([len(t) for t in texts.to_pylist()], 8, None)
+    dataset = PredictBatches(texts, plan, Embedder(tiny_bert_dir).codec(), None, 0, 1)
+    sent = as_arrays(next(iter(dataset)))
+    assert sent and not any(torch.is_tensor(v) for v in sent.values())
+
+    def rows(workers: int) -> dict[int, dict]:
+        out = {}
+        for batch in map(as_tensors, predict_loader(dataset, num_workers=workers)):
+            assert all(torch.is_tensor(v) for v in batch.values())
+            for k, index in enumerate(batch["index"].tolist()):
+                out[index] = {key: (v[k].tolist(), v.dtype) for key, v in batch.items() if key != "index"}
+        return out
+
+    alone, with_workers = rows(0), rows(2)
+    assert sorted(alone) == list(range(60))
+    assert with_workers == alone
