@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from lit_fast.checkpoints import LastCheckpoint, best_checkpoint_callback, continue_run, named_checkpoint, run_roots
 from lit_fast.cli.export import export, export_checkpoint
@@ -222,8 +222,13 @@ class LitCLI(LightningCLI):
             kwargs["precision"], why = auto_precision("train" if self.mode == "train" else "predict",
                                                       trainer_config.get("accelerator"), saved_dtype(self.model))
             log.info("precision: %s (auto: %s; set --trainer.precision to choose)", kwargs["precision"], why)
-        with explain_precision_errors(getattr(self.model.hparams, "quantization", None)):
-            trainer = super().instantiate_trainer(**kwargs)
+        try:
+            with explain_precision_errors(getattr(self.model.hparams, "quantization", None)):
+                trainer = super().instantiate_trainer(**kwargs)
+        except LitFastError:
+            raise
+        except (ValueError, MisconfigurationException) as err:  # Lightning's own checks of the trainer settings
+            raise ConfigError(f"the trainer settings do not work together: {one_line(err)}") from err
         if self.events is not None:
             trainer.callbacks.insert(0, self.events)  # first: held log lines print before the progress bar starts
         if self.mode == "predict":

@@ -95,6 +95,8 @@ def test_empty_text_allowed_when_asked(tmp_path, run_predict, tiny_bert_dir):
         (["--data.max_tokens", "0"], "data.max_tokens must be >= 1"),
         (["--data.batch_size", "0"], "data.batch_size must be >= 1"),
         (["--model.class_path", "subprocess.Popen"], "class_path 'subprocess.Popen' is not allowed"),
+        (["--trainer.accelerator", "cpu", "--trainer.strategy", "fsdp"],
+         "the trainer settings do not work together: The strategy `fsdp` requires a GPU accelerator"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, run_predict, args, message):
