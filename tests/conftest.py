@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -62,6 +63,12 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def _in_process(main, capsys):
     def run(*args: str):
+        # Lightning's loggers keep the stderr of their import, which an earlier test's capture may have closed; a
+        # command run in this test writes to this test's stderr, as a fresh process would
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            for handler in logging.getLogger(name).handlers:
+                if type(handler) is logging.StreamHandler:
+                    handler.stream = sys.stderr
         code = main(list(args))
         out = capsys.readouterr()
         return code, out.out, out.err
