@@ -61,6 +61,7 @@ loss = ddp()
 (loss * rank_share(batch.num_targets, loss.device)).backward()
 grads = {n: p.grad.tolist() for n, p in model.named_parameters() if "layers.0.self_attn.q_proj" in n}
 json.dump({"targets": batch.num_targets, "grads": grads}, open(sys.argv[1] + f".{rank}", "w"))
+dist.barrier()  # no rank tears gloo down while the other's last collective is still in flight (it aborted once)
 dist.destroy_process_group()
 '''
 
