@@ -105,3 +105,12 @@ def run_script(script: str, *args: str, timeout: int = 600, env: dict | None = N
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=full_env)
+
+
+def free_port() -> int:
+    """A free local TCP port for a test's gloo process group."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -5,7 +5,6 @@ model, and configs/embed-finetune.yaml trains, exports and loads in sentence-tra
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, read_jsonl, write_jsonl
+from conftest import ROOT, free_port, read_jsonl, write_jsonl
 
 FINETUNE = str(ROOT / "configs/embed-finetune.yaml")
 
@@ -194,19 +193,13 @@ dist.destroy_process_group()
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("mini_batch", [0, 2])
 def test_negatives_from_every_rank_give_the_single_process_gradients(tmp_path, mini_batch):
     """2 gloo processes with uneven rows, each ranking its anchors against every rank's positives (through DDP, as
     Lightning runs it): the averaged gradient equals one process's on the whole batch, with or without the cache."""
     script = tmp_path / "worker.py"
     script.write_text(_DDP_WORKER)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "out"), str(mini_batch)],
                               env={**env, "RANK": str(r)}, cwd=ROOT, stderr=subprocess.PIPE, text=True)

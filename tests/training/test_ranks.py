@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import torch
 
 from _decoder_models import causal_model
-from conftest import ROOT
+from conftest import ROOT, free_port
 from lit_fast.training import causal_lm_loss, pack_causal, use_packed_attention
 from lit_fast.training.packing import IGNORE
 from lit_fast.training.ranks import rank_share
@@ -66,12 +65,6 @@ dist.destroy_process_group()
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_one_process_has_no_share():
     assert rank_share(7, torch.device("cpu")) == 1.0
 
@@ -81,7 +74,7 @@ def test_two_ranks_train_on_the_mean_over_every_target(tmp_path):
     the mean loss over both ranks' target tokens, not the average of the two ranks' own means."""
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "out")], env={**env, "RANK": str(r)},
                               cwd=ROOT / "tests" / "training", stderr=subprocess.PIPE, text=True) for r in range(2)]
