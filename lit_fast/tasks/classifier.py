@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -140,8 +140,8 @@ class Classifier(EncoderTask):
         return [{"index": int(i), "label": self.labels[int(k)], "score": float(s)}
                 for i, k, s in zip(batch["index"].tolist(), label, score)]
 
-    def predict(self, texts, batch_size: int = 512, *, max_tokens: Optional[int] = 65536, device: Optional[str] = None,
-                precision: str = "auto", num_workers: Optional[int] = None) -> list[dict]:
+    def predict(self, texts, batch_size: int = 512, *, max_tokens: Union[int, str, None] = "auto",
+                device: Optional[str] = None, precision: str = "auto", num_workers: Optional[int] = None) -> list[dict]:
         """Classify `texts` in this process, no Trainer: one {"label", "score"} per text, in order. The same batching,
         fast path and precision choice as `lit-fast predict` (tasks/in_memory.py)."""
         from lit_fast.tasks.in_memory import predict_rows

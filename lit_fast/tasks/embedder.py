@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from transformers import AutoModel
@@ -228,8 +228,8 @@ class Embedder(EncoderTask):
         vectors = quantize(self.embed(batch), self.precision, self.ranges)
         return [{"index": int(i), "embedding": v} for i, v in zip(batch["index"].tolist(), vectors)]
 
-    def encode(self, texts, batch_size: int = 512, *, max_tokens: Optional[int] = 65536, device: Optional[str] = None,
-               precision: str = "auto", num_workers: Optional[int] = None, ranges=None):
+    def encode(self, texts, batch_size: int = 512, *, max_tokens: Union[int, str, None] = "auto",
+               device: Optional[str] = None, precision: str = "auto", num_workers: Optional[int] = None, ranges=None):
         """Embed `texts` in this process, no Trainer: an array of one row per text, in order (one vector for one
         string), as `SentenceTransformer.encode` returns. The same batching, fast path and precision choice as
         `lit-fast predict` (tasks/in_memory.py); `precision`: auto, 32-true, bf16-true or 16-true (the compute;

@@ -9,7 +9,7 @@ enough batches to pay for them. Rows come back in input order.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -62,13 +62,14 @@ def predict_rows(task, texts: Sequence[Any], **options: Any) -> list[dict]:
 
 
 def batches(task, texts: Sequence[Any], *, pairs: Optional[Sequence[str]] = None, batch_size: int = 64,
-            max_tokens: Optional[int] = None, device: Optional[str] = None, precision: str = "auto",
+            max_tokens: Union[int, str, None] = "auto", device: Optional[str] = None, precision: str = "auto",
             num_workers: Optional[int] = None) -> Iterator[dict]:
     """The batches of `texts` (and `pairs`: the second text of each row) as the command makes them, on the task's
-    device (`place`); each holds its rows' input positions in "index" (on the CPU)."""
+    device (`place`); each holds its rows' input positions in "index" (on the CPU). `max_tokens`: padded tokens per
+    batch at most; "auto" is the command's budget for the device (batching.predict_max_tokens)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    from lit_fast.data.batching import PredictBatches, as_tensors, predict_loader, predict_plan
+    from lit_fast.data.batching import PredictBatches, as_tensors, predict_loader, predict_max_tokens, predict_plan
 
     if isinstance(texts, str):
         raise InputDataError("texts must be a list of texts; wrap one text in a list")
@@ -81,6 +82,7 @@ def batches(task, texts: Sequence[Any], *, pairs: Optional[Sequence[str]] = None
     if not texts:
         return
     target = place(task, device, precision)
+    max_tokens = predict_max_tokens(max_tokens, target.type)
     column = pa.array(texts)
     pair_column = pa.array(list(pairs), pa.string()) if pairs is not None else None
     if pa.types.is_string(column.type):

@@ -97,3 +97,48 @@ def test_predict_workers_send_arrays_through_the_pipe_and_the_loop_gets_tensors(
     alone, with_workers = rows(0), rows(2)
     assert sorted(alone) == list(range(60))
     assert with_workers == alone
+
+
+def test_max_tokens_auto_is_the_budget_measured_for_the_device(tmp_path, tiny_bert_dir, monkeypatch):
+    """`data.max_tokens: auto` (and encode()'s default): 4096 padded tokens per predict batch on a CPU, 65536 on a
+    GPU; no cap in training; a number or null is kept as given."""
+    import numpy as np
+
+    from lit_fast.data import batching
+    from lit_fast.errors import ConfigError
+    from lit_fast.tasks import Embedder
+
+    assert batching.predict_max_tokens("auto", "cpu") == 4096
+    assert batching.predict_max_tokens("auto", "cuda") == 65536
+    assert batching.predict_max_tokens(300, "cpu") == 300 and batching.predict_max_tokens(None, "cuda") is None
+    for bad in (0, "many"):
+        try:
+            TextDataModule(max_tokens=bad)
+        except ConfigError as err:
+            assert "data.max_tokens" in str(err)
+        else:
+            raise AssertionError(f"max_tokens={bad!r} was accepted")
+
+    rows = [{"text": "word " * (10 + i % 50)} for i in range(400)]  # about 7k characters' worth of tokens each
+    path = str(write_jsonl(tmp_path / "d.jsonl", rows))
+    planned = {}
+    for device in ("cpu", "cuda"):
+        dm = TextDataModule(path, batch_size=512, max_tokens="auto")
+        dm.trainer = SimpleNamespace(accelerator=type("CPUAccelerator" if device == "cpu" else "CUDAAccelerator",
+                                                      (), {})())
+        dm._predict_table()
+        planned[device] = dm._plan
+        assert dm._predict_max_tokens == batching.predict_max_tokens("auto", device)
+        assert dm._train_max_tokens is None
+    assert len(planned["cpu"]) > len(planned["cuda"]) == 1
+    assert sorted(np.concatenate(planned["cpu"]).tolist()) == list(range(400))
+
+    # encode() on the CPU by default: the CPU budget, so more batches than with 65536
+    seen = []
+    real = batching.predict_plan
+    monkeypatch.setattr(batching, "predict_plan", lambda c, b, m: seen.append(m) or real(c, b, m))
+    embedder = Embedder(tiny_bert_dir)
+    auto = embedder.encode([r["text"] for r in rows], device="cpu")
+    wide = embedder.encode([r["text"] for r in rows], device="cpu", max_tokens=65536)
+    assert seen == [4096, 65536]
+    np.testing.assert_allclose(auto, wide, rtol=1e-5, atol=1e-6)

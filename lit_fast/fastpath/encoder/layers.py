@@ -207,7 +207,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
         rows = x.shape[0]
         bucket = _row_bucket(rows) if x.dim() == 2 else rows
         if bucket != rows:  # oneDNN keeps state for every row count it sees: a few buckets keep its memory flat
-            x = F.pad(x, (0, 0, 0, bucket - rows))
+            x = _pad_rows(x, bucket)
         y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
         return y[:rows] if bucket != rows else y
     if gelu and x.is_cuda and x.dtype in VARLEN_DTYPES and bias is not None and not torch.is_grad_enabled():
@@ -223,6 +223,15 @@ def matmul_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
         torch.mm(x, weight.t(), out=out)
     else:
         torch.addmm(bias, x, weight.t(), out=out)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` with zero rows appended up to `rows`. Only the new rows are zeroed: `F.pad` fills the whole output before
+    copying `x` in, which cost 7% of the CPU predict loop (docs/MEASUREMENTS.md, W8)."""
+    out = x.new_empty(rows, x.shape[1])
+    out[: x.shape[0]].copy_(x)
+    out[x.shape[0]:].zero_()
+    return out
 
 
 def _row_bucket(rows: int) -> int:
