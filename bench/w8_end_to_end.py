@@ -15,7 +15,7 @@ exit ("whole") and by the run itself around its predict loop ("loop"):
 
 Every run's vectors are compared with st_b256's, row by row (cosine). Results: JSON (bench/results/) and a table.
 
-    python3 -m bench.w8_end_to_end --model DIR [--rows 100000] [--bert-base | --only-bert-base] [--source ...]
+    python3 -m bench.w8_end_to_end --model DIR [--rows 100000] [--bert-base | --only-bert-base] [--repeats 3]
     .venv/bin/python -m bench.w8_end_to_end --model DIR --rows 3000 --device cpu      # the CPU rows
 """
 
@@ -133,12 +133,13 @@ def kernel_seconds(model, texts: list[str], device: str) -> float:
     import pyarrow.compute as pc
     import torch
 
-    from lit_fast.data.batching import PredictBatches, predict_plan
+    from lit_fast.data.batching import PredictBatches, predict_max_tokens, predict_plan
 
     column = pa.array(texts, pa.string())
-    plan = predict_plan(pc.utf8_length(column).to_numpy(zero_copy_only=False), 512, 65536)
+    budget = predict_max_tokens("auto", device)  # encode()'s default
+    plan = predict_plan(pc.utf8_length(column).to_numpy(zero_copy_only=False), 512, budget)
     batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-               for b in PredictBatches(column, plan, model.codec(), 65536, 0, 1)]
+               for b in PredictBatches(column, plan, model.codec(), budget, 0, 1)]
     with torch.inference_mode():
         for b in batches[:3]:
             model.embed(b)  # warm: graphs and kernels are ready before the clock starts, as in the loop's steady state
@@ -206,13 +207,20 @@ def cosines(a_path: str, b_path: str) -> dict:
     return {"rows_compared": int(len(cos)), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
 
 
-def measure(model: str, label: str, corpus: Path, work: Path, device: str, runs: list[str], rows: int) -> dict:
+def measure(model: str, label: str, corpus: Path, work: Path, device: str, runs: list[str], rows: int,
+            repeats: int = 1) -> dict:
+    """Every run `repeats` times, round-robin (so a slow spell of a shared machine hits every run alike); each
+    run's whole and loop seconds are the medians, its samples kept beside them."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="true")
     (work / label).mkdir(exist_ok=True)
+    samples: dict[str, list[dict]] = {name: [] for name in runs}
+    for k in range(repeats):
+        for name in runs:
+            print(f"[{label}] {name} ({k + 1}/{repeats}) ...", flush=True)
+            samples[name].append(run(name, model, corpus, work / label, device, env))
     results = {}
-    for name in runs:
-        print(f"[{label}] {name} ...", flush=True)
-        results[name] = run(name, model, corpus, work / label, device, env)
+    for name, taken in samples.items():
+        results[name] = median_run(taken)
     reference = results["st_b256"]["vectors"]
     for name, r in results.items():
         r["rows_per_s_whole"] = rows / r["whole_s"]
@@ -225,6 +233,16 @@ def measure(model: str, label: str, corpus: Path, work: Path, device: str, runs:
     return results
 
 
+def median_run(taken: list[dict]) -> dict:
+    """One run's report from its repeats: the sample of median whole time (its loop and kernel seconds with it), and
+    every sample's whole and loop seconds."""
+    ordered = sorted(taken, key=lambda r: r["whole_s"])
+    middle = dict(ordered[(len(ordered) - 1) // 2])
+    if len(taken) > 1:
+        middle["samples"] = [{"whole_s": r["whole_s"], "loop_s": r["loop_s"]} for r in taken]
+    return middle
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="MiniLM in sentence-transformers format (a folder)")
@@ -234,6 +252,7 @@ def main() -> None:
     parser.add_argument("--bert-base", action="store_true", help="also the BERT-base shape (random weights)")
     parser.add_argument("--only-bert-base", action="store_true", help="the BERT-base shape alone")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    parser.add_argument("--repeats", type=int, default=1, help="each run this many times, round-robin; medians")
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--corpus", default=None, help=argparse.SUPPRESS)
@@ -251,11 +270,13 @@ def main() -> None:
     report = {"environment": common.environment(args.device), "device": args.device,
               "corpus": build_corpus(args.source or default_source(), args.rows, corpus), "models": {}}
     if not args.only_bert_base:
-        report["models"]["minilm"] = measure(args.model, "minilm", corpus, work, args.device, args.runs, args.rows)
+        report["models"]["minilm"] = measure(args.model, "minilm", corpus, work, args.device, args.runs, args.rows,
+                                             args.repeats)
     if args.bert_base or args.only_bert_base:
         base = bert_base_model(args.model, work / "bert_base")
         runs = [r for r in args.runs if r not in ("st_b32", "lit_fast_old")]  # the headline rows only
-        report["models"]["bert_base"] = measure(base, "bert_base", corpus, work, args.device, runs, args.rows)
+        report["models"]["bert_base"] = measure(base, "bert_base", corpus, work, args.device, runs, args.rows,
+                                                args.repeats)
     out = args.out or common.default_out("w8", args.device)
     common.write_json(report, out)
     rows = []
