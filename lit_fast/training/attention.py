@@ -11,9 +11,9 @@ A call without boundaries (a padded validation batch) runs HF's SDPA with HF's m
 `attn_implementation="sdpa"`. The mask function registered beside it builds no T x T mask for a packed row,
 where the boundaries replace it.
 
-Kernels: CUDA fp16/bf16 without attention dropout runs `torch.nn.attention.varlen.varlen_attn` (flash, with a
-backward); the rest of CUDA (attention dropout, fp32) runs one SDPA call over the examples padded inside the
-attention only; the CPU runs SDPA once per example, which there beats both padded groups and one call over a
+Kernels: CUDA fp16/bf16 runs flash varlen attention: `torch.nn.attention.varlen.varlen_attn` (with a backward)
+without attention dropout, the flash ops beneath it with dropout; fp32 on CUDA runs one SDPA call over the examples
+padded inside the attention only; the CPU runs SDPA once per example, which there beats both padded groups and one call over a
 block-diagonal mask (docs/PACKED_TRAINING.md). No token ever attends across an example boundary.
 """
 
@@ -81,8 +81,11 @@ def varlen_attention(
         return _sdpa_per_example(query, key, value, starts.tolist(), dropout, scaling, causal), None
     longest = kwargs.get("max_length_q")
     longest = int(longest) if longest is not None else int((starts[1:] - starts[:-1]).max())
-    if query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0 and _varlen() is not None:
-        return _flash_varlen(query, key, value, starts, longest, scaling, causal), None
+    if query.dtype in (torch.float16, torch.bfloat16):
+        if dropout == 0.0 and _varlen() is not None:
+            return _flash_varlen(query, key, value, starts, longest, scaling, causal), None
+        if dropout > 0.0 and hasattr(torch.ops.aten, "_flash_attention_forward"):
+            return _flash_varlen_dropout(query, key, value, starts, longest, dropout, scaling, causal), None
     return _sdpa_padded(query, key, value, starts, longest, dropout, scaling, causal), None
 
 
@@ -131,6 +134,37 @@ def _flash_varlen(query, key, value, starts: torch.Tensor, longest: int, scaling
     varlen_attn, causal_kwargs = _varlen()
     out = varlen_attn(q, k, v, starts, starts, longest, longest, scale=scaling, **(causal_kwargs if causal else {}))
     return out.unsqueeze(0)
+
+
+def _flash_varlen_dropout(query, key, value, starts: torch.Tensor, longest: int, dropout: float,
+                          scaling: float | None, causal: bool) -> torch.Tensor:
+    """Flash varlen attention with attention dropout: `varlen_attn` fixes dropout at 0, so this calls the flash
+    forward and backward ops beneath it (the same kernels, with their dropout) through `_FlashVarlenDropout`."""
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    starts = starts.to(device=q.device, dtype=torch.int32)
+    return _FlashVarlenDropout.apply(q, k, v, starts, longest, dropout, scaling, causal).unsqueeze(0)
+
+
+class _FlashVarlenDropout(torch.autograd.Function):
+    """(T, H, D) q, k, v -> (T, H, D) through `aten._flash_attention_forward`/`_backward` with dropout. The forward's
+    random state (its third and fourth outputs) goes to the backward, which replays the same dropout mask."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, starts, longest, dropout, scaling, causal):
+        out, lse, rng_a, rng_b, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, starts, starts, longest, longest, dropout, causal, False, scale=scaling)
+        ctx.save_for_backward(q, k, v, out, lse, starts, rng_a, rng_b)
+        ctx.settings = (longest, dropout, scaling, causal)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, starts, rng_a, rng_b = ctx.saved_tensors
+        longest, dropout, scaling, causal = ctx.settings
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, starts, starts, longest, longest, dropout, causal, rng_a, rng_b,
+            scale=scaling)
+        return dq, dk, dv, None, None, None, None, None
 
 
 @functools.cache

@@ -497,8 +497,8 @@ def test_attention_dropout_padded_inside_stays_inside_each_example():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_attention_dropout_and_fp32_route(dtype):
-    """On CUDA, attention dropout (and fp32, which flash varlen does not take) runs padded inside the attention:
-    at dropout 0 it equals SDPA per example; with dropout it trains (gradients flow) and stays inside examples."""
+    """On CUDA, fp32 runs padded inside the attention and bf16 with dropout runs flash with its dropout: at dropout 0
+    both equal SDPA per example; with dropout gradients flow."""
     from lit_fast.training.attention import _sdpa_per_example, varlen_attention
 
     lengths = [37, 5, 128, 64, 1]
@@ -515,6 +515,52 @@ def test_cuda_attention_dropout_and_fp32_route(dtype):
                                     bounds.tolist(), 0.0, 0.25, False)
             tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
             torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_flash_dropout_route(causal):
+    """bf16 with attention dropout: flash varlen with its own dropout. At p=0 it is varlen_attn's kernel (the same
+    numbers, forward and gradients). At p=0.2: the backward replays the forward's mask (the output is linear in v
+    for a fixed mask, so sum(dL/dv * v) equals L); other examples' outputs do not move when one example changes;
+    averaged over draws it is the attention without dropout."""
+    from lit_fast.training.attention import _flash_varlen, _flash_varlen_dropout
+
+    lengths = [37, 5, 128, 64, 1]
+    bounds = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).cuda()
+    longest = max(lengths)
+
+    def run(route, q, k, v, *args):
+        torch.manual_seed(7)
+        q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = route(q, k, v, bounds, longest, *args)
+        weights = torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)
+        loss = (out.float() * weights).sum()
+        loss.backward()
+        return out.detach().float(), loss.detach(), q.grad.float(), k.grad.float(), v.grad.float(), v.detach().float()
+
+    q, k, v = _qkv(lengths, "cuda", torch.bfloat16, heads=(4, 4, 4))
+    plain = run(_flash_varlen, q, k, v, 0.25, causal)
+    zero = run(_flash_varlen_dropout, q, k, v, 0.0, 0.25, causal)
+    for got, want in zip(zero[:5], plain[:5]):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
+
+    out, loss, _, _, dv, v32 = run(_flash_varlen_dropout, q, k, v, 0.2, 0.25, causal)
+    assert all(torch.isfinite(t).all() for t in (out, dv))
+    assert not torch.allclose(out, plain[0], atol=1e-3), "dropout 0.2 changed nothing"
+    torch.testing.assert_close((dv * v32).sum(), loss.float(), rtol=2e-2, atol=1e-2 * loss.abs().item())
+
+    changed = v.detach().clone()
+    changed[:, :, : lengths[0]] += 1.0  # example 0's values only
+    other = run(_flash_varlen_dropout, q, k, changed, 0.2, 0.25, causal)[0]
+    assert torch.equal(other[:, lengths[0]:], out[:, lengths[0]:])  # (1, tokens, heads, dim)
+    assert not torch.equal(other[:, : lengths[0]], out[:, : lengths[0]])
+
+    with torch.no_grad():
+        draws = torch.stack([_flash_varlen_dropout(q.detach(), k.detach(), v.detach(), bounds, longest, 0.2, 0.25,
+                                                   causal).float() for _ in range(1000)])
+    error = draws.mean(0) - plain[0]
+    assert error.abs().mean() < 0.02 and error.mean().abs() < 0.005, (error.abs().mean(), error.mean())
 
 
 @pytest.mark.gpu
