@@ -270,9 +270,9 @@ def test_packed_rows_longer_than_max_tokens_are_refused_before_loading(tmp_path,
 
 
 def test_auto_packs_where_w3_measured_packing_faster(tiny_bert_dir, llama_dir, tmp_path, caplog):
-    """W3 on an H100: packed encoder steps and packed steps with attention dropout were slower than padded ones, so
-    on CUDA auto pads them and says why; on the CPU it packs them; true packs anyway; a decoder without attention
-    dropout packs on CUDA."""
+    """W3 on an H100: packed encoder steps were slower than padded ones, so on CUDA auto pads them and says why; on
+    the CPU it packs them; true packs anyway; a decoder packs on CUDA, with attention dropout too (flash varlen's own
+    dropout measured as fast as none)."""
     from transformers import AutoConfig
 
     from lit_fast.tasks.causal_lm import CausalLM
@@ -296,11 +296,8 @@ def test_auto_packs_where_w3_measured_packing_faster(tiny_bert_dir, llama_dir, t
     config.attention_dropout = 0.1
     shutil.copytree(llama_dir, dropout_dir)
     config.save_pretrained(dropout_dir)
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="lit_fast.tasks.base"):
-        assert decide(CausalLM(str(dropout_dir), chat_template=False), "cuda") is False
-        assert decide(CausalLM(str(dropout_dir), chat_template=False), "cpu") is True
-    assert "attention dropout 0.1 on CUDA" in caplog.text
+    assert decide(CausalLM(str(dropout_dir), chat_template=False), "cuda") is True
+    assert decide(CausalLM(str(dropout_dir), chat_template=False), "cpu") is True
 
 
 # ---- TokenClassifier and Reranker -----------------------------------------------------------------------------
