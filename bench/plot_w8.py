@@ -1,6 +1,6 @@
 """The W8 plot: each run's whole process as its loop plus its fixed seconds, one panel per results file.
 
-    python -m bench.plot_w8 bench/results/w8_minilm_h100_20k.json bench/results/w8_minilm_cpu_r3.json \
+    python -m bench.plot_w8 bench/results/w8_minilm_h100_100k.json bench/results/w8_minilm_cpu_r3.json \
         --out bench/results/w8_end_to_end.png
 """
 
