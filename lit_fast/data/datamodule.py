@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from lit_fast.data.batching import (Batches, EpochLoader, EpochPlan, PredictBatches, as_tensors, loader_workers,
@@ -282,7 +283,8 @@ class TextDataModule(L.LightningDataModule):
             chars = pc.fill_null(pc.utf8_length(texts.cast("string")), 0).to_numpy()
         if self._pairs is not None:
             chars = chars + pc.fill_null(pc.utf8_length(self._pairs.cast("string")), 0).to_numpy()
-        self._predict_max_tokens = predict_max_tokens(hp.max_tokens, self._device_type())
+        device = self._device_type() or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._predict_max_tokens = predict_max_tokens(hp.max_tokens, device)
         self._plan = predict_plan(chars, hp.batch_size, self._predict_max_tokens)
         log.info("%s: %d rows in %d batches", file, table.num_rows, len(self._plan))
 
@@ -317,14 +319,12 @@ class TextDataModule(L.LightningDataModule):
     def _train_max_tokens(self) -> Optional[int]:
         return None if self.hparams.max_tokens == "auto" else self.hparams.max_tokens
 
-    def _device_type(self) -> str:
-        """"cpu" when the Trainer computes on the CPU, else "cuda" (the GPU, or no Trainer yet: a GPU if there is one)."""
+    def _device_type(self) -> Optional[str]:
+        """"cpu" when the Trainer computes on the CPU, "cuda" on an accelerator, None without a Trainer."""
         accelerator = getattr(self.trainer, "accelerator", None)
-        if accelerator is not None:
-            return "cpu" if type(accelerator).__name__ == "CPUAccelerator" else "cuda"
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if accelerator is None:
+            return None
+        return "cpu" if type(accelerator).__name__ == "CPUAccelerator" else "cuda"
 
     def _num_workers(self) -> int:
         workers = self.hparams.num_workers
