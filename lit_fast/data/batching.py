@@ -81,15 +81,15 @@ CHARS_PER_TOKEN = 4
 
 # `max_tokens: auto` for predict, by device: 64k-token batches keep a GPU busy; on a CPU, batches of 4k tokens ran
 # MiniLM 1.2x faster than 64k ones (their activations stay in cache; docs/MEASUREMENTS.md, W8).
-AUTO_PREDICT_MAX_TOKENS = {"cpu": 4096}
-AUTO_PREDICT_MAX_TOKENS_ELSEWHERE = 65536
+AUTO_PREDICT_MAX_TOKENS_CPU = 4096
+AUTO_PREDICT_MAX_TOKENS_GPU = 65536
 
 
 def predict_max_tokens(max_tokens: Any, device_type: str) -> Optional[int]:
     """Predict's token budget: `max_tokens` itself, or for "auto" the budget measured best on `device_type`."""
     if max_tokens != "auto":
         return max_tokens
-    return AUTO_PREDICT_MAX_TOKENS.get(device_type, AUTO_PREDICT_MAX_TOKENS_ELSEWHERE)
+    return AUTO_PREDICT_MAX_TOKENS_CPU if device_type == "cpu" else AUTO_PREDICT_MAX_TOKENS_GPU
 
 
 def predict_plan(chars, batch_size: int, max_tokens: Optional[int]) -> list[np.ndarray]:

@@ -62,7 +62,7 @@ def predict_rows(task, texts: Sequence[Any], **options: Any) -> list[dict]:
 
 
 def batches(task, texts: Sequence[Any], *, pairs: Optional[Sequence[str]] = None, batch_size: int = 64,
-            max_tokens: Union[int, str, None] = "auto", device: Optional[str] = None, precision: str = "auto",
+            max_tokens: Union[int, str, None] = None, device: Optional[str] = None, precision: str = "auto",
             num_workers: Optional[int] = None) -> Iterator[dict]:
     """The batches of `texts` (and `pairs`: the second text of each row) as the command makes them, on the task's
     device (`place`); each holds its rows' input positions in "index" (on the CPU). `max_tokens`: padded tokens per

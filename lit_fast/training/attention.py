@@ -11,10 +11,10 @@ A call without boundaries (a padded validation batch) runs HF's SDPA with HF's m
 `attn_implementation="sdpa"`. The mask function registered beside it builds no T x T mask for a packed row,
 where the boundaries replace it.
 
-Kernels: CUDA fp16/bf16 runs flash varlen attention: `torch.nn.attention.varlen.varlen_attn` (with a backward)
-without attention dropout, the flash ops beneath it with dropout; fp32 on CUDA runs one SDPA call over the examples
-padded inside the attention only; the CPU runs SDPA once per example, which there beats both padded groups and one call over a
-block-diagonal mask (docs/PACKED_TRAINING.md). No token ever attends across an example boundary.
+Kernels: CUDA fp16/bf16 runs flash varlen attention: `torch.nn.attention.varlen.varlen_attn` (with a backward) without
+attention dropout, the flash ops beneath it with dropout; fp32 on CUDA runs one SDPA call over the examples padded
+inside the attention only; the CPU runs SDPA once per example, which there beats both padded groups and one call over
+a block-diagonal mask (docs/PACKED_TRAINING.md). No token ever attends across an example boundary.
 """
 
 from __future__ import annotations
@@ -126,11 +126,16 @@ def _sdpa_padded(query, key, value, starts: torch.Tensor, longest: int, dropout:
     return out.transpose(1, 2).reshape(count * longest, heads, dim)[slot].unsqueeze(0)
 
 
+def _tokens_first(query, key, value, starts: torch.Tensor) -> tuple:
+    """(1, H, T, D) q, k, v -> (T, H, D) contiguous, and the starts as int32 on their device: what flash takes."""
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    return q, k, v, starts.to(device=q.device, dtype=torch.int32)
+
+
 def _flash_varlen(query, key, value, starts: torch.Tensor, longest: int, scaling: float | None,
                   causal: bool) -> torch.Tensor:
-    """`varlen_attn` on (T, H, D) views of the row; starts as int32 on the row's device."""
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-    starts = starts.to(device=q.device, dtype=torch.int32)
+    """`varlen_attn` on (T, H, D) views of the row."""
+    q, k, v, starts = _tokens_first(query, key, value, starts)
     varlen_attn, causal_kwargs = _varlen()
     out = varlen_attn(q, k, v, starts, starts, longest, longest, scale=scaling, **(causal_kwargs if causal else {}))
     return out.unsqueeze(0)
@@ -140,8 +145,7 @@ def _flash_varlen_dropout(query, key, value, starts: torch.Tensor, longest: int,
                           scaling: float | None, causal: bool) -> torch.Tensor:
     """Flash varlen attention with attention dropout: `varlen_attn` fixes dropout at 0, so this calls the flash
     forward and backward ops beneath it (the same kernels, with their dropout) through `_FlashVarlenDropout`."""
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-    starts = starts.to(device=q.device, dtype=torch.int32)
+    q, k, v, starts = _tokens_first(query, key, value, starts)
     return _FlashVarlenDropout.apply(q, k, v, starts, longest, dropout, scaling, causal).unsqueeze(0)
 
 
