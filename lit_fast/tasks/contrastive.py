@@ -233,16 +233,14 @@ def gathered_offset(n: int, device: torch.device) -> int:
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Every rank's rows of `x`, concatenated in rank order, with gradients flowing back to each rank's own rows
-    (torch.distributed.nn.functional.all_gather: its backward sums what every rank's loss asks of this rank's rows).
-    Ranks may hold different numbers of rows (length-bucketed batches): rows are padded to the largest count for the
-    collective and the padding dropped. Outside torch.distributed, `x` itself."""
+    (the backward sums what every rank's loss asks of this rank's rows). Ranks may hold different numbers of rows
+    (length-bucketed batches): rows are padded to the largest count for the collective and the padding dropped.
+    Outside torch.distributed, `x` itself."""
     if not _distributed():
         return x
-    from torch.distributed.nn.functional import all_gather
-
     sizes = _sizes(x.shape[0], x.device)
     padded = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))])
-    parts = all_gather(padded) if x.requires_grad else _all_gather_plain(padded)
+    parts = _GatherRows.apply(padded) if x.requires_grad else _all_gather_plain(padded)
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
@@ -250,6 +248,21 @@ def _all_gather_plain(x: torch.Tensor) -> list[torch.Tensor]:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return parts
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather whose backward is one all_reduce of the gradients then this rank's slice: gloo and NCCL both run
+    it (torch.distributed.nn's own all_gather is deprecated and needs all_to_all on gloo)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(_all_gather_plain(x))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        total = torch.stack([g.contiguous() for g in grads])
+        dist.all_reduce(total)
+        return total[dist.get_rank()]
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:

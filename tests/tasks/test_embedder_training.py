@@ -188,7 +188,10 @@ loss.backward()
 gathered = gather_rows(torch.tensor([[float(rank)]] * len(rows)))
 json.dump({"loss": loss.item(), "grad": encoder.weight.grad.tolist(), "gathered": gathered.flatten().tolist()},
           open(sys.argv[1] + f".{rank}", "w"))
-dist.barrier()  # no rank tears gloo down while the other's last collective is still in flight (it aborted once)
+# no rank tears gloo down while the other's last collective is in flight, and no DDP reducer outlives the group
+# (either aborted a run with "terminate called without an active exception")
+del ddp, loss
+dist.barrier()
 dist.destroy_process_group()
 '''
 
