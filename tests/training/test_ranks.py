@@ -60,7 +60,10 @@ loss = ddp()
 (loss * rank_share(batch.num_targets, loss.device)).backward()
 grads = {n: p.grad.tolist() for n, p in model.named_parameters() if "layers.0.self_attn.q_proj" in n}
 json.dump({"targets": batch.num_targets, "grads": grads}, open(sys.argv[1] + f".{rank}", "w"))
-dist.barrier()  # no rank tears gloo down while the other's last collective is still in flight (it aborted once)
+# no rank tears gloo down while the other's last collective is in flight, and no DDP reducer outlives the group
+# (either aborted a run with "terminate called without an active exception")
+del ddp, loss
+dist.barrier()
 dist.destroy_process_group()
 '''
 
