@@ -189,6 +189,39 @@ class EpochLoader(DataLoader):
         self._resume = {"epoch": state["epoch"], "batches": int(state["batches"])}
 
 
+class ArrowRows:
+    """An Arrow column (an Array or a ChunkedArray) whose rows are taken a batch at a time in time proportional to
+    the batch. `ChunkedArray.take` joins every chunk first, so over a column read from JSON lines or CSV (a chunk per
+    block) each batch cost time proportional to the whole input: quadratic over a corpus."""
+
+    def __init__(self, column) -> None:
+        import pyarrow as pa
+
+        self.chunks = list(column.chunks) if isinstance(column, pa.ChunkedArray) else [column]
+        self.type = column.type
+        self.starts = np.cumsum([0] + [len(c) for c in self.chunks])  # each chunk's first row
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, rows):
+        """The values at `rows` (positions in the whole column), in that order, as one Array."""
+        import pyarrow as pa
+
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(self.chunks) == 1:
+            return self.chunks[0].take(rows)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        order = np.argsort(which, kind="stable")
+        grouped = which[order]
+        parts = []
+        for chunk in np.unique(grouped):
+            first, last = np.searchsorted(grouped, [chunk, chunk + 1])
+            parts.append(self.chunks[chunk].take(rows[order[first:last]] - self.starts[chunk]))
+        joined = pa.concat_arrays(parts) if parts else pa.array([], self.type)
+        return joined.take(np.argsort(order))  # back to the order asked for
+
+
 class PredictBatches(IterableDataset):
     """Predict batches, planned from character lengths and tokenized lazily by the rank (and worker) that runs them.
 
@@ -200,7 +233,8 @@ class PredictBatches(IterableDataset):
 
     def __init__(self, texts, plan: list[np.ndarray], codec, max_tokens: Optional[int], rank: int, world: int,
                  pairs=None):
-        self.texts, self.pairs, self.plan, self.codec = texts, pairs, plan, codec
+        self.texts, self.plan, self.codec = ArrowRows(texts), plan, codec
+        self.pairs = ArrowRows(pairs) if pairs is not None else None
         self.max_tokens, self.rank, self.world = max_tokens, rank, world
 
     def __len__(self) -> int:

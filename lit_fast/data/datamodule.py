@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lit_fast.data.batching import (Batches, EpochLoader, EpochPlan, PredictBatches, as_tensors, loader_workers,
-                                    make_batches, predict_loader, predict_max_tokens, predict_plan)
+from lit_fast.data.batching import (ArrowRows, Batches, EpochLoader, EpochPlan, PredictBatches, as_tensors,
+                                    loader_workers, make_batches, predict_loader, predict_max_tokens, predict_plan)
 from lit_fast.data.readers import check_texts, read_table
 from lit_fast.errors import ConfigError, InputDataError
 from lit_fast.models import sharding
@@ -274,7 +274,7 @@ class TextDataModule(L.LightningDataModule):
         self._pairs = table.column(hp.pair_column) if hp.pair_column else None
         if self._pairs is not None:
             check_texts(self._pairs, file, hp.pair_column, hp.allow_empty_text)
-        self._ids = table.column(hp.id_column) if hp.id_column else None
+        self._ids = ArrowRows(table.column(hp.id_column)) if hp.id_column else None
         self._texts = texts
         self.num_rows["predict"] = table.num_rows
         if lists:  # words or messages: their count stands in for the length
@@ -292,7 +292,7 @@ class TextDataModule(L.LightningDataModule):
         """The id column's values of these input rows (None without --data.id_column)."""
         if self._ids is None:
             return None
-        return self._ids.take(np.asarray(indices, dtype=np.int64)).to_pylist()
+        return self._ids.take(indices).to_pylist()
 
     def _loader(self, name: str, *, shuffle: bool) -> DataLoader:
         """Train/val/test batches of this rank (batching.EpochPlan; packed: training.TokenBudgetPlan), collated

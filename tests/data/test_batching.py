@@ -142,3 +142,24 @@ def test_max_tokens_auto_is_the_budget_measured_for_the_device(tmp_path, tiny_be
     wide = embedder.encode([r["text"] for r in rows], device="cpu", max_tokens=65536)
     assert seen == [4096, 65536]
     np.testing.assert_allclose(auto, wide, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_of_a_chunked_column_come_back_in_the_order_asked_for():
+    """Predict takes each batch's texts from the input column chunk by chunk (ArrowRows: ChunkedArray.take joins
+    every chunk first, a cost of the whole input per batch); the values and their order are those of the column."""
+    import numpy as np
+    import pyarrow as pa
+
+    from lit_fast.data.batching import ArrowRows
+
+    values = [f"text {i}" if i % 7 else None for i in range(50)]
+    sizes = [0, 13, 1, 0, 20, 16, 0]  # empty chunks too
+    starts = np.cumsum([0] + sizes)
+    column = pa.chunked_array([pa.array(values[a:b], pa.string()) for a, b in zip(starts, starts[1:])])
+    rows = ArrowRows(column)
+    assert len(rows) == 50 and rows.chunks[1].to_pylist() == values[:13]
+    rng = np.random.default_rng(0)
+    for picked in ([], [49, 0], list(range(50)), rng.integers(0, 50, 200).tolist(), [13, 13, 12, 14, 34]):
+        assert rows.take(picked).to_pylist() == [values[i] for i in picked]
+    assert ArrowRows(pa.array(values)).take([3, 1]).to_pylist() == [values[3], values[1]]
+    assert ArrowRows(pa.chunked_array([], pa.string())).take([]).to_pylist() == []
