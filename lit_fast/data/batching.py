@@ -161,7 +161,7 @@ class EpochLoader(DataLoader):
         # worker seeds come from the loader's own generator: an iterator made on resume must not draw from the global
         # one that dropout uses, or the resumed run would drift from an uninterrupted one
         super().__init__(dataset, batch_size=None, num_workers=num_workers,
-                         generator=torch.Generator().manual_seed(plan.seed))
+                         generator=torch.Generator().manual_seed(plan.seed), worker_init_fn=one_thread_worker)
         self.plan, self.epoch = plan, epoch
         self._served = {"epoch": None, "batches": 0}  # the epoch under way, and how many of its batches went out
         self._resume: Optional[dict] = None  # a checkpoint's _served, applied to the next iteration of its epoch
@@ -272,7 +272,17 @@ def predict_loader(dataset: IterableDataset, num_workers: int = 0) -> DataLoader
     worker: a container's small /dev/shm (64 MB by default under Docker) or a worker gone before its descriptors
     were fetched stops the job with a connection reset (docs/MEASUREMENTS.md, W8). A predict batch is a few MB,
     which a pipe carries in about a millisecond."""
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=as_arrays if num_workers else None)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=as_arrays if num_workers else None,
+                      worker_init_fn=one_thread_worker)
+
+
+def one_thread_worker(_: int) -> None:
+    """A loader worker tokenizes on its own thread (PyTorch gives each worker one intra-op thread), whatever the
+    environment says: with TOKENIZERS_PARALLELISM=true every worker would start a thread per core, N workers on N
+    cores N^2 threads. The tokenizers library reads the variable when its pool is first used, after this."""
+    import os
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def as_arrays(batch: dict) -> dict:

@@ -4,6 +4,8 @@ loader workers that receive the codec, never the model."""
 import pickle
 from types import SimpleNamespace
 
+from torch.utils.data import IterableDataset
+
 from conftest import write_jsonl
 from lit_fast.data.datamodule import TextDataModule
 from lit_fast.training import PackedBatch
@@ -163,3 +165,21 @@ def test_rows_of_a_chunked_column_come_back_in_the_order_asked_for():
         assert rows.take(picked).to_pylist() == [values[i] for i in picked]
     assert ArrowRows(pa.array(values)).take([3, 1]).to_pylist() == [values[3], values[1]]
     assert ArrowRows(pa.chunked_array([], pa.string())).take([]).to_pylist() == []
+
+
+class _WorkerEnv(IterableDataset):
+    def __iter__(self):
+        import os
+
+        yield {"parallelism": os.environ.get("TOKENIZERS_PARALLELISM")}
+
+
+def test_loader_workers_tokenize_on_one_thread_whatever_the_environment_says(monkeypatch):
+    """TOKENIZERS_PARALLELISM=true (a user's shell, a benchmark) would give every loader worker a thread per core;
+    predict's and training's workers turn the tokenizer's pool off for themselves."""
+    from lit_fast.data.batching import EpochLoader, one_thread_worker, predict_loader
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    assert [b["parallelism"] for b in predict_loader(_WorkerEnv(), num_workers=1)] == ["false"]
+    assert EpochLoader(_WorkerEnv(), SimpleNamespace(seed=0), lambda: 0, num_workers=1).worker_init_fn is one_thread_worker
+    assert [b["parallelism"] for b in predict_loader(_WorkerEnv(), num_workers=0)] == ["true"]  # the caller's own
