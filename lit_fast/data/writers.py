@@ -1,9 +1,11 @@
 """Prediction writer: per-rank shards, one ordered merge, an output file that appears only when complete.
 
 Each rank appends its rows to its own shard as batches finish (nothing accumulates in memory), remembering where
-each row landed. After the last batch every rank waits at a barrier; rank 0 checks that the shards hold every
-input index exactly once, writes the rows in input order to a temporary file beside the output and renames it
-into place. On failure the shards and the temporary file are removed: no half-written output that looks complete.
+each row landed: JSON lines for a .jsonl output, Arrow IPC for .parquet (memory-mapped again by the merge, so no rank
+ever holds the whole output). After the last batch every rank waits at a barrier; rank 0 checks that the shards hold
+every input index exactly once, writes the rows in input order to a temporary file beside the output, a slice at a
+time, and renames it into place. On failure the shards and the temporary file are removed: no half-written output
+that looks complete.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lit_fast.models import sharding
 from lit_fast.errors import LitFastError
 from lit_fast.outputs import clean_stale, publish_file, run_token, temp_sibling
+from lit_fast.data.batching import ArrowRows
 from lit_fast.data.progress import Throughput
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,8 @@ def _jsonable(value: Any) -> Any:
 
 
 _KEPT_DTYPES = (np.dtype(np.float16), np.dtype(np.int8), np.dtype(np.uint8))
+_SHARD_ROWS = 8192  # rows a Parquet output's shard gathers before it writes them as one Arrow record batch
+_MERGE_ROWS = 65536  # rows the merge takes (in input order) and writes as one Parquet row group
 
 
 def _to_arrow(rows: list[dict]):
@@ -76,7 +81,7 @@ class PredictionWriter(BasePredictionWriter):
         self._token = trainer.strategy.broadcast(run_token(), src=0)  # rank 0's host and pid name the temporaries
         self._shard_dir = temp_sibling(self.output, "parts", self._token)
         self._shard_dir.mkdir(parents=True, exist_ok=True)
-        shard = self._shard_dir / f"rank{trainer.global_rank:05d}{self.format}"
+        shard = self._shard_dir / f"rank{trainer.global_rank:05d}{'.jsonl' if self.format == '.jsonl' else '.arrow'}"
         self._offsets, self._parquet_rows, self._parquet_writer = [], [], None
         self._file = open(shard, "wb") if self.format == ".jsonl" else None
         self._shard = shard
@@ -107,18 +112,19 @@ class PredictionWriter(BasePredictionWriter):
                 self._file.write(data)
         else:
             self._parquet_rows.extend(rows)
-            if len(self._parquet_rows) >= 8192:
+            if len(self._parquet_rows) >= _SHARD_ROWS:
                 self._flush_parquet()
 
     def _flush_parquet(self) -> None:
-        import pyarrow.parquet as pq
+        import pyarrow as pa
 
         if not self._parquet_rows:
             return
         table = _to_arrow(self._parquet_rows)
         if self._parquet_writer is None:
-            self._parquet_writer = pq.ParquetWriter(self._shard, table.schema)
-        self._parquet_writer.write_table(table.cast(self._parquet_writer.schema))
+            self._shard_schema = table.schema  # every later batch is cast to the first one's types
+            self._parquet_writer = pa.ipc.new_file(str(self._shard), table.schema)
+        self._parquet_writer.write_table(table.cast(self._shard_schema))
         self._parquet_rows = []
 
     def _close_shard(self) -> None:
@@ -216,14 +222,23 @@ class PredictionWriter(BasePredictionWriter):
         return len(order)
 
     def _merge_parquet(self, tmp: Path, expected: Optional[int]) -> int:
+        """The shards memory-mapped; their rows taken in input order a slice at a time (ArrowRows: each slice's
+        rows from the record batches that hold them) and written as one row group each."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        shards = sorted(self._shard_dir.glob("rank*.parquet"))
-        tables = [pq.read_table(s, memory_map=True) for s in shards]
+        shards = sorted(self._shard_dir.glob("rank*.arrow"))
+        tables = [pa.ipc.open_file(pa.memory_map(str(s))).read_all() for s in shards]
         tables = [t for t in tables if t.num_rows]
         table = pa.concat_tables(tables) if tables else pa.table({"index": pa.array([], pa.int64())})
-        self._check(table.column("index").to_numpy(), expected)
-        table = table.sort_by("index")
-        pq.write_table(table, tmp)
+        indices = table.column("index").to_numpy()
+        self._check(indices, expected)
+        order = np.argsort(indices, kind="stable")
+        columns = [ArrowRows(column) for column in table.columns]
+        with pq.ParquetWriter(tmp, table.schema) as out:
+            for start in range(0, len(order), _MERGE_ROWS):
+                rows = order[start:start + _MERGE_ROWS]
+                out.write_table(pa.Table.from_arrays([c.take(rows) for c in columns], schema=table.schema))
+            if not len(order):
+                out.write_table(table)
         return table.num_rows

@@ -181,5 +181,6 @@ def test_loader_workers_tokenize_on_one_thread_whatever_the_environment_says(mon
 
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
     assert [b["parallelism"] for b in predict_loader(_WorkerEnv(), num_workers=1)] == ["false"]
-    assert EpochLoader(_WorkerEnv(), SimpleNamespace(seed=0), lambda: 0, num_workers=1).worker_init_fn is one_thread_worker
+    training = EpochLoader(_WorkerEnv(), SimpleNamespace(seed=0), lambda: 0, num_workers=1)
+    assert training.worker_init_fn is one_thread_worker
     assert [b["parallelism"] for b in predict_loader(_WorkerEnv(), num_workers=0)] == ["true"]  # the caller's own

@@ -66,3 +66,54 @@ def test_ranks_and_nodes_write_the_same_file_as_one_process(tmp_path, tiny_bert_
     assert nodes.read_bytes() == outputs["one.jsonl"].read_bytes()
     # nothing but the input and the outputs: no shard, index or temporary file left beside them
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.jsonl", *outputs])
+
+
+class _Strategy:
+    def broadcast(self, value, src=0):
+        return value
+
+    def barrier(self, name=None):
+        pass
+
+    def reduce(self, tensor, reduce_op=None):
+        return tensor
+
+    root_device = "cpu"
+
+
+def test_parquet_merge_streams_shards_in_input_order(tmp_path, monkeypatch):
+    """Two ranks' Arrow shards (driven in one process), more rows than one merge slice: the Parquet output has
+    every row once in input order with its vector (float16 kept), one row group per slice, and nothing else is left."""
+    from types import SimpleNamespace
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from lit_fast.data import writers
+
+    rows = writers._MERGE_ROWS + 4321
+    vectors = np.random.default_rng(0).standard_normal((rows, 3)).astype(np.float16)
+    order = np.random.default_rng(1).permutation(rows)
+    out = tmp_path / "out.parquet"
+    monkeypatch.setattr(writers, "run_token", lambda: "host-1-test")  # what rank 0 would broadcast to both
+    ranks = []
+    for rank in (0, 1):
+        trainer = SimpleNamespace(strategy=_Strategy(), is_global_zero=rank == 0, global_rank=rank, world_size=2,
+                                  datamodule=SimpleNamespace(num_rows={"predict": rows}))
+        writer = writers.PredictionWriter(str(out))
+        writer.on_predict_start(trainer, None)
+        ranks.append((writer, trainer))
+    for k, start in enumerate(range(0, rows, 1000)):  # batches dealt to the ranks in turn
+        writer, trainer = ranks[k % 2]
+        batch = order[start:start + 1000]
+        prediction = [{"index": int(i), "embedding": vectors[i]} for i in batch]
+        writer.write_on_batch_end(trainer, None, prediction, None, {"index": torch.as_tensor(batch)}, k, 0)
+    for writer, trainer in reversed(ranks):  # rank 0 merges last, after both shards are complete
+        writer.on_predict_end(trainer, None)
+    table = pq.read_table(out)
+    assert table.column("index").to_pylist() == list(range(rows))
+    got = np.asarray(table.column("embedding").to_pylist(), dtype=np.float16)
+    assert np.array_equal(got, vectors)
+    assert table.schema.field("embedding").type.value_type == "halffloat"
+    assert pq.ParquetFile(out).metadata.num_row_groups == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"]
