@@ -6,7 +6,7 @@ long plots). Every run embeds the same rows, each in a process of its own, timed
 exit ("whole") and by the run itself around its predict loop ("loop"):
 
   lit_fast_cli      `python -m lit_fast predict --config embed-minilm` - the default config, only the model, the
-                    input and the output named
+                    input and the output named (JSON lines, the config's own format)
   lit_fast_old      the same with the defaults of before (batch 64, 16,384 tokens, no loader workers, fp16/fp32)
   lit_fast_encode   `Embedder(model).encode(texts)` in the process (the in-memory API); it also times the model
                     alone over the same batches, already tokenized and on the device ("kernel"), so loop/kernel says
@@ -163,7 +163,7 @@ def run_process(cmd: list[str], env: dict) -> tuple[float, str]:
 def run(name: str, model: str, corpus: Path, work: Path, device: str, env: dict) -> dict:
     vectors = work / f"{name}.npy"
     if name.startswith("lit_fast_cli") or name.startswith("lit_fast_old"):
-        out = work / f"{name}.parquet"
+        out = work / f"{name}.jsonl"  # the default config's own output format
         cmd = [sys.executable, "-m", "lit_fast", "predict", "--config", "embed-minilm", "--model.pretrained", model,
                "--data.path", str(corpus), "--output", str(out), "--overwrite", "true",
                "--trainer.enable_progress_bar", "false"]
@@ -187,13 +187,22 @@ def run(name: str, model: str, corpus: Path, work: Path, device: str, env: dict)
     return {"whole_s": whole - report.get("kernel_measure_s", 0.0), **report, "vectors": str(vectors)}
 
 
-def save_vectors(parquet: Path, path: Path) -> None:
+def save_vectors(output: Path, path: Path) -> None:
+    """The command's vectors (JSON lines or Parquet) in input order, as a .npy file."""
     import numpy as np
-    import pyarrow.parquet as pq
 
-    table = pq.read_table(parquet)
-    order = np.argsort(table.column("index").to_numpy())
-    vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)[order]
+    if output.suffix == ".jsonl":
+        import orjson
+
+        rows = [orjson.loads(line) for line in output.read_bytes().splitlines()]
+        order = np.argsort([r["index"] for r in rows])
+        vectors = np.asarray([rows[k]["embedding"] for k in order], dtype=np.float32)
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(output)
+        order = np.argsort(table.column("index").to_numpy())
+        vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)[order]
     np.save(path, vectors)
 
 
