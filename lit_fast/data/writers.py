@@ -86,7 +86,8 @@ class PredictionWriter(BasePredictionWriter):
         self._file = None
         self._offsets: list[tuple[int, int, int]] = []  # (index, byte offset, byte length) for jsonl
         self._parquet_rows: list[dict] = []
-        self._parquet_writer = None
+        self._parquet_writer = None  # a Parquet output's shard: an Arrow IPC file writer
+        self._shard_schema = None  # its first batch's schema, which later batches are cast to
 
     # ---- per rank ------------------------------------------------------------------------------------------
     def on_predict_start(self, trainer, pl_module) -> None:
@@ -96,7 +97,7 @@ class PredictionWriter(BasePredictionWriter):
         self._shard_dir = temp_sibling(self.output, "parts", self._token)
         self._shard_dir.mkdir(parents=True, exist_ok=True)
         shard = self._shard_dir / f"rank{trainer.global_rank:05d}{'.jsonl' if self.format == '.jsonl' else '.arrow'}"
-        self._offsets, self._parquet_rows, self._parquet_writer = [], [], None
+        self._offsets, self._parquet_rows, self._parquet_writer, self._shard_schema = [], [], None, None
         self._file = open(shard, "wb") if self.format == ".jsonl" else None
         self._shard = shard
         self.throughput = Throughput()
@@ -136,7 +137,7 @@ class PredictionWriter(BasePredictionWriter):
             return
         table = _to_arrow(self._parquet_rows)
         if self._parquet_writer is None:
-            self._shard_schema = table.schema  # every later batch is cast to the first one's types
+            self._shard_schema = table.schema
             self._parquet_writer = pa.ipc.new_file(str(self._shard), table.schema)
         self._parquet_writer.write_table(table.cast(self._shard_schema))
         self._parquet_rows = []
