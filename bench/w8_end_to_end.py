@@ -243,8 +243,9 @@ def measure(model: str, label: str, corpus: Path, work: Path, device: str, runs:
 
 
 def median_run(taken: list[dict]) -> dict:
-    """One run's report from its repeats: the sample of median whole time (its loop and kernel seconds with it), and
-    every sample's whole and loop seconds."""
+    """One run's report from its repeats: the sample of median whole time (its loop and kernel seconds with it; for
+    an even count the faster of the two middle ones, so give --repeats an odd number), and every sample's whole and
+    loop seconds."""
     ordered = sorted(taken, key=lambda r: r["whole_s"])
     middle = dict(ordered[(len(ordered) - 1) // 2])
     if len(taken) > 1:
