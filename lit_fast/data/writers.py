@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+import orjson
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lit_fast.models import sharding
@@ -39,8 +40,6 @@ def _json_line(row: dict) -> bytes:
     read back to the same float32 (13x faster than json.dumps of their .tolist(), half the bytes: docs/MEASUREMENTS.md,
     W8); tensors and anything else it does not know go through `_jsonable`. A vector with NaN or infinity goes
     through json, which writes NaN / Infinity where orjson would write null."""
-    import orjson
-
     for value in row.values():
         if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(value).all():
             return (json.dumps({k: _jsonable(v) for k, v in row.items()}, ensure_ascii=False) + "\n").encode("utf-8")
