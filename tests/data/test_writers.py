@@ -144,3 +144,35 @@ def test_a_json_line_reads_back_to_the_values_written():
     assert got["scores"] == {"1": 0.25, "b": 0.75}
     broken = _json_line({"index": 0, "embedding": np.array([np.nan, 1.0], np.float32)})
     assert math.isnan(json.loads(broken)["embedding"][0])
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_rank_without_rows_leaves_an_empty_shard_the_merge_reads(tmp_path, monkeypatch, suffix):
+    """More ranks than batches: rank 1 predicts nothing, and the output is rank 0's rows alone, in order."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lit_fast.data import writers
+
+    out = tmp_path / f"out{suffix}"
+    monkeypatch.setattr(writers, "run_token", lambda: "host-1-test")
+    ranks = []
+    for rank in (0, 1):
+        trainer = SimpleNamespace(strategy=_Strategy(), is_global_zero=rank == 0, global_rank=rank, world_size=2,
+                                  datamodule=SimpleNamespace(num_rows={"predict": 3}))
+        writer = writers.PredictionWriter(str(out))
+        writer.on_predict_start(trainer, None)
+        ranks.append((writer, trainer))
+    writer, trainer = ranks[0]
+    prediction = [{"index": i, "label": f"l{i}"} for i in (2, 0, 1)]
+    writer.write_on_batch_end(trainer, None, prediction, None, {"index": torch.tensor([2, 0, 1])}, 0, 0)
+    for writer, trainer in reversed(ranks):
+        writer.on_predict_end(trainer, None)
+    if suffix == ".jsonl":
+        got = read_jsonl(out)
+    else:
+        import pyarrow.parquet as pq
+
+        got = pq.read_table(out).to_pylist()
+    assert got == [{"index": i, "label": f"l{i}"} for i in range(3)]
