@@ -1,13 +1,15 @@
 """Prediction without a Trainer: what `Embedder.encode`, `Classifier.predict` and `CausalLM.generate` run.
 
 The same steps as `lit-fast predict`, in the caller's process: the model placed once on the best device in the
-`auto` precision (precision_checks.auto_precision), the fast path planned once, the inputs batched by length under
+`auto` precision (precision_checks.auto_precision) or the one asked for (a `-mixed` one keeps fp32 weights and runs
+under autocast, as Lightning's plugin does), the fast path planned once, the inputs batched by length under
 a token budget (data/batching.py, the plan the command makes) and tokenized in loader workers when there are
 enough batches to pay for them. Rows come back in input order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -18,20 +20,21 @@ from lit_fast.errors import ConfigError, InputDataError
 log = logging.getLogger(__name__)
 
 _DTYPES = {"32-true": torch.float32, "32": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
+_MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # fp32 weights, autocast to this dtype
 _WORKER_BATCHES = 16  # below this many batches, starting loader workers costs more than tokenizing here
 
 
 def place(task, device: Optional[str] = None, precision: str = "auto") -> torch.device:
     """Build the task's model (once) and put it on `device` (default: the GPU when there is one) in `precision`
-    ("auto", "32-true", "bf16-true" or "16-true"); plans the fast path once. Returns the device."""
+    ("auto", "32-true", "bf16-true", "16-true", or "bf16-mixed" / "16-mixed": fp32 weights under autocast, run by
+    `compute`); plans the fast path once. Returns the device."""
     from lit_fast.models.precision_checks import auto_precision, saved_dtype
 
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if precision == "auto":
         precision, _ = auto_precision("predict", "gpu" if target.type == "cuda" else "cpu", saved_dtype(task))
-    if precision not in _DTYPES:
-        raise ConfigError(f"precision {precision!r} is not one of auto, {', '.join(_DTYPES)} (inference runs one "
-                          "dtype; mixed precision is for training)")
+    if precision not in _DTYPES and precision not in _MIXED:
+        raise ConfigError(f"precision {precision!r} is not one of auto, {', '.join([*_DTYPES, *_MIXED])}")
     placed = (target, precision)
     if getattr(task, "_placed", None) == placed:
         return target
@@ -42,18 +45,28 @@ def place(task, device: Optional[str] = None, precision: str = "auto") -> torch.
     if task.hparams.get("quantization"):
         task.model.to(target)  # bitsandbytes weights keep their own storage dtype
     else:
-        task.model.to(target, _DTYPES[precision])
+        task.model.to(target, _DTYPES.get(precision, torch.float32))
     task._placed = placed
     log.info("in-memory predict on %s in %s", target, precision)
     task.on_predict_start()
     return target
 
 
+def compute(task) -> contextlib.AbstractContextManager:
+    """Where the placed task's forward runs: inference mode, under autocast for a `-mixed` precision."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode())
+    target, precision = getattr(task, "_placed", (None, None))
+    if precision in _MIXED:
+        stack.enter_context(torch.autocast(target.type, dtype=_MIXED[precision]))
+    return stack
+
+
 def predict_rows(task, texts: Sequence[Any], **options: Any) -> list[dict]:
     """The task's prediction rows for `texts` (options: those of `batches`), in input order."""
     rows: list[dict] = []
-    with torch.inference_mode():
-        for k, batch in enumerate(batches(task, texts, **options)):
+    for k, batch in enumerate(batches(task, texts, **options)):  # placed on the first batch, so `compute` after it
+        with compute(task):
             rows.extend(task.predict_step(batch, k))
     rows.sort(key=lambda r: r["index"])
     if len(rows) != len(texts):  # never hand back fewer or more rows than were given

@@ -38,8 +38,8 @@ def test_encode_shapes_order_and_bad_input(tiny_bert_dir):
     assert model.encode([]).shape[0] == 0
     with pytest.raises(lit_fast.InputDataError, match="text 1 \\(0-based\\) is empty"):
         model.encode(["fine", "  "])
-    with pytest.raises(lit_fast.ConfigError, match="precision '16-mixed' is not one of auto"):
-        model.encode(texts, precision="16-mixed")
+    with pytest.raises(lit_fast.ConfigError, match="precision '64-true' is not one of auto"):
+        model.encode(texts, precision="64-true")
 
 
 def test_encode_matches_sentence_transformers_on_real_minilm(minilm_dir):
@@ -50,6 +50,26 @@ def test_encode_matches_sentence_transformers_on_real_minilm(minilm_dir):
     reference = SentenceTransformer(minilm_dir, device="cpu").encode(texts)
     cosine = (ours * reference).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(reference, axis=1))
     assert cosine.min() >= 0.9999
+
+
+def test_encode_bf16_mixed_is_the_commands_autocast_with_fp32_weights(tmp_path, run_predict, minilm_dir):
+    """precision="bf16-mixed": fp32 weights under autocast, as Lightning's plugin runs the command's bf16-mixed; the
+    vectors within cosine 0.9999 of fp32's and of the command's."""
+    texts = [t["text"] for t in read_jsonl(ROOT / "lit_fast" / "examples" / "sentences.jsonl")]
+    model = lit_fast.Embedder(minilm_dir)
+    mixed = model.encode(texts, device="cpu", precision="bf16-mixed")
+    assert model.model.get_input_embeddings().weight.dtype == torch.float32
+    fp32 = model.encode(texts, device="cpu", precision="32-true")
+    code, _, err = run_predict("--config", EMBED, "--model.pretrained", minilm_dir, "--trainer.accelerator", "cpu",
+                               "--trainer.precision", "bf16-mixed", "--output", str(tmp_path / "out.jsonl"))
+    assert code == 0, err
+    command = np.array([r["embedding"] for r in read_jsonl(tmp_path / "out.jsonl")], dtype=np.float32)
+
+    def cosines(a, b):
+        return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+    assert not np.array_equal(mixed, fp32)  # autocast did run
+    assert cosines(mixed, fp32).min() >= 0.9999 and cosines(mixed, command).min() >= 0.9999
 
 
 def test_placing_again_on_the_same_device_keeps_the_model(tiny_bert_dir):
