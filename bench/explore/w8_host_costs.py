@@ -23,29 +23,15 @@ from types import SimpleNamespace
 import numpy as np
 
 
-class _OneRank:
-    """The strategy calls the writer makes, for one process."""
-
-    root_device = "cpu"
-
-    def broadcast(self, value, src=0):
-        return value
-
-    def barrier(self, name=None):
-        pass
-
-    def reduce(self, tensor, reduce_op=None):
-        return tensor
-
-
 def writer(rows: int, fmt: str, dim: int = 384, batch: int = 445) -> dict:
     import torch
+    from lightning.pytorch.strategies import SingleDeviceStrategy
 
     from lit_fast.data.writers import PredictionWriter
 
     out = Path(tempfile.mkdtemp()) / f"out{fmt}"
-    trainer = SimpleNamespace(strategy=_OneRank(), is_global_zero=True, global_rank=0, world_size=1,
-                              datamodule=SimpleNamespace(num_rows={"predict": rows}))
+    trainer = SimpleNamespace(strategy=SingleDeviceStrategy(torch.device("cpu")), is_global_zero=True, global_rank=0,
+                              world_size=1, datamodule=SimpleNamespace(num_rows={"predict": rows}))
     w = PredictionWriter(str(out), overwrite=True)
     w.on_predict_start(trainer, None)
     rng = np.random.default_rng(0)

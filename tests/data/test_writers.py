@@ -68,24 +68,37 @@ def test_ranks_and_nodes_write_the_same_file_as_one_process(tmp_path, tiny_bert_
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.jsonl", *outputs])
 
 
-class _Strategy:
-    def broadcast(self, value, src=0):
-        return value
+def _two_ranks(out, rows: int, monkeypatch) -> list:
+    """Two ranks' started writers for `out` (expecting `rows` rows in all), driven in turn in this process with
+    Lightning's one-process strategy (broadcast and reduce hand back their input, barrier returns at once); both
+    shards go in one folder, named by the token rank 0 would broadcast. Ends them rank 1 first: rank 0 merges."""
+    from types import SimpleNamespace
 
-    def barrier(self, name=None):
-        pass
+    import torch
+    from lightning.pytorch.strategies import SingleDeviceStrategy
 
-    def reduce(self, tensor, reduce_op=None):
-        return tensor
+    from lit_fast.data import writers
 
-    root_device = "cpu"
+    monkeypatch.setattr(writers, "run_token", lambda: "host-1-test")
+    ranks = []
+    for rank in (0, 1):
+        trainer = SimpleNamespace(strategy=SingleDeviceStrategy(torch.device("cpu")), is_global_zero=rank == 0,
+                                  global_rank=rank, world_size=2,
+                                  datamodule=SimpleNamespace(num_rows={"predict": rows}))
+        writer = writers.PredictionWriter(str(out))
+        writer.on_predict_start(trainer, None)
+        ranks.append((writer, trainer))
+    return ranks
+
+
+def _end(ranks: list) -> None:
+    for writer, trainer in reversed(ranks):  # rank 0 merges last, after both shards are complete
+        writer.on_predict_end(trainer, None)
 
 
 def test_parquet_merge_streams_shards_in_input_order(tmp_path, monkeypatch):
     """Two ranks' Arrow shards (driven in one process), more rows than one merge slice: the Parquet output has
     every row once in input order with its vector (float16 kept), one row group per slice, and nothing else is left."""
-    from types import SimpleNamespace
-
     import pyarrow.parquet as pq
     import torch
 
@@ -95,21 +108,13 @@ def test_parquet_merge_streams_shards_in_input_order(tmp_path, monkeypatch):
     vectors = np.random.default_rng(0).standard_normal((rows, 3)).astype(np.float16)
     order = np.random.default_rng(1).permutation(rows)
     out = tmp_path / "out.parquet"
-    monkeypatch.setattr(writers, "run_token", lambda: "host-1-test")  # what rank 0 would broadcast to both
-    ranks = []
-    for rank in (0, 1):
-        trainer = SimpleNamespace(strategy=_Strategy(), is_global_zero=rank == 0, global_rank=rank, world_size=2,
-                                  datamodule=SimpleNamespace(num_rows={"predict": rows}))
-        writer = writers.PredictionWriter(str(out))
-        writer.on_predict_start(trainer, None)
-        ranks.append((writer, trainer))
+    ranks = _two_ranks(out, rows, monkeypatch)
     for k, start in enumerate(range(0, rows, 1000)):  # batches dealt to the ranks in turn
         writer, trainer = ranks[k % 2]
         batch = order[start:start + 1000]
         prediction = [{"index": int(i), "embedding": vectors[i]} for i in batch]
         writer.write_on_batch_end(trainer, None, prediction, None, {"index": torch.as_tensor(batch)}, k, 0)
-    for writer, trainer in reversed(ranks):  # rank 0 merges last, after both shards are complete
-        writer.on_predict_end(trainer, None)
+    _end(ranks)
     table = pq.read_table(out)
     assert table.column("index").to_pylist() == list(range(rows))
     got = np.asarray(table.column("embedding").to_pylist(), dtype=np.float16)
@@ -149,26 +154,14 @@ def test_a_json_line_reads_back_to_the_values_written():
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_a_rank_without_rows_leaves_an_empty_shard_the_merge_reads(tmp_path, monkeypatch, suffix):
     """More ranks than batches: rank 1 predicts nothing, and the output is rank 0's rows alone, in order."""
-    from types import SimpleNamespace
-
     import torch
 
-    from lit_fast.data import writers
-
     out = tmp_path / f"out{suffix}"
-    monkeypatch.setattr(writers, "run_token", lambda: "host-1-test")
-    ranks = []
-    for rank in (0, 1):
-        trainer = SimpleNamespace(strategy=_Strategy(), is_global_zero=rank == 0, global_rank=rank, world_size=2,
-                                  datamodule=SimpleNamespace(num_rows={"predict": 3}))
-        writer = writers.PredictionWriter(str(out))
-        writer.on_predict_start(trainer, None)
-        ranks.append((writer, trainer))
+    ranks = _two_ranks(out, 3, monkeypatch)
     writer, trainer = ranks[0]
     prediction = [{"index": i, "label": f"l{i}"} for i in (2, 0, 1)]
     writer.write_on_batch_end(trainer, None, prediction, None, {"index": torch.tensor([2, 0, 1])}, 0, 0)
-    for writer, trainer in reversed(ranks):
-        writer.on_predict_end(trainer, None)
+    _end(ranks)
     if suffix == ".jsonl":
         got = read_jsonl(out)
     else:
