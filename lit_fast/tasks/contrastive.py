@@ -21,7 +21,6 @@ from itertools import accumulate
 from typing import Callable, Optional, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
@@ -29,6 +28,7 @@ from torchmetrics.utilities import dim_zero_cat
 from lit_fast.data.collate import padded_batch
 from lit_fast.tasks.codecs import EncoderCodec
 from lit_fast.training.packing import PackedBatch, pack_classification
+from lit_fast.training.ranks import any_rank, distributed, gather_rows, gathered_offset
 
 
 @dataclass
@@ -179,11 +179,11 @@ def ranking_loss(anchors: torch.Tensor, positives: torch.Tensor, negatives: Opti
     n = anchors.shape[0]
     offset = 0
     all_anchors, all_positives, all_pair_keys = anchors, positives, pair_keys
-    if gather and _distributed():
+    if gather and distributed():
         offset = gathered_offset(n, anchors.device)
         all_anchors, all_positives = gather_rows(anchors), gather_rows(positives)
         all_pair_keys = gather_rows(pair_keys)
-        if _any_rank(negatives is not None, anchors.device):
+        if any_rank(negatives is not None, anchors.device):
             negatives = gather_rows(_or_empty(negatives, anchors))
             negative_keys = gather_rows(_or_empty(negative_keys, pair_keys))
     candidates, keys = all_positives, all_pair_keys
@@ -212,65 +212,7 @@ def _mask_duplicates(logits: torch.Tensor, keys: torch.Tensor, own_keys: torch.T
     return logits.masked_fill(same, float("-inf"))
 
 
-# ---- negatives from every rank --------------------------------------------------------------------------------
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _sizes(n: int, device: torch.device) -> list[int]:
-    size = torch.tensor([n], device=device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    return [int(s) for s in sizes]
-
-
-def gathered_offset(n: int, device: torch.device) -> int:
-    """Where this rank's `n` rows start in `gather_rows`' output (0 outside torch.distributed)."""
-    if not _distributed():
-        return 0
-    return sum(_sizes(n, device)[: dist.get_rank()])
-
-
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows of `x`, concatenated in rank order, with gradients flowing back to each rank's own rows
-    (the backward sums what every rank's loss asks of this rank's rows). Ranks may hold different numbers of rows
-    (length-bucketed batches): rows are padded to the largest count for the collective and the padding dropped.
-    Outside torch.distributed, `x` itself."""
-    if not _distributed():
-        return x
-    sizes = _sizes(x.shape[0], x.device)
-    padded = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))])
-    parts = _GatherRows.apply(padded) if x.requires_grad else _all_gather_plain(padded)
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
-
-
-def _all_gather_plain(x: torch.Tensor) -> list[torch.Tensor]:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return parts
-
-
-class _GatherRows(torch.autograd.Function):
-    """all_gather whose backward is one all_reduce of the gradients then this rank's slice: gloo and NCCL both run
-    it (torch.distributed.nn's own all_gather is deprecated and needs all_to_all on gloo)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(_all_gather_plain(x))
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
-        total = torch.stack([g.contiguous() for g in grads])
-        dist.all_reduce(total)
-        return total[dist.get_rank()]
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
+# ---- negatives from every rank (training/ranks.py gathers them) --------------------------------------------
 def _or_empty(x: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """A rank without hard negatives in this batch still takes part in the gather (with no rows)."""
     return x if x is not None else like.new_zeros((0, *like.shape[1:]))

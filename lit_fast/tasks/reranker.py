@@ -28,7 +28,8 @@ from lit_fast.data.collate import pad_ids, padded_batch
 from lit_fast.errors import ConfigError, InputDataError
 from lit_fast.models.loading import hub_file
 from lit_fast.tasks.base import Attention, CudaGraphs, FastPath, Packing
-from lit_fast.tasks.contrastive import gather_rows, text_key
+from lit_fast.tasks.contrastive import text_key
+from lit_fast.training.ranks import gather_rows
 from lit_fast.tasks.encoder import EncoderTask
 from lit_fast.tasks.optim import OptimizerName
 from lit_fast.training import CLASSIFIER_HEADS, PackedBatch, classifier_logits, pack_classification

@@ -155,7 +155,8 @@ def test_gradient_cache_replays_dropout():
 _DDP_WORKER = r'''
 import json, os, sys
 import torch, torch.distributed as dist
-from lit_fast.tasks.contrastive import cached_loss, gather_rows, ranking_loss
+from lit_fast.tasks.contrastive import cached_loss, ranking_loss
+from lit_fast.training.ranks import gather_rows
 
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 dist.init_process_group("gloo")
