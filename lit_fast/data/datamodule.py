@@ -354,7 +354,23 @@ class TextDataModule(L.LightningDataModule):
         return predict_loader(dataset, num_workers=self._num_workers())
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return as_tensors(batch)  # predict workers send arrays (batching.predict_loader)
+        batch = as_tensors(batch)  # predict workers send arrays (batching.predict_loader)
+        if self._predicting() and isinstance(batch, dict) and "attention_mask" in batch:
+            batch["num_tokens"] = int(batch["attention_mask"].sum())  # on the host: counting on the GPU would wait for it
+        return batch
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # a predict batch's row indices stay on the host, where its rows are written: reading them back from the GPU
+        # would wait for the batch to be computed
+        if self._predicting() and isinstance(batch, dict) and "index" in batch:
+            index = batch["index"]
+            moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k != "index"}, device,
+                                                     dataloader_idx)
+            return {**moved, "index": index}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def _predicting(self) -> bool:
+        return self.trainer is not None and self.trainer.predicting
 
 
 def _negatives(value: Any, file: Any, row: int, column: str) -> list[str]:

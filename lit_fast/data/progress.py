@@ -21,6 +21,9 @@ class Throughput:
 
     def add(self, batch: dict) -> None:
         self.rows += len(batch["index"])
+        if "num_tokens" in batch:  # counted on the host before the batch went to the device (DataModule)
+            self.tokens += batch["num_tokens"]
+            return
         mask = batch.get("attention_mask")
         self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()) if "input_ids" in batch else 0
 

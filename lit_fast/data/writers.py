@@ -2,7 +2,8 @@
 
 Each rank appends its rows to its own shard as batches finish (nothing accumulates in memory), remembering where
 each row landed: JSON lines for a .jsonl output, Arrow IPC for .parquet (memory-mapped again by the merge, so no rank
-ever holds the whole output). After the last batch every rank waits at a barrier; rank 0 checks that the shards hold
+ever holds the whole output). A batch is written once the next one is queued, so the GPU computes while the host
+writes. After the last batch every rank waits at a barrier; rank 0 checks that the shards hold
 every input index exactly once, writes the rows in input order to a temporary file beside the output, a slice at a
 time, and renames it into place. On failure the shards and the temporary file are removed: no half-written output
 that looks complete.
@@ -27,6 +28,7 @@ from lit_fast.models import sharding
 from lit_fast.errors import LitFastError
 from lit_fast.outputs import clean_stale, publish_file, run_token, temp_sibling
 from lit_fast.data.batching import ArrowRows
+from lit_fast.data.device_rows import as_rows
 from lit_fast.data.progress import Throughput
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,7 @@ class PredictionWriter(BasePredictionWriter):
         self._parquet_rows: list[dict] = []
         self._parquet_writer = None  # a Parquet output's shard: an Arrow IPC file writer
         self._shard_schema = None  # its first batch's schema, which later batches are cast to
+        self._waiting = None  # the latest batch's prediction, written once the next batch is queued
 
     # ---- per rank ------------------------------------------------------------------------------------------
     def on_predict_start(self, trainer, pl_module) -> None:
@@ -99,6 +102,7 @@ class PredictionWriter(BasePredictionWriter):
         self._shard_dir.mkdir(parents=True, exist_ok=True)
         shard = self._shard_dir / f"rank{trainer.global_rank:05d}{'.jsonl' if self.format == '.jsonl' else '.arrow'}"
         self._offsets, self._parquet_rows, self._parquet_writer, self._shard_schema = [], [], None, None
+        self._waiting = None
         self._file = open(shard, "wb") if self.format == ".jsonl" else None
         self._shard = shard
         self.throughput = Throughput()
@@ -120,7 +124,14 @@ class PredictionWriter(BasePredictionWriter):
         if not sharding.writes_predictions(trainer.strategy):
             return  # a tensor-parallel peer: its group's first rank writes these rows
         self.throughput.add(batch)
-        rows = self._rows(trainer, prediction)
+        # a batch is written when the next one has been queued: its rows may still be on their way from the GPU
+        # (data/device_rows.py), and building them would leave the GPU idle
+        waiting, self._waiting = self._waiting, prediction
+        if waiting is not None:
+            self._write(trainer, waiting)
+
+    def _write(self, trainer, prediction) -> None:
+        rows = self._rows(trainer, as_rows(prediction))
         if self.format == ".jsonl":
             for row in rows:
                 data = _json_line(row)
@@ -157,6 +168,9 @@ class PredictionWriter(BasePredictionWriter):
                 self._parquet_writer = None
 
     def on_predict_end(self, trainer, pl_module) -> None:
+        if self._waiting is not None:
+            self._write(trainer, self._waiting)
+            self._waiting = None
         rows, tokens, seconds = self.throughput.report(trainer.strategy)
         if trainer.is_global_zero:
             log.info("predicted %d rows (%d tokens) on %d rank(s) in %.2f s: %.1f rows/s, %.0f tokens/s", rows, tokens,
@@ -179,6 +193,7 @@ class PredictionWriter(BasePredictionWriter):
             raise LitFastError(error)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._waiting = None
         try:
             self._close_shard()
         except Exception:  # noqa: BLE001 - cleanup must not mask the real error

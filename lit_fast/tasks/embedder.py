@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 from transformers import AutoModel
 
+from lit_fast.data.device_rows import DeviceRows
 from lit_fast.errors import ConfigError, InputDataError
 from lit_fast.models.loading import UnknownInCache
 from lit_fast.models.sentence_transformers import (
@@ -224,9 +225,14 @@ class Embedder(EncoderTask):
                               "of each dimension's minimum and maximum, computed once on a representative sample "
                               "(numpy.save(path, lit_fast.quantization_ranges(Embedder(model).encode(sample))))")
 
-    def predict_rows(self, batch: dict) -> list[dict]:
-        vectors = quantize(self.embed(batch), self.precision, self.ranges)
-        return [{"index": int(i), "embedding": v} for i, v in zip(batch["index"].tolist(), vectors)]
+    def predict_rows(self, batch: dict) -> DeviceRows:
+        precision, ranges = self.precision, self.ranges
+
+        def build(arrays: dict) -> list[dict]:
+            vectors = quantize(arrays["embedding"], precision, ranges)
+            return [{"index": int(i), "embedding": v} for i, v in zip(arrays["index"].tolist(), vectors)]
+
+        return DeviceRows({"embedding": self.embed(batch).float(), "index": batch["index"]}, build)
 
     def encode(self, texts, batch_size: int = 512, *, max_tokens: Union[int, str, None] = "auto",
                device: Optional[str] = None, precision: str = "auto", num_workers: Optional[int] = None, ranges=None):

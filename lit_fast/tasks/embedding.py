@@ -120,10 +120,10 @@ def read_ranges(path: str) -> np.ndarray:
     return ranges.astype(np.float32)
 
 
-def quantize(vectors: torch.Tensor, precision: str, ranges: Optional[np.ndarray] = None) -> np.ndarray:
+def quantize(vectors: torch.Tensor | np.ndarray, precision: str, ranges: Optional[np.ndarray] = None) -> np.ndarray:
     """Vectors as float32 numpy rows, rounded to float16, bucketed to int8 / uint8 between `ranges` (as
     `quantization_ranges` makes them), or packed to bits (binary: int8, ubinary: uint8)."""
-    array = vectors.float().cpu().numpy()
+    array = vectors.float().cpu().numpy() if torch.is_tensor(vectors) else np.asarray(vectors, dtype=np.float32)
     if precision == "float32":
         return array
     if precision == "float16":

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
+from lit_fast.data.device_rows import as_rows
 from lit_fast.errors import ConfigError, InputDataError
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def predict_rows(task, texts: Sequence[Any], **options: Any) -> list[dict]:
     rows: list[dict] = []
     for k, batch in enumerate(batches(task, texts, **options)):  # placed on the first batch, so `compute` after it
         with compute(task):
-            rows.extend(task.predict_step(batch, k))
+            rows.extend(as_rows(task.predict_step(batch, k)))
     rows.sort(key=lambda r: r["index"])
     if len(rows) != len(texts):  # never hand back fewer or more rows than were given
         raise RuntimeError(f"predicted {len(rows)} rows for {len(texts)} texts")
