@@ -87,7 +87,8 @@ class PredictionWriter(BasePredictionWriter):
         self.rows_written = 0
         self._shard_dir: Optional[Path] = None
         self._file = None
-        self._offsets: list[tuple[int, int, int]] = []  # (index, byte offset, byte length) for jsonl
+        self._offsets: list[np.ndarray] = []  # a jsonl shard's (index, byte offset, byte length) rows, a block a batch
+        self._position = 0  # the jsonl shard's size so far
         self._parquet_rows: list[dict] = []
         self._parquet_writer = None  # a Parquet output's shard: an Arrow IPC file writer
         self._shard_schema = None  # its first batch's schema, which later batches are cast to
@@ -102,7 +103,7 @@ class PredictionWriter(BasePredictionWriter):
         self._shard_dir.mkdir(parents=True, exist_ok=True)
         shard = self._shard_dir / f"rank{trainer.global_rank:05d}{'.jsonl' if self.format == '.jsonl' else '.arrow'}"
         self._offsets, self._parquet_rows, self._parquet_writer, self._shard_schema = [], [], None, None
-        self._waiting = None
+        self._position, self._waiting = 0, None
         self._file = open(shard, "wb") if self.format == ".jsonl" else None
         self._shard = shard
         self.throughput = Throughput()
@@ -133,10 +134,13 @@ class PredictionWriter(BasePredictionWriter):
     def _write(self, trainer, prediction) -> None:
         rows = self._rows(trainer, as_rows(prediction))
         if self.format == ".jsonl":
-            for row in rows:
-                data = _json_line(row)
-                self._offsets.append((row["index"], self._file.tell(), len(data)))
-                self._file.write(data)
+            lines = [_json_line(row) for row in rows]
+            sizes = np.fromiter(map(len, lines), np.int64, len(lines))
+            ends = self._position + np.cumsum(sizes)
+            indices = np.fromiter((row["index"] for row in rows), np.int64, len(rows))
+            self._offsets.append(np.stack([indices, ends - sizes, sizes], axis=1))
+            self._position = int(ends[-1]) if len(lines) else self._position
+            self._file.write(b"".join(lines))  # one write a batch: per row, the calls cost as much as the JSON
         else:
             self._parquet_rows.extend(rows)
             if len(self._parquet_rows) >= _SHARD_ROWS:
@@ -159,7 +163,7 @@ class PredictionWriter(BasePredictionWriter):
             if self._file is not None:
                 self._file.close()
                 self._file = None
-                index = np.array(self._offsets, dtype=np.int64).reshape(-1, 3)
+                index = np.concatenate(self._offsets) if self._offsets else np.zeros((0, 3), np.int64)
                 np.save(self._shard.with_suffix(".idx.npy"), index)
         else:
             self._flush_parquet()
