@@ -22,6 +22,11 @@ python3 -c "from bench.w8_end_to_end import build_corpus; from pathlib import Pa
 step "the command with CUDA graphs off"
 time python3 -m lit_fast predict --config embed-minilm --model.pretrained $M --data.path /tmp/corpus.parquet --output /tmp/o.jsonl \
   --overwrite true --trainer.enable_progress_bar false --model.cuda_graphs off 2>&1 | grep -E "predicted"
+# W8 plans 264 batches of at most 512 rows; the short texts' batches hold 8-16k of the 64k-token budget, and the loop
+# pays the host per batch: fewer, fuller batches?
+step "the command with up to 2,048 rows a batch"
+time python3 -m lit_fast predict --config embed-minilm --model.pretrained $M --data.path /tmp/corpus.parquet --output /tmp/o.jsonl \
+  --overwrite true --trainer.enable_progress_bar false --data.batch_size 2048 2>&1 | grep -E "predicted|batches"
 step "encode() under the profilers"
 timeout 90 python3 -m bench.explore.w8_profile --model $M --source $S --out $OUT/w8_profile.json > /tmp/prof.log 2>&1
 grep -E "CUDA graphs|timed_s" /tmp/prof.log | head -4
