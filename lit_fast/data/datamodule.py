@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from lit_fast.data.batching import (ArrowRows, Batches, EpochLoader, EpochPlan, PredictBatches, as_tensors,
                                     loader_workers, make_batches, predict_loader, predict_max_tokens, predict_plan)
+from lit_fast.data.progress import token_count
 from lit_fast.data.readers import check_texts, read_table
 from lit_fast.errors import ConfigError, InputDataError
 from lit_fast.models import sharding
@@ -355,8 +356,8 @@ class TextDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         batch = as_tensors(batch)  # predict workers send arrays (batching.predict_loader)
-        if self._predicting() and isinstance(batch, dict) and "attention_mask" in batch:
-            batch["num_tokens"] = int(batch["attention_mask"].sum())  # on the host: counting on the GPU would wait for it
+        if self._predicting() and isinstance(batch, dict):
+            batch["num_tokens"] = token_count(batch)  # on the host: counting on the GPU would wait for it
         return batch
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:

@@ -17,7 +17,7 @@ import torch
 
 class DeviceRows:
     """A batch's rows: `build(arrays)` makes them from `tensors` as NumPy arrays (same keys), once the copies are
-    done. Iterating, `len` and `rows()` give the rows."""
+    done; `rows()` gives them."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], build: Callable[[dict[str, np.ndarray]], list[dict]]):
         self.build = build
@@ -43,12 +43,6 @@ class DeviceRows:
             self._rows = self.build({key: t.numpy() for key, t in self.host.items()})
             self.host = {}
         return self._rows
-
-    def __iter__(self):
-        return iter(self.rows())
-
-    def __len__(self) -> int:
-        return len(self.rows())
 
 
 def as_rows(prediction: Any) -> list[dict]:

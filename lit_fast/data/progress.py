@@ -11,6 +11,12 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 log = logging.getLogger(__name__)
 
 
+def token_count(batch: dict) -> int:
+    """A batch's real (non-padding) tokens."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+
+
 class Throughput:
     """Counts rows and real (non-padding) tokens this rank has predicted (kept by the PredictionWriter)."""
 
@@ -21,11 +27,8 @@ class Throughput:
 
     def add(self, batch: dict) -> None:
         self.rows += len(batch["index"])
-        if "num_tokens" in batch:  # counted on the host before the batch went to the device (DataModule)
-            self.tokens += batch["num_tokens"]
-            return
-        mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+        # "num_tokens": counted on the host before the batch went to the device (the DataModule)
+        self.tokens += batch["num_tokens"] if "num_tokens" in batch else token_count(batch)
 
     def rates(self, world_size: int = 1) -> dict[str, float]:
         """This rank's rates times the number of ranks: the live estimate shown in the bar."""

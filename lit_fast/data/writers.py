@@ -136,10 +136,10 @@ class PredictionWriter(BasePredictionWriter):
         if self.format == ".jsonl":
             lines = [_json_line(row) for row in rows]
             sizes = np.fromiter(map(len, lines), np.int64, len(lines))
-            ends = self._position + np.cumsum(sizes)
+            starts = self._position + np.cumsum(sizes) - sizes
             indices = np.fromiter((row["index"] for row in rows), np.int64, len(rows))
-            self._offsets.append(np.stack([indices, ends - sizes, sizes], axis=1))
-            self._position = int(ends[-1]) if len(lines) else self._position
+            self._offsets.append(np.stack([indices, starts, sizes], axis=1))
+            self._position += int(sizes.sum())
             self._file.write(b"".join(lines))  # one write a batch: per row, the calls cost as much as the JSON
         else:
             self._parquet_rows.extend(rows)
